@@ -1,0 +1,19 @@
+"""edgevlm: take small vision and vision-language models onto edge devices, with proof.
+
+Heavy modules (torch, onnx, coremltools) load only when used; ``import edgevlm`` is cheap.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "export", "runtime"]
+
+
+def __getattr__(name):
+    if name == "runtime":
+        import importlib
+
+        return importlib.import_module(".runtime", __name__)
+    if name == "export":
+        from .build import export_bundle
+
+        return export_bundle
+    raise AttributeError(name)

@@ -1,0 +1,185 @@
+"""`edgevlm export` as a library call: a chain of small stages from recipe to verified bundle.
+
+load weights -> reparameterize (checked) -> parity and calibration images -> export and
+quantize for the target (each artifact validated against eager) -> task accuracy -> bundle.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .bundle import staging, write_manifest
+from .config import ExportConfig, Precision
+from .data import calibration as calib
+from .errors import ConfigError
+from .progress import Stages
+from .targets import get_target
+from .zoo import PreprocessSpec, get_recipe
+
+PARITY_IMAGES = 8
+
+
+def default_out(cfg: ExportConfig, precision: Precision) -> Path:
+    return Path("bundles") / f"{cfg.model}-{cfg.target}-{precision.value}"
+
+
+def _versions(fmt: str) -> dict:
+    import importlib.metadata as md
+
+    names = ["torch", "timm", "onnx", "onnxruntime", "onnxscript"] + (["coremltools"] if fmt == "coreml" else [])
+    out = {"edgevlm": __version__, "python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_calibration_early(cfg: ExportConfig) -> None:
+    """Fail on a bad calibration folder before any model is built."""
+    src = cfg.quant.calib
+    if src and not src.startswith("builtin:"):
+        from .data.images import list_images
+        from .errors import CalibrationError
+
+        p = Path(src).expanduser()
+        if not p.is_dir():
+            raise CalibrationError(f"calibration folder {p} does not exist", "pass --calib DIR with images in it")
+        if not list_images(p):
+            raise CalibrationError(f"calibration folder {p} holds no images (.png, .jpg, ...)",
+                                   "put 32-512 representative images in it, or use --calib builtin:photos")
+
+
+def accuracy_report(backbone, artifact_path: Path, manifest_like: dict, pre: PreprocessSpec,
+                    eager_model) -> dict:
+    """Top-1 accuracy of eager FP32 and of the artifact (as the runtime runs it) on the test split."""
+    if backbone.dataset != "digits":
+        return {"status": "not measured", "reason": "these weights carry no labelled evaluation set "
+                "(train on digits or evaluate with your own data via `edgevlm eval`)"}
+    import torch
+
+    from .data import digits
+    from .runtime.backends import open_session
+
+    x, y = digits.arrays("test", pre)
+    with torch.no_grad():
+        eager = np.concatenate([eager_model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
+    art = manifest_like["artifact"]
+    if art["format"] == "coreml":
+        rt, status = None, "Core ML predictions need macOS: the bundle's accuracy is the weight round-trip's"
+    else:
+        sess = open_session(artifact_path.parent, {"target": {"name": "export", "providers":
+                            ["CPUExecutionProvider"]}}, art)
+        step = sess.fixed_batch or 64
+        rt = np.concatenate([sess.run(x[i:i + step]) for i in range(0, len(x), step)])
+        status = "measured"
+    e_acc = float((eager.argmax(1) == y).mean())
+    rec = {"dataset": "digits (scikit-learn, real handwritten)", "split": "test", "images": int(len(y)),
+           "metric": "top-1", "eager_fp32": e_acc, "status": status}
+    if rt is not None:
+        b_acc = float((rt.argmax(1) == y).mean())
+        rec.update(bundle=b_acc, delta_points=round(100 * (b_acc - e_acc), 2),
+                   top1_agreement_with_eager=float((rt.argmax(1) == eager.argmax(1)).mean()),
+                   runtime="onnxruntime CPUExecutionProvider")
+    return rec
+
+
+def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
+    """Build, validate and write one bundle; returns (bundle path, manifest)."""
+    from .compress.reparam import reparameterize_checked
+    from .exporters import get_exporter
+    from .exporters.base import ExportContext
+    from .modeling.vision import count_params, load_backbone
+
+    recipe = get_recipe(cfg.model)
+    target = get_target(cfg.target)
+    precision = cfg.quant.precision or target.default_precision
+    target.check_precision(precision)
+    cfg.quant.precision = precision
+    _check_calibration_early(cfg)
+    out = Path(cfg.out) if cfg.out else default_out(cfg, precision)
+    if out.exists() and not cfg.overwrite:
+        from .errors import BundleError
+
+        raise BundleError(f"{out} already exists", "pass --overwrite or choose another --out")
+    stages = Stages(6, quiet=quiet)
+    log = stages.log
+
+    with stages(f"load {recipe.name} weights ({cfg.weights or recipe.default_weights or 'none'})"):
+        bb = load_backbone(recipe.name, cfg.weights, cfg.num_classes, seed=cfg.seed)
+        pre = bb.preprocess
+        if cfg.img_size and cfg.img_size != pre.input_size:
+            pre = PreprocessSpec(cfg.img_size, pre.interpolation, pre.crop_pct, pre.mean, pre.std)
+        log(f"      {count_params(bb.model) / 1e6:.2f}M params, {bb.num_classes} classes, "
+            f"{pre.input_size} px, weights: {bb.weights['kind']}")
+
+    with stages("prepare parity and calibration images"):
+        parity_src = "builtin:digits" if bb.dataset == "digits" else "builtin:photos"
+        example = calib.as_batch(calib.calibration_images(parity_src, bb.dataset, PARITY_IMAGES, seed=1,
+                                                          split="val"), pre)
+        calib_src = cfg.quant.calib or calib.default_source(bb.dataset)
+        calib_cache: dict = {}
+
+        def calibration() -> np.ndarray:
+            if "x" not in calib_cache:
+                calib_cache["x"] = calib.as_batch(
+                    calib.calibration_images(calib_src, bb.dataset, cfg.quant.calib_size, seed=cfg.seed), pre)
+            return calib_cache["x"]
+
+        if precision == Precision.INT8:
+            calibration()
+            log(f"      {len(calibration())} calibration images from {calib_src}")
+
+    with stages("reparameterize" if recipe.reparameterizable else "reparameterize (nothing to fold)"):
+        if recipe.reparameterizable:
+            model, reparam = reparameterize_checked(bb.model, example)
+            log(f"      folded {reparam['blocks_folded']} blocks, params {reparam['params_before']:,} -> "
+                f"{reparam['params_after']:,}, max rel diff {reparam['max_rel_diff']:.1e}")
+        else:
+            model, reparam = bb.model, {"applied": False, "reason": f"{recipe.family} has no reparameterizable blocks"}
+
+    with staging(out, overwrite=cfg.overwrite) as work:
+        with stages(f"export {target.format} for {target.name} at {precision.value}"):
+            ctx = ExportContext(model=model, target=target, quant=cfg.quant, workdir=work, example=example,
+                                calibration=calibration, opset=cfg.opset, log=log)
+            artifacts = get_exporter(target.format)(ctx)
+        art = artifacts[0]
+        with stages("measure task accuracy"):
+            if cfg.validate_accuracy:
+                acc = accuracy_report(bb, work / art.path, {"artifact": art.to_dict()}, pre, model)
+            else:
+                acc = {"status": "not measured", "reason": "--no-accuracy"}
+            if "bundle" in acc:
+                log(f"      top-1 on {acc['images']} test digits: eager FP32 {acc['eager_fp32']:.4f}, "
+                    f"bundle {acc['bundle']:.4f} ({acc['delta_points']:+.2f} points)")
+            else:
+                log(f"      {acc['status']}: {acc.get('reason', '')}")
+        with stages(f"write bundle {out}"):
+            manifest = {
+                "edgevlm_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "task": "classification",
+                "model": {"name": recipe.name, "family": recipe.family, "params": count_params(model),
+                          "params_before_reparameterization": count_params(bb.model),
+                          "num_classes": bb.num_classes, "input_size": pre.input_size},
+                "weights": bb.weights,
+                "target": target.to_dict(),
+                "precision": precision.value,
+                "reparameterization": reparam,
+                "preprocessing": pre.to_dict(),
+                "labels": bb.labels,
+                "artifacts": [a.to_dict() for a in artifacts],
+                "accuracy": acc,
+                "versions": _versions(target.format),
+                "device_files": ["model.plan", "trt_cache/"] if target.tensorrt else [],
+            }
+            if precision == Precision.INT8:
+                manifest["calibration"] = {"source": calib_src, "images": int(len(calibration())),
+                                           "method": cfg.quant.calib_method.value}
+            manifest = write_manifest(work, manifest)
+    return out, manifest

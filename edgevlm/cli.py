@@ -1,0 +1,190 @@
+"""The `edgevlm` command. It parses, builds a config in one place, and calls the library.
+
+Imports of torch, onnx and friends happen inside the commands, so `edgevlm --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _cmd_list(args) -> int:
+    from .report import table
+    from .targets import list_targets
+    from .zoo import DEFAULT_MODEL, list_models
+
+    targets = list_targets()
+    rows = []
+    for r in list_models():
+        rows.append({"model": r.name + (" *" if r.name == DEFAULT_MODEL else ""), "family": r.family,
+                     "task": r.task, "params (M)": round(r.params / 1e6, 2), "input": r.input_size,
+                     "reparam": "yes" if r.reparameterizable else "no",
+                     **{t.name: "/".join(p.value for p in t.precisions) for t in targets},
+                     "weights": r.describe_weights()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(table(rows, title="edgevlm model zoo (* = default model; params with a 1000-class head)"))
+    print("\ntargets: " + "; ".join(f"{t.name} = {t.description} (default {t.default_precision.value})"
+                                     for t in targets))
+    return 0
+
+
+def _export_config(args):
+    """The one place CLI arguments become an ExportConfig."""
+    from .config import ExportConfig, QuantConfig
+    from .zoo import DEFAULT_MODEL
+
+    quant = QuantConfig(precision=args.quant, calib=args.calib, calib_method=args.calib_method,
+                        calib_size=args.calib_size, block_size=args.block_size)
+    return ExportConfig(model=args.model or DEFAULT_MODEL, target=args.target, quant=quant, weights=args.weights,
+                        num_classes=args.num_classes, img_size=args.img_size, out=args.out, opset=args.opset,
+                        seed=args.seed, validate_accuracy=not args.no_accuracy, overwrite=args.overwrite)
+
+
+def _cmd_export(args) -> int:
+    from .build import export_bundle
+    from .report import table
+
+    out, m = export_bundle(_export_config(args), quiet=args.quiet)
+    art = m["artifacts"][0]
+    par = art["parity"]
+    size = sum(f["size"] for f in m["files"].values())
+    row = {"bundle": str(out), "target": m["target"]["name"], "precision": m["precision"],
+           "format": art["format"], "size (MB)": round(size / 1e6, 2)}
+    if "max_abs_diff" in par:
+        row.update({"max abs diff": par["max_abs_diff"], "top-1 agree": par.get("top1_agreement")})
+    acc = m["accuracy"]
+    if "bundle" in acc:
+        row.update({"acc eager": acc["eager_fp32"], "acc bundle": acc["bundle"]})
+    print(table([row]))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import runtime
+    from .report import table
+
+    clf = runtime.load(args.bundle, backend=args.backend)
+    preds = clf.classify(args.image, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([p.__dict__ for p in preds]))
+    else:
+        print(table([{"rank": i + 1, "label": p.label, "score": round(p.score, 4)} for i, p in enumerate(preds)],
+                    title=f"{args.image} — {clf.manifest['model']['name']} {clf.manifest['precision']} "
+                          f"on {clf.backend}"))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .runtime.bench import bench_bundle
+
+    bench_bundle(args.bundle, runs=args.runs, warmup=args.warmup, batch=args.batch, json_out=args.json,
+                 backend=args.backend, threads=args.threads)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.model_or_bundle, split=args.split, limit=args.limit, weights=args.weights, json_out=args.json)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train.classifier import train_digits
+
+    out = args.out or Path("models/weights") / f"{args.model}.digits.safetensors"
+    train_digits(args.model, out, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgevlm", description="Take small vision and vision-language models onto "
+                                "edge devices: export, quantize, validate, run.")
+    p.add_argument("--version", action="version", version=f"edgevlm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list", help="show the model zoo and targets")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=_cmd_list)
+
+    s = sub.add_parser("export", help="export a model to a validated bundle for a target device")
+    s.add_argument("--model", help="zoo name (default: the shipped default model; see `edgevlm list`)")
+    s.add_argument("--target", default="cpu", help="cpu | jetson | ios | android (default cpu)")
+    s.add_argument("--quant", help="fp32 | fp16 | int8 | int4 (default: the target's)")
+    s.add_argument("--weights", help="PATH (safetensors/.pth), HUB_ID (e.g. fastvit_t8.apple_in1k), a shipped "
+                   "tag (digits), or random (default: the model's shipped weights)")
+    s.add_argument("--num-classes", type=int, help="head size (read from the checkpoint when omitted)")
+    s.add_argument("--img-size", type=int, help="input side in pixels, a multiple of 32 (default: the weights')")
+    s.add_argument("--calib", help="INT8 calibration images: a folder, builtin:digits or builtin:photos")
+    s.add_argument("--calib-method", default="minmax", help="minmax | entropy | percentile (default minmax)")
+    s.add_argument("--calib-size", type=int, default=64, help="calibration images to use (default 64)")
+    s.add_argument("--block-size", type=int, default=32, help="INT4 block size (default 32)")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, at least 17)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, help="bundle directory (default bundles/MODEL-TARGET-PRECISION)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    s.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy measurement")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("run", help="classify an image with a bundle")
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--image", required=True, type=Path)
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--backend", help="onnxruntime | coreml (default: by the bundle's format)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("bench", help="latency, throughput and peak memory of a bundle")
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--runs", type=int, default=50)
+    s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--batch", type=int, default=8, help="batch size for the throughput run")
+    s.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
+    s.add_argument("--backend")
+    s.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-NAME.json)")
+    s.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("eval", help="accuracy of a bundle or an eager zoo model on the digits task")
+    s.add_argument("model_or_bundle")
+    s.add_argument("--weights", help="for an eager zoo model: its weights (default: shipped)")
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--limit", type=int)
+    s.add_argument("--json", type=Path)
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("train", help="train a zoo backbone on scikit-learn's digits (reproduces shipped weights)")
+    s.add_argument("--model", default="fastvit_t8")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path)
+    s.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import EdgeVLMError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return args.func(args)
+    except EdgeVLMError as e:
+        print(f"edgevlm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgevlm: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compression steps: reparameterization (torch) and quantization (on ONNX graphs)."""

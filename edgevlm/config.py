@@ -1,0 +1,93 @@
+"""Typed options shared by the library and the CLI (the CLI builds these in one place)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from .errors import ConfigError
+from .registry import suggest
+
+
+class _Choice(str, Enum):
+    @classmethod
+    def parse(cls, value: "str | _Choice") -> "_Choice":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            names = [m.value for m in cls]
+            raise ConfigError(
+                f"unknown {cls.__name__.lower()} {value!r}.{suggest(str(value), names)}",
+                f"choose one of: {', '.join(names)}",
+            ) from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(_Choice):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class CalibMethod(_Choice):
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize. INT8: static, per-channel weights, QDQ. INT4: block-wise weight-only."""
+
+    precision: Precision | None = None  # None: the target profile's default
+    calib: str | None = None            # a folder of images, or builtin:digits / builtin:photos
+    calib_method: CalibMethod = CalibMethod.MINMAX
+    calib_size: int = 64                # images used for calibration
+    block_size: int = 32                # INT4 block length along the reduction axis
+    symmetric_activations: bool = False  # TensorRT wants symmetric INT8 activations
+
+    def __post_init__(self) -> None:
+        if self.precision is not None:
+            self.precision = Precision.parse(self.precision)
+        self.calib_method = CalibMethod.parse(self.calib_method)
+        if self.calib_size < 1:
+            raise ConfigError(f"--calib-size must be at least 1, got {self.calib_size}", "pass a positive count")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(
+                f"INT4 block size must be a power of two >= 16, got {self.block_size}", "use 32, 64 or 128"
+            )
+
+
+@dataclass
+class ExportConfig:
+    """Everything `edgevlm export` needs to build one bundle."""
+
+    model: str
+    target: str = "cpu"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    weights: str | None = None          # path, hub id, shipped tag, or "random"; None = recipe default
+    num_classes: int | None = None
+    img_size: int | None = None
+    out: Path | None = None
+    opset: int = 18
+    seed: int = 0
+    validate_accuracy: bool = True      # when the weights carry a labelled evaluation set
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"--num-classes must be positive, got {self.num_classes}", "pass e.g. --num-classes 10")
+        if self.img_size is not None and (self.img_size % 32 or not 32 <= self.img_size <= 1024):
+            raise ConfigError(
+                f"input size {self.img_size} is out of range",
+                "use a multiple of 32 between 32 and 1024 (e.g. 224 or 256)",
+            )
+        if self.opset < 17:
+            raise ConfigError(f"ONNX opset {self.opset} is too old", "use --opset 17 or newer")
+        if self.out is not None:
+            self.out = Path(self.out)

@@ -1,0 +1,1 @@
+"""Image decoding and preprocessing (numpy + Pillow, no torch), calibration sets, datasets."""

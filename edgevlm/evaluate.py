@@ -1,0 +1,58 @@
+"""`edgevlm eval`: task accuracy of a bundle (through the runtime) or an eager zoo model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .report import table, write_json
+
+
+def _digits(pre: dict | object, split: str, limit: int | None):
+    from .data import digits
+    from .zoo import PreprocessSpec
+
+    pre = PreprocessSpec.from_dict(pre) if isinstance(pre, dict) else pre
+    x, y = digits.arrays(split, pre)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+def evaluate(model_or_bundle: str, split: str = "test", limit: int | None = None, weights: str | None = None,
+             json_out=None, quiet: bool = False) -> dict:
+    path = Path(model_or_bundle)
+    if (path / "manifest.json").is_file():
+        from . import runtime
+
+        clf = runtime.load(path)
+        m = clf.manifest
+        if m["weights"].get("dataset") != "digits":
+            raise ConfigError(f"{path} was exported from weights with no labelled evaluation set",
+                              "export weights trained with `edgevlm train` (e.g. --weights digits)")
+        x, y = _digits(m["preprocessing"], split, limit)
+        logits = clf.logits(x)
+        name, precision, engine = m["model"]["name"], m["precision"], clf.backend
+    else:
+        import torch
+
+        from .modeling.vision import load_backbone
+
+        bb = load_backbone(model_or_bundle, weights)
+        if bb.dataset != "digits":
+            raise ConfigError(f"weights {bb.weights['source']} carry no labelled evaluation set",
+                              "evaluate weights trained with `edgevlm train`, e.g. --weights digits")
+        x, y = _digits(bb.preprocess, split, limit)
+        with torch.no_grad():
+            logits = np.concatenate([bb.model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
+        name, precision, engine = bb.recipe.name, "fp32", "eager pytorch"
+    pred = logits.argmax(1)
+    per_class = {str(c): float((pred[y == c] == c).mean()) for c in np.unique(y)}
+    res = {"model": name, "precision": precision, "engine": engine, "task": "digits", "split": split,
+           "images": int(len(y)), "top1": float((pred == y).mean()), "per_class": per_class}
+    if not quiet:
+        print(table([{k: res[k] for k in ("model", "precision", "engine", "split", "images", "top1")}],
+                    title="edgevlm eval (top-1 on scikit-learn's handwritten digits)"))
+        print("per class: " + "  ".join(f"{c}:{a:.3f}" for c, a in per_class.items()))
+    if json_out:
+        write_json(json_out, res)
+    return res

@@ -1,0 +1,102 @@
+"""ONNX export (dynamo exporter, dynamic batch), quantization and parity for onnx targets.
+
+The cpu target ships the graph as is; the jetson target adds TensorRT's operator check and
+the engine build recipe (see exporters.tensorrt). The android target converts the same graph
+to ORT format (exporters.ort_mobile).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Precision
+from ..errors import ExportError
+from . import EXPORTERS
+from .base import INPUT_NAME, OUTPUT_NAME, Artifact, ExportContext, io_spec
+from .validate import validate_onnx
+
+MAX_BATCH = 1024
+
+
+def export_fp32(model, example: np.ndarray, path: Path, opset: int = 18) -> dict:
+    """Export an eval-mode model to one self-contained ONNX file with a dynamic batch axis."""
+    import onnx
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(example[:2] if len(example) >= 2 else np.concatenate([example] * 2)))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    quiet = io.StringIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(f"torch.onnx could not export {type(model).__name__}: {str(e).splitlines()[0][:200]}",
+                          "report the model; try --opset 18 or a smaller input size") from None
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save_model(proto, str(path))  # weights inline: every edge model here is far below 2 GB
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"opset": opset, "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            "checker": "onnx.checker full_check passed", "ops": dict(sorted(ops.items()))}
+
+
+def build_onnx(ctx: ExportContext, scratch: Path) -> tuple[Path, dict, dict]:
+    """FP32 export then the requested precision; returns (path, parity, details)."""
+    from ..compress import quantize
+
+    p = ctx.quant.precision
+    fp32 = scratch / "model.fp32.onnx"
+    ctx.log(f"  exporting ONNX (opset {ctx.opset}, dynamic batch)")
+    details = {"export": export_fp32(ctx.model, ctx.example, fp32, ctx.opset)}
+    reference = ctx.eager(ctx.example)
+    fp32_parity = validate_onnx(ctx, fp32, "fp32", reference)
+    if p == Precision.FP32:
+        return fp32, fp32_parity, details
+    out = scratch / f"model.{p.value}.onnx"
+    trt = bool(ctx.target.tensorrt)
+    if p == Precision.FP16:
+        ctx.log("  converting to FP16")
+        details["quantization"] = quantize.to_fp16(fp32, out)
+    elif p == Precision.INT8:
+        data = ctx.calibration()
+        ctx.log(f"  calibrating INT8 on {len(data)} images ({ctx.quant.calib_method.value})")
+        spec = ctx.target.int8
+        details["quantization"] = quantize.to_int8(
+            fp32, out, data, ctx.quant.calib_method,
+            symmetric_activations=bool(spec.get("symmetric_activations", False)),
+            activations=spec.get("activations", "uint8"),
+            op_types=["Conv", "MatMul", "Gemm", "ConvTranspose"] if trt else None)
+    elif p == Precision.INT4:
+        qdq = ctx.target.int4.get("format") == "qdq"
+        ctx.log(f"  quantizing MatMul weights to INT4 (block {ctx.quant.block_size}, "
+                f"{'QDQ' if qdq else 'MatMulNBits'})")
+        details["quantization"] = quantize.to_int4(fp32, out, ctx.quant.block_size, qdq=qdq)
+    details["fp32_parity"] = fp32_parity
+    return out, validate_onnx(ctx, out, p.value, reference), details
+
+
+@EXPORTERS.register("onnx")
+def export(ctx: ExportContext) -> list[Artifact]:
+    with tempfile.TemporaryDirectory(prefix="edgevlm-onnx-") as tmp:
+        path, parity, details = build_onnx(ctx, Path(tmp))
+        dst = ctx.workdir / "model.onnx"
+        Path(path).replace(dst)
+    inputs, outputs = io_spec(ctx.input_size, int(parity["shape"][1]))
+    art = Artifact("model.onnx", "onnx", ctx.quant.precision.value, inputs=inputs, outputs=outputs,
+                   parity=parity, details=details)
+    if ctx.target.tensorrt:
+        from . import tensorrt
+
+        art.details["tensorrt"] = tensorrt.prepare(ctx, dst)
+    return [art]

@@ -1,0 +1,1 @@
+"""Architectures and checkpoint loading (needs torch; the runtime never imports this)."""

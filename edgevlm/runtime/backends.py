@@ -1,0 +1,102 @@
+"""Backend sessions. Each takes (N, 3, H, W) float32 and returns (N, C) logits; none imports torch."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, BundleError
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed",
+                                      "pip install onnxruntime (or onnxruntime-gpu on a Jetson)") from None
+    return ort
+
+
+class OrtSession:
+    """ONNX Runtime, with providers chosen from the target profile by what this machine has."""
+
+    def __init__(self, path: Path, wanted: list[str], precision: str, threads: int | None = None,
+                 cache_dir: Path | None = None):
+        ort = _ort()
+        available = ort.get_available_providers()
+        chosen = [p for p in wanted if p in available] or []
+        if "CPUExecutionProvider" not in chosen:
+            chosen.append("CPUExecutionProvider")
+        providers: list = []
+        for p in chosen:
+            if p == "TensorrtExecutionProvider":
+                opts = {"trt_fp16_enable": precision in ("fp16", "int8", "int4"),
+                        "trt_int8_enable": precision == "int8", "trt_engine_cache_enable": True}
+                if cache_dir is not None:
+                    opts["trt_engine_cache_path"] = str(cache_dir)
+                providers.append((p, opts))
+            else:
+                providers.append(p)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:
+            raise BundleError(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0][:160]}",
+                              "upgrade onnxruntime to the version in the manifest, or re-export") from None
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime ({self.providers[0]})"
+        self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class CoreMLSession:
+    """Core ML packages predict only on macOS/iOS."""
+
+    def __init__(self, path: Path):
+        if sys.platform != "darwin":
+            raise BackendUnavailableError(
+                "Core ML bundles (target ios) run on macOS and iOS only",
+                "run it on a Mac or iPhone, or export --target cpu to try the model here",
+            )
+        try:
+            import coremltools as ct
+        except ImportError:
+            raise BackendUnavailableError("coremltools is not installed", "pip install coremltools") from None
+        self.model = ct.models.MLModel(str(path))
+        self.name = "coreml"
+        self.providers = ["CoreML"]
+        self.fixed_batch = 1
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        outs = [self.model.predict({"pixel_values": x[i:i + 1]})["logits"] for i in range(len(x))]
+        return np.concatenate(outs).astype(np.float32)
+
+
+def open_session(bundle: Path, manifest: dict, artifact: dict, backend: str | None = None,
+                 threads: int | None = None):
+    """Pick a backend for the artifact's format: 'onnxruntime' or 'coreml' (None: by format)."""
+    fmt = artifact["format"]
+    path = Path(bundle) / artifact["path"]
+    backend = backend or ("coreml" if fmt == "coreml" else "onnxruntime")
+    if backend == "coreml":
+        if fmt != "coreml":
+            raise BundleError(f"{bundle} holds a {fmt} model, not Core ML", "use --backend onnxruntime")
+        return CoreMLSession(path)
+    if backend == "onnxruntime":
+        if fmt not in ("onnx", "ort"):
+            raise BundleError(f"{bundle} is a {fmt} bundle (target {manifest['target']['name']})",
+                              "use --backend coreml on macOS, or export --target cpu")
+        wanted = list(manifest["target"].get("providers", ["CPUExecutionProvider"]))
+        threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
+        return OrtSession(path, wanted, artifact["precision"], threads, cache_dir=Path(bundle) / "trt_cache")
+    raise BundleError(f"unknown backend {backend!r}", "use onnxruntime or coreml")

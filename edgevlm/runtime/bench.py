@@ -1,0 +1,73 @@
+"""`edgevlm bench`: latency percentiles, throughput and peak memory of a bundle (no torch)."""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..report import table, write_json
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def time_calls(fn, runs: int, warmup: int) -> np.ndarray:
+    """Seconds per call over ``runs`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(runs)
+    for i in range(runs):
+        t = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - t
+    return out
+
+
+def bench_bundle(bundle, runs: int = 50, warmup: int = 5, batch: int = 8, json_out=None, backend=None,
+                 threads=None, quiet: bool = False) -> dict:
+    from . import load
+
+    try:
+        import onnxruntime  # noqa: F401  (imported before the baseline so it is not counted as the model's)
+    except ImportError:
+        pass
+    base_rss = _rss_mib()
+    t = time.perf_counter()
+    clf = load(bundle, backend=backend, threads=threads)
+    load_s = time.perf_counter() - t
+    size = clf.manifest["model"]["input_size"]
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((1, 3, size, size), dtype=np.float32)
+    xb = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+    lat = time_calls(lambda: clf.logits(x1), runs, warmup) * 1000
+    thr_runs = max(3, runs // 5)
+    tb = time_calls(lambda: clf.logits(xb, batch_size=batch), thr_runs, 1)
+    art = clf.manifest["artifacts"][0]
+    res = {
+        "bundle": str(bundle), "model": clf.manifest["model"]["name"], "target": clf.manifest["target"]["name"],
+        "precision": clf.manifest["precision"], "backend": clf.backend, "input_size": size,
+        "load_s": round(load_s, 3), "runs": runs, "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p90": float(np.percentile(lat, 90)), "latency_ms_mean": float(lat.mean()),
+        "batch": batch, "throughput_img_s": float(batch / np.median(tb)),
+        "peak_rss_mib": round(_peak_mib(), 1), "rss_added_mib": round(max(0.0, _rss_mib() - base_rss), 1),
+        "artifact_mb": round(sum(f["size"] for f in clf.manifest["files"].values()) / 1e6, 2),
+        "artifact": art["path"],
+    }
+    if not quiet:
+        cols = ["model", "precision", "backend", "latency_ms_p50", "latency_ms_p90", "throughput_img_s",
+                "peak_rss_mib", "rss_added_mib", "artifact_mb"]
+        print(table([res], cols, title=f"edgevlm bench {bundle} (batch 1 latency over {runs} runs, "
+                                       f"throughput at batch {batch})"))
+    out = Path(json_out) if json_out else Path("benchmarks/results") / f"bench-{Path(bundle).name}.json"
+    write_json(out, res)
+    if not quiet:
+        print(f"wrote {out}")
+    return res

@@ -1,0 +1,1 @@
+"""Training on the CPU: the shipped digits backbones (distillation and fine-tuning build on this)."""

@@ -1,0 +1,119 @@
+"""The model zoo: recipes read from models/*.yaml into typed, registered entries."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .registry import Registry
+from .resources import zoo_dir
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Image preprocessing, in the words of timm's pretrained configs."""
+
+    input_size: int
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}", "use bilinear, bicubic or nearest")
+        if not 0.5 <= self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct {self.crop_pct} is out of range", "use a value in [0.5, 1.0]")
+
+    @property
+    def resize(self) -> int:
+        """The shorter side before the centre crop."""
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": self.input_size, "resize": self.resize, "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct, "mean": list(self.mean), "std": list(self.std),
+            "channel_order": "RGB", "layout": "NCHW", "scale": 1 / 255,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(int(d["input_size"]), d.get("interpolation", "bicubic"), float(d.get("crop_pct", 1.0)),
+                   tuple(d.get("mean", cls.mean)), tuple(d.get("std", cls.std)))
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    name: str
+    family: str
+    task: str
+    builder: str
+    params: int
+    input_size: int
+    reparameterizable: bool
+    preprocess: PreprocessSpec
+    hub_tags: tuple[str, ...] = ()
+    weights: dict = field(default_factory=dict)     # shipped tag -> path relative to models/
+    default_weights: str | None = None
+    card: str | None = None
+    source: Path | None = None
+
+    def shipped_weights(self, tag: str) -> Path:
+        return zoo_dir() / self.weights[tag]
+
+    def describe_weights(self) -> str:
+        tags = [f"{t} (shipped)" for t in self.weights] + [f"{self.name}.{t} (hub)" for t in self.hub_tags]
+        return ", ".join(tags) or "none"
+
+
+MODELS: Registry[ModelRecipe] = Registry("model")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _recipes_from(path: Path) -> list[ModelRecipe]:
+    data = yaml.safe_load(path.read_text())
+    shared = {k: v for k, v in data.items() if k != "variants"}
+    out = []
+    for name, over in data["variants"].items():
+        d = _merge(shared, over)
+        pre = dict(d.get("preprocess", {}))
+        out.append(ModelRecipe(
+            name=name, family=d["family"], task=d["task"], builder=d["builder"], params=int(d["params"]),
+            input_size=int(d["input_size"]), reparameterizable=bool(d.get("reparameterizable", False)),
+            preprocess=PreprocessSpec(input_size=int(d["input_size"]), **pre),
+            hub_tags=tuple(d.get("hub_tags", ())), weights=dict(d.get("weights", {})),
+            default_weights=d.get("default_weights"), card=d.get("card"), source=path,
+        ))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _load() -> Registry[ModelRecipe]:
+    for path in sorted(zoo_dir().glob("*.yaml")):
+        for recipe in _recipes_from(path):
+            MODELS.add(recipe.name, recipe)
+    return MODELS
+
+
+def get_recipe(name: str) -> ModelRecipe:
+    return _load().get(name)
+
+
+def list_models() -> list[ModelRecipe]:
+    reg = _load()
+    return [reg.get(n) for n in reg.names()]
+
+
+# The model `edgevlm export` uses when no --model is given (until the default VLM ships).
+DEFAULT_MODEL = "fastvit_t8"

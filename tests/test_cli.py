@@ -1,0 +1,58 @@
+"""The command line: fast help, one-line errors with fixes, non-zero exits."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def edgevlm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgevlm", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys; from edgevlm.cli import build_parser; build_parser().format_help();"
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'timm', 'coremltools') if m in sys.modules];"
+            "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_list_shows_every_variant_as_json():
+    r = edgevlm("list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    names = {row["model"].rstrip(" *") for row in rows}
+    assert {"fastvit_t8", "fastvit_ma36", "tiny_vit_5m_224", "tiny_vit_21m_512"} <= names
+    assert len(rows) == 12
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["export", "--model", "fastvit_t9"], "Did you mean fastvit_t8"),
+    (["export", "--target", "iphone"], "unknown target"),
+    (["export", "--quant", "int3"], "choose one of"),
+    (["export", "--model", "fastvit_sa12"], "--weights"),
+    (["export", "--weights", "/nonexistent/w.safetensors"], "no checkpoint"),
+    (["export", "--img-size", "100"], "multiple of 32"),
+    (["run", "/nonexistent-bundle", "--image", "x.png"], "no bundle"),
+])
+def test_bad_input_gets_one_line_error(args, needle, tmp_path):
+    r = edgevlm(*args, "--out", tmp_path / "o") if args[0] == "export" else edgevlm(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("edgevlm: error:")]
+    assert "Traceback" not in r.stderr and len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0]
+    assert "fix:" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_rejects_non_image(tmp_path):
+    from edgevlm.build import export_bundle
+    from edgevlm.config import ExportConfig, QuantConfig
+
+    out, _ = export_bundle(ExportConfig(model="fastvit_t8", quant=QuantConfig(precision="fp32"), out=tmp_path / "b",
+                                        validate_accuracy=False), quiet=True)
+    (tmp_path / "x.jpg").write_text("hello")
+    r = edgevlm("run", out, "--image", tmp_path / "x.jpg")
+    assert r.returncode == 2 and "not a decodable image" in r.stderr and "Traceback" not in r.stderr
