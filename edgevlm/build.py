@@ -71,7 +71,8 @@ def accuracy_report(backbone, artifact_path: Path, manifest_like: dict, pre: Pre
         eager = np.concatenate([eager_model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
     art = manifest_like["artifact"]
     if art["format"] == "coreml":
-        rt, status = None, "Core ML predictions need macOS: the bundle's accuracy is the weight round-trip's"
+        rt, status = None, ("not measured on Linux: Core ML predictions need macOS (the artifact's parity "
+                            "records the package's own weights run in PyTorch)")
     else:
         sess = open_session(artifact_path.parent, {"target": {"name": "export", "providers":
                             ["CPUExecutionProvider"]}}, art)

@@ -31,11 +31,10 @@ def test_bundle_accuracy_within_bounds(tmp_path, model, precision):
     assert acc["bundle"] >= acc["eager_fp32"] - BOUNDS[precision] / 100
 
 
-def test_int4_quantizes_transformer_weights(tmp_path):
+def test_int4_covers_matmul_and_conv_weights(tmp_path):
     m = _export(tmp_path, "tiny_vit_5m_224", "int4")
     q = m["artifacts"][0]["quantization"]
-    assert q["format"] == "MatMulNBits" and q["matmul_layers_quantized"] >= 30
-    assert q["weight_coverage"] > 0.5
+    assert q["matmulnbits_layers"] >= 30 and q["weight_coverage"] > 0.9
     assert m["files"]["model.onnx"]["size"] < 0.6 * 4 * m["model"]["params"]
 
 
@@ -59,3 +58,10 @@ def test_calibration_from_a_folder(tmp_path):
     qdq = m["artifacts"][0]["quantization"]["qdq_nodes"]
     assert qdq["QuantizeLinear"] > 10 and qdq["DequantizeLinear"] > 10
     assert m["accuracy"]["bundle"] >= m["accuracy"]["eager_fp32"] - 0.01
+
+
+def test_int4_on_a_convolutional_model_stores_4_bit_weights(tmp_path):
+    m = _export(tmp_path, "fastvit_t8", "int4")
+    q = m["artifacts"][0]["quantization"]
+    assert q["weight_coverage"] > 0.9 and q["matmulnbits_layers"] == 0
+    assert m["files"]["model.onnx"]["size"] < 0.3 * 4 * m["model"]["params"]

@@ -56,3 +56,26 @@ def test_run_rejects_non_image(tmp_path):
     (tmp_path / "x.jpg").write_text("hello")
     r = edgevlm("run", out, "--image", tmp_path / "x.jpg")
     assert r.returncode == 2 and "not a decodable image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_export_run_bench_eval_round_trip(tmp_path):
+    """The CLI path a user takes: export, run, bench (JSON), eval (same accuracy as the manifest)."""
+    out = tmp_path / "b"
+    r = edgevlm("export", "--quant", "fp32", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    from edgevlm.resources import zoo_dir
+
+    r = edgevlm("run", out, "--image", zoo_dir() / "samples" / "digit_7.png", "--json")
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(r.stdout)
+    assert preds[0]["label"] == "7" and preds[0]["score"] > 0.5
+    r = edgevlm("bench", out, "--runs", "5", "--warmup", "1", "--batch", "2", "--json", tmp_path / "bench.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert 0 < res["latency_ms_p50"] <= res["latency_ms_p90"] and res["throughput_img_s"] > 0
+    assert res["peak_rss_mib"] > 0 and "latency_ms_p50" in r.stdout
+    r = edgevlm("eval", out, "--json", tmp_path / "eval.json")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["images"] == 360 and ev["top1"] == manifest["accuracy"]["bundle"]

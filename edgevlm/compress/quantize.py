@@ -53,8 +53,11 @@ _METHODS = {CalibMethod.MINMAX: "MinMax", CalibMethod.ENTROPY: "Entropy", CalibM
 
 def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod = CalibMethod.MINMAX,
             symmetric_activations: bool = False, activations: str = "uint8",
-            op_types: list[str] | None = None) -> dict:
-    """Static INT8 (QDQ, per-channel weights). Returns what was done, for the manifest."""
+            op_types: list[str] | None = None, quantize_bias: bool = True) -> dict:
+    """Static INT8 (QDQ, per-channel weights). Returns what was done, for the manifest.
+
+    ``quantize_bias=False`` keeps biases FP32: TensorRT refuses INT32 DequantizeLinear inputs.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -69,7 +72,8 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
         except Exception:
             pre = Path(src)  # pre-processing is an optimization; quantization works without it
-        extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
+        extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
+                 "QuantizeBias": quantize_bias}
         if method == CalibMethod.PERCENTILE:
             extra["CalibPercentile"] = 99.99
         kwargs = {}
@@ -89,43 +93,148 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"method": "static post-training, QDQ, per-channel weights", "calibration": method.value,
             "calibration_images": int(len(calibration)), "activations": activations,
-            "symmetric_activations": symmetric_activations, "qdq_nodes": counts}
-
-
-def _matmul_weights(model) -> dict[str, int]:
-    """MatMul nodes whose right operand is a constant initializer: name -> weight elements."""
-    inits = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
-    return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+            "symmetric_activations": symmetric_activations, "bias": "int32" if quantize_bias else "fp32",
+            "qdq_nodes": counts}
 
 
 def weight_elements(model) -> int:
+    """Float weight elements (initializers of rank >= 2) in a graph."""
     import onnx
 
     return sum(int(np.prod(i.dims)) for i in model.graph.initializer
                if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(i.dims) >= 2)
 
 
-def to_int4(src: Path, dst: Path, block_size: int = 32, qdq: bool = False) -> dict:
-    """Block-wise symmetric INT4 weight-only quantization of MatMul weights."""
+def _reduction_axis(node) -> int | None:
+    """The axis a weight is summed over (blocks run along it): MatMul K, Gemm K, Conv in-channels."""
+    if node.op_type == "MatMul":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 1 if trans_b else 0
+    if node.op_type == "Conv":
+        return 1
+    return None
+
+
+def blockwise_int4(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 with one positive FP32 scale per block of ``block`` values along ``axis``.
+
+    Returns (q int8 values in [-7, 7], scales) with scales shaped like ``w`` but ``ceil(n / block)``
+    along ``axis``: the layout of ONNX's blocked DequantizeLinear (opset 21).
+    """
+    w = np.moveaxis(w.astype(np.float32), axis, 0)
+    n = w.shape[0]
+    nb = -(-n // block)
+    pad = nb * block - n
+    wp = np.concatenate([w, np.zeros((pad,) + w.shape[1:], np.float32)]) if pad else w
+    blocks = wp.reshape((nb, block) + w.shape[1:])
+    scale = np.abs(blocks).max(axis=1) / 7.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)        # all-zero blocks: any positive scale
+    q = np.clip(np.round(blocks / scale[:, None]), -7, 7).astype(np.int8).reshape(wp.shape)[:n]
+    return np.moveaxis(q, 0, axis), np.moveaxis(scale, 0, axis)
+
+
+def _to_opset(model, version: int):
+    from onnx import version_converter
+
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= version:
+        return model
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception:
+        # The converter has no adapter for some op; the ops our exporters emit mean the same at 21.
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = version
+        return model
+
+
+def int4_qdq(model, block_size: int, op_types: tuple[str, ...]) -> dict[str, int]:
+    """Replace constant weights of ``op_types`` by blocked INT4 DequantizeLinear (positive scales).
+
+    Returns {node name: weight elements quantized}. The graph moves to opset 21, where
+    DequantizeLinear takes INT4 and ``block_size``.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            users[name] = users.get(name, 0) + 1
+    done, new_nodes, quantized = {}, [], {}
+    for node in model.graph.node:
+        axis = _reduction_axis(node) if node.op_type in op_types else None
+        wname = node.input[1] if axis is not None and len(node.input) > 1 else None
+        if wname in inits and inits[wname].data_type == TensorProto.FLOAT and len(inits[wname].dims) >= 2:
+            if wname not in done:
+                w = numpy_helper.to_array(inits[wname])
+                q, scale = blockwise_int4(w, axis, block_size)
+                qname, sname, out = f"{wname}_int4", f"{wname}_int4_scale", f"{wname}_dq"
+                model.graph.initializer.append(helper.make_tensor(qname, TensorProto.INT4, q.shape,
+                                                                  q.flatten().tolist()))
+                model.graph.initializer.append(numpy_helper.from_array(scale, sname))
+                new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [out], axis=axis,
+                                                  block_size=block_size, name=f"{wname}_DequantizeLinear"))
+                done[wname] = out
+                quantized[node.name or wname] = int(w.size)
+            node.input[1] = done[wname]
+    for wname in done:  # drop the FP32 originals nobody else reads
+        if users.get(wname, 0) == sum(1 for n in model.graph.node for i in n.input if i == done[wname]):
+            model.graph.initializer.remove(inits[wname])
+    # DequantizeLinear nodes go first: they depend only on initializers, so the order stays topological.
+    nodes = new_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return quantized
+
+
+INT4_FORMATS = ("mixed", "qdq", "matmulnbits")
+
+
+def to_int4(src: Path, dst: Path, block_size: int = 32, fmt: str = "mixed") -> dict:
+    """Block-wise symmetric INT4 weight-only quantization.
+
+    - ``mixed`` (ONNX Runtime): MatMul weights become MatMulNBits (ONNX Runtime's fused INT4
+      kernel); Conv and Gemm weights become blocked INT4 DequantizeLinear, so convolutional
+      models store their weights in 4 bits too (computed in FP32).
+    - ``qdq`` (TensorRT): MatMul and Gemm weights become blocked INT4 DequantizeLinear with
+      positive scales — TensorRT's weight-only INT4 applies to matrix multiplies only.
+    - ``matmulnbits`` (ORT format, which has no INT4 tensor type): MatMulNBits only.
+    """
+    if fmt not in INT4_FORMATS:
+        raise ValueError(f"unknown INT4 format {fmt!r}; use one of {INT4_FORMATS}")
     import onnx
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     _quiet()
     model = onnx.load(str(src))
     total = weight_elements(model)
-    before = _matmul_weights(model)
-    kwargs = {"quant_format": QuantFormat.QDQ} if qdq else {"accuracy_level": 4}
-    q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, **kwargs)
-    q.process()
-    out = q.model.model
-    remaining = _matmul_weights(out)
-    # A MatMul still fed by a constant initializer stayed FP32; the others now read packed INT4.
-    quantized = {k: v for k, v in before.items() if k not in remaining}
-    _save(out, dst)
+    quantized: dict[str, int] = {}
+    if fmt != "qdq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        inits = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+        before = {n.name: inits[n.input[1]] for n in model.graph.node
+                  if n.op_type == "MatMul" and n.input[1] in inits}
+        q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4)
+        q.process()
+        model = q.model.model
+        left = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+        quantized.update({k: v for k, v in before.items() if k not in left})
+    ops = {"mixed": ("Conv", "Gemm"), "qdq": ("MatMul", "Gemm"), "matmulnbits": ()}[fmt]
+    dq = {}
+    if ops:
+        model = _to_opset(model, 21)
+        dq = int4_qdq(model, block_size, ops)
+    quantized.update(dq)
+    _save(model, dst)
     n_q = sum(quantized.values())
-    return {"method": f"block-wise weight-only INT4 (block {block_size}, symmetric)",
-            "format": "DequantizeLinear (QDQ, opset 21)" if qdq else "MatMulNBits",
-            "matmul_layers_quantized": len(quantized), "weights_quantized": n_q, "weights_total": total,
-            "weight_coverage": round(n_q / total, 4) if total else 0.0,
-            "note": "convolution and Gemm weights stay FP32" if n_q < total else ""}
+    return {"method": f"block-wise weight-only INT4 (block {block_size}, symmetric, positive scales)",
+            "format": {"qdq": "DequantizeLinear (QDQ, opset 21) on MatMul/Gemm",
+                       "mixed": "MatMulNBits on MatMul; DequantizeLinear (opset 21) on Conv/Gemm",
+                       "matmulnbits": "MatMulNBits on MatMul"}[fmt],
+            "layers_quantized": len(quantized), "matmulnbits_layers": len(quantized) - len(dq),
+            "weights_quantized": n_q, "weights_total": total,
+            "weight_coverage": round(n_q / total, 4) if total else 0.0}

@@ -76,12 +76,11 @@ def build_onnx(ctx: ExportContext, scratch: Path) -> tuple[Path, dict, dict]:
             fp32, out, data, ctx.quant.calib_method,
             symmetric_activations=bool(spec.get("symmetric_activations", False)),
             activations=spec.get("activations", "uint8"),
-            op_types=["Conv", "MatMul", "Gemm", "ConvTranspose"] if trt else None)
+            op_types=["Conv", "MatMul", "Gemm", "ConvTranspose"] if trt else None, quantize_bias=not trt)
     elif p == Precision.INT4:
-        qdq = ctx.target.int4.get("format") == "qdq"
-        ctx.log(f"  quantizing MatMul weights to INT4 (block {ctx.quant.block_size}, "
-                f"{'QDQ' if qdq else 'MatMulNBits'})")
-        details["quantization"] = quantize.to_int4(fp32, out, ctx.quant.block_size, qdq=qdq)
+        fmt = ctx.target.int4.get("format", "mixed")
+        ctx.log(f"  quantizing weights to INT4 (block {ctx.quant.block_size}, {fmt})")
+        details["quantization"] = quantize.to_int4(fp32, out, ctx.quant.block_size, fmt=fmt)
     details["fp32_parity"] = fp32_parity
     return out, validate_onnx(ctx, out, p.value, reference), details
 
@@ -95,6 +94,13 @@ def export(ctx: ExportContext) -> list[Artifact]:
     inputs, outputs = io_spec(ctx.input_size, int(parity["shape"][1]))
     art = Artifact("model.onnx", "onnx", ctx.quant.precision.value, inputs=inputs, outputs=outputs,
                    parity=parity, details=details)
+    coverage = details.get("quantization", {}).get("weight_coverage")
+    if coverage is not None and coverage < 0.5:
+        why = ("TensorRT's weight-only INT4 covers MatMul/Gemm; convolutions stay FP16"
+               if ctx.target.tensorrt else "the other weights stay FP32")
+        msg = f"only {coverage:.0%} of the weights are INT4: {why}"
+        ctx.log(f"    warning: {msg}")
+        art.details.setdefault("warnings", []).append(msg)
     if ctx.target.tensorrt:
         from . import tensorrt
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".pth.tar")  # .pth.tar: ml-fastvit
 SAFETENSORS_NAMES = ("model.safetensors", "pytorch_model.safetensors")
 
 
@@ -74,7 +74,7 @@ def load_state_dict(path: Path) -> dict:
                 f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})",
                 "the file is corrupt or truncated: download it again",
             ) from None
-    elif path.suffix in PICKLE_SUFFIXES:
+    elif path.name.endswith(PICKLE_SUFFIXES):
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:

@@ -14,10 +14,11 @@ from typing import Callable
 from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
 from ..zoo import ModelRecipe, PreprocessSpec, get_recipe
-from .checkpoint import load_state_dict, read_metadata, resolve_file
+from .checkpoint import PICKLE_SUFFIXES, load_state_dict, read_metadata, resolve_file
+from .keymaps import apple_fastvit_reparam_fixups, cream_tinyvit_to_timm, is_cream_tinyvit
 
-# Per-family filters that turn an upstream checkpoint layout into timm's key names.
-# Both come from timm, which already maps apple/ml-fastvit and microsoft/Cream layouts.
+# Per-family filters that turn an upstream checkpoint layout into timm's key names: timm's own
+# filters, plus edgevlm's key maps (keymaps.py) where timm's do not cover the released files.
 CHECKPOINT_FILTERS: Registry[Callable] = Registry("checkpoint filter")
 
 
@@ -29,13 +30,16 @@ def _fastvit_filter(sd, model):
     # lacks it and would be remapped as if it were apple's original layout.
     if any(k.startswith(("stem.", "stages.")) for k in sd):
         return sd
-    return checkpoint_filter_fn(sd, model)
+    return apple_fastvit_reparam_fixups(checkpoint_filter_fn(sd, model))
 
 
 @CHECKPOINT_FILTERS.register("tinyvit")
 def _tinyvit_filter(sd, model):
     from timm.models.tiny_vit import checkpoint_filter_fn
 
+    # timm's filter keeps key names (and looks attention_biases up by them): rename Cream's layout first.
+    if is_cream_tinyvit(sd):
+        sd = cream_tinyvit_to_timm(sd)
     return checkpoint_filter_fn(sd, model)
 
 
@@ -160,7 +164,7 @@ def load_backbone(name: str, weights: str | None = None, num_classes: int | None
         return _from_file(recipe, recipe.shipped_weights(tag), num_classes, kind="shipped", tag=tag)
     if Path(weights).expanduser().exists():
         return _from_file(recipe, Path(weights).expanduser(), num_classes, kind="file")
-    if Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt") or os.sep in weights:
+    if weights.endswith((".safetensors",) + PICKLE_SUFFIXES) or os.sep in weights:
         raise CheckpointError(f"no checkpoint at {weights}", "check the path, or pass --weights random")
     return _from_hub(recipe, weights, num_classes)
 
@@ -185,7 +189,7 @@ def _from_file(recipe: ModelRecipe, path: Path, num_classes: int | None, kind: s
     labels = meta.get("labels") or (
         _imagenet_labels(model, found) if found in (1000, 21841) else _default_labels(found))
     info = {"source": str(path) if kind == "file" else f"{recipe.name}.{tag}", "kind": kind, "random": False,
-            "sha256": _sha256(path), "format": path.suffix.lstrip(".")}
+            "sha256": _sha256(path), "format": "pth.tar" if path.name.endswith(".pth.tar") else path.suffix.lstrip(".")}
     for k in ("dataset", "trained_with", "val_accuracy", "epochs"):
         if k in meta:
             info[k] = meta[k]
