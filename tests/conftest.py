@@ -38,3 +38,15 @@ def sample_image():
     from edgevlm.resources import zoo_dir
 
     return Path(zoo_dir()) / "samples" / "digit_3.png"
+
+
+@pytest.fixture(scope="session")
+def fastvit():
+    """A reparameterized random fastvit_t8 with a 10-class head, shared by the exporter tests."""
+    import timm
+    import torch
+
+    from edgevlm.compress.reparam import reparameterize_model
+
+    torch.manual_seed(0)
+    return reparameterize_model(timm.create_model("fastvit_t8", num_classes=10))

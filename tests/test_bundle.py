@@ -145,3 +145,29 @@ def test_verify_detects_extra_files(bundle, tmp_path):
     (b / "stray.bin").write_bytes(b"x")
     with pytest.raises(BundleError, match="does not list"):
         verify(b, read_manifest(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, precision", [("jetson", "int8"), ("android", "int8"), ("ios", "fp16")])
+def test_every_target_bundle_is_checked_and_runs_where_it_can(tmp_path, target, precision, sample_image):
+    """Each target's bundle carries its artifacts and checks; the runtime runs it or says why not."""
+    from edgevlm.errors import BackendUnavailableError
+
+    out, m = export_bundle(ExportConfig(model="fastvit_t8", target=target, quant=QuantConfig(precision=precision),
+                                        out=tmp_path / target), quiet=True)
+    art = m["artifacts"][0]
+    assert m["target"]["name"] == target and art["precision"] == precision
+    if target == "jetson":
+        assert art["tensorrt"]["op_check"]["passed"] is True and "build_engine.sh" in m["files"]
+        assert m["target"]["tensorrt"]["version"] and m["accuracy"]["bundle"] >= m["accuracy"]["eager_fp32"] - 0.01
+    if target == "android":
+        assert art["path"] == "model.ort" and "required_operators.config" in m["files"]
+    if target == "ios":
+        assert art["path"] == "model.mlpackage" and any(f.startswith("model.mlpackage/") for f in m["files"])
+        assert "macOS" in m["accuracy"]["status"]
+    if target == "ios" and sys.platform != "darwin":
+        with pytest.raises(BackendUnavailableError, match="macOS"):
+            runtime.load(out)
+    else:
+        clf = runtime.load(out)     # jetson without a GPU: ONNX Runtime falls back to the CPU provider
+        assert clf.classify(sample_image)[0].label == "3"

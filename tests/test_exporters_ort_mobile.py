@@ -39,17 +39,6 @@ def _tiny_with_matmul():
 
 
 @pytest.fixture(scope="module")
-def fastvit():
-    import timm
-    import torch
-
-    from edgevlm.compress.reparam import reparameterize_model
-
-    torch.manual_seed(0)
-    return reparameterize_model(timm.create_model("fastvit_t8", num_classes=10))
-
-
-@pytest.fixture(scope="module")
 def android(fastvit, tmp_path_factory):
     """(model name, precision) -> (artifact, bundle dir, context), each exported once per module."""
     from edgevlm.exporters import get_exporter

@@ -190,29 +190,6 @@ def _ctx(model, precision, workdir):
                          log=lambda s: None)
 
 
-def _no_bias_quantization(monkeypatch):
-    """Quantize like compress.quantize.to_int8 but without INT32 biases (what TensorRT needs)."""
-    import onnxruntime.quantization as oq
-
-    real = oq.quantize_static
-
-    def quantize_static(*args, extra_options=None, **kwargs):
-        return real(*args, extra_options={**(extra_options or {}), "QuantizeBias": False}, **kwargs)
-
-    monkeypatch.setattr(oq, "quantize_static", quantize_static)
-
-
-@pytest.fixture(scope="module")
-def fastvit():
-    import timm
-    import torch
-
-    from edgevlm.compress.reparam import reparameterize_model
-
-    torch.manual_seed(0)
-    return reparameterize_model(timm.create_model("fastvit_t8", num_classes=10))
-
-
 @pytest.fixture(scope="module")
 def jetson(fastvit, tmp_path_factory):
     """precision -> (artifact, bundle dir) of a jetson ONNX export, built once per module."""
@@ -223,9 +200,7 @@ def jetson(fastvit, tmp_path_factory):
     def run(precision):
         if precision not in done:
             workdir = tmp_path_factory.mktemp(f"jetson-{precision}")
-            with pytest.MonkeyPatch.context() as mp:
-                _no_bias_quantization(mp)
-                (art,) = get_exporter("onnx")(_ctx(fastvit, precision, workdir))
+            (art,) = get_exporter("onnx")(_ctx(fastvit, precision, workdir))
             done[precision] = art, workdir
         return done[precision]
 
@@ -300,13 +275,6 @@ def test_jetson_int4_without_matmuls_says_so(jetson):
     # FastViT is convolutional: only the classifier's Gemm is a matrix multiply TensorRT can run in INT4.
     assert art.details["quantization"]["layers_quantized"] == 1
     assert "of the weights are INT4" in " ".join(art.details["warnings"])
-
-
-@pytest.mark.slow
-def test_jetson_int8_from_the_real_quantizer_passes(fastvit, tmp_path):
-    from edgevlm.exporters import get_exporter
-
-    get_exporter("onnx")(_ctx(fastvit, "int8", tmp_path))
 
 
 # --- running build_engine.sh against a stand-in trtexec ----------------------------------

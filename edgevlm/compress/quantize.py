@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ def to_fp16(src: Path, dst: Path) -> dict:
     import onnx
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    with warnings.catch_warnings():  # one warning per tiny weight clipped to FP16's range
+        warnings.simplefilter("ignore", UserWarning)
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     _save(model, dst)
     return {"method": "float16 weights and activations, FP32 inputs/outputs"}
 
@@ -48,15 +51,36 @@ class _Reader:
         return next(self._batches, None)
 
 
+def _depthwise_convs(model) -> list[str]:
+    """Names of grouped convolutions (one group per channel or several channels)."""
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv" and next((a.i for a in n.attribute if a.name == "group"), 1) > 1:
+            out.append(n.name)
+    return out
+
+
+def _activation_matmuls(model) -> list[str]:
+    """Names of MatMuls whose operands are both computed (no constant weight)."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
+
+
 _METHODS = {CalibMethod.MINMAX: "MinMax", CalibMethod.ENTROPY: "Entropy", CalibMethod.PERCENTILE: "Percentile"}
 
 
 def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod = CalibMethod.MINMAX,
             symmetric_activations: bool = False, activations: str = "uint8",
-            op_types: list[str] | None = None, quantize_bias: bool = True) -> dict:
+            op_types: list[str] | None = None, quantize_bias: bool = True,
+            exclude_depthwise: bool = False, exclude_activation_matmuls: bool = False) -> dict:
     """Static INT8 (QDQ, per-channel weights). Returns what was done, for the manifest.
 
     ``quantize_bias=False`` keeps biases FP32: TensorRT refuses INT32 DequantizeLinear inputs.
+    ``exclude_depthwise=True`` keeps depthwise convolutions FP32: ONNX Runtime's CPU kernels
+    run them no faster in INT8, and the Q/DQ pairs around them cost time.
+    ``exclude_activation_matmuls=True`` keeps MatMuls of two activations (attention's Q·Kᵀ and
+    A·V) FP32: both sides would need run-time quantization for little gain.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -79,6 +103,11 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
         kwargs = {}
         if op_types:
             kwargs["op_types_to_quantize"] = op_types
+        graph = onnx.load(str(pre))
+        depthwise = _depthwise_convs(graph) if exclude_depthwise else []
+        act_mm = _activation_matmuls(graph) if exclude_activation_matmuls else []
+        if depthwise or act_mm:
+            kwargs["nodes_to_exclude"] = depthwise + act_mm
         quantize_static(
             str(pre), str(dst), _Reader(input_name, calibration),
             quant_format=QuantFormat.QDQ, per_channel=True,
@@ -94,6 +123,7 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
     return {"method": "static post-training, QDQ, per-channel weights", "calibration": method.value,
             "calibration_images": int(len(calibration)), "activations": activations,
             "symmetric_activations": symmetric_activations, "bias": "int32" if quantize_bias else "fp32",
+            "depthwise_convs_kept_fp32": len(depthwise), "activation_matmuls_kept_fp32": len(act_mm),
             "qdq_nodes": counts}
 
 

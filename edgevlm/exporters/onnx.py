@@ -76,7 +76,9 @@ def build_onnx(ctx: ExportContext, scratch: Path) -> tuple[Path, dict, dict]:
             fp32, out, data, ctx.quant.calib_method,
             symmetric_activations=bool(spec.get("symmetric_activations", False)),
             activations=spec.get("activations", "uint8"),
-            op_types=["Conv", "MatMul", "Gemm", "ConvTranspose"] if trt else None, quantize_bias=not trt)
+            op_types=["Conv", "MatMul", "Gemm", "ConvTranspose"] if trt else spec.get("op_types"),
+            quantize_bias=not trt, exclude_depthwise=bool(spec.get("exclude_depthwise", False)),
+            exclude_activation_matmuls=bool(spec.get("exclude_activation_matmuls", False)))
     elif p == Precision.INT4:
         fmt = ctx.target.int4.get("format", "mixed")
         ctx.log(f"  quantizing weights to INT4 (block {ctx.quant.block_size}, {fmt})")

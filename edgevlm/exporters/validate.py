@@ -49,8 +49,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, name: 
 def run_onnx(path, x: np.ndarray, providers=("CPUExecutionProvider",)) -> np.ndarray:
     import onnxruntime as ort
 
+    from ..runtime.backends import usable_cpus
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = usable_cpus()
     sess = ort.InferenceSession(str(path), opts, providers=list(providers))
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 

