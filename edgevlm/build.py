@@ -55,38 +55,40 @@ def _check_calibration_early(cfg: ExportConfig) -> None:
                                    "put 32-512 representative images in it, or use --calib builtin:photos")
 
 
-def accuracy_report(backbone, artifact_path: Path, manifest_like: dict, pre: PreprocessSpec,
-                    eager_model) -> dict:
-    """Top-1 accuracy of eager FP32 and of the artifact (as the runtime runs it) on the test split."""
+def _logits_torch(model, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
+
+
+def accuracy_report(backbone, artifact, workdir: Path, pre: PreprocessSpec, eager_model) -> dict:
+    """Top-1 of eager FP32 and of the artifact (as the runtime runs it) on the held-out test split."""
     if backbone.dataset != "digits":
         return {"status": "not measured", "reason": "these weights carry no labelled evaluation set "
                 "(train on digits or evaluate with your own data via `edgevlm eval`)"}
-    import torch
-
     from .data import digits
     from .runtime.backends import open_session
 
     x, y = digits.arrays("test", pre)
-    with torch.no_grad():
-        eager = np.concatenate([eager_model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
-    art = manifest_like["artifact"]
-    if art["format"] == "coreml":
-        rt, status = None, ("not measured on Linux: Core ML predictions need macOS (the artifact's parity "
-                            "records the package's own weights run in PyTorch)")
-    else:
-        sess = open_session(artifact_path.parent, {"target": {"name": "export", "providers":
-                            ["CPUExecutionProvider"]}}, art)
-        step = sess.fixed_batch or 64
-        rt = np.concatenate([sess.run(x[i:i + step]) for i in range(0, len(x), step)])
-        status = "measured"
-    e_acc = float((eager.argmax(1) == y).mean())
+    eager = _logits_torch(eager_model, x)
     rec = {"dataset": "digits (scikit-learn, real handwritten)", "split": "test", "images": int(len(y)),
-           "metric": "top-1", "eager_fp32": e_acc, "status": status}
-    if rt is not None:
-        b_acc = float((rt.argmax(1) == y).mean())
-        rec.update(bundle=b_acc, delta_points=round(100 * (b_acc - e_acc), 2),
-                   top1_agreement_with_eager=float((rt.argmax(1) == eager.argmax(1)).mean()),
-                   runtime="onnxruntime CPUExecutionProvider")
+           "metric": "top-1", "eager_fp32": float((eager.argmax(1) == y).mean())}
+    art = artifact.to_dict()
+    if art["format"] == "coreml":
+        if artifact.stand_in is None:
+            return {**rec, "status": "not measured on Linux: Core ML predictions need macOS"}
+        got = _logits_torch(artifact.stand_in, x)
+        rec.update(status="measured", runtime="eager PyTorch with the Core ML package's own weights "
+                   "(Core ML predictions need macOS)")
+    else:
+        sess = open_session(workdir, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]}}, art)
+        step = sess.fixed_batch or 64
+        got = np.concatenate([sess.run(x[i:i + step]) for i in range(0, len(x), step)])
+        rec.update(status="measured", runtime="onnxruntime CPUExecutionProvider")
+    b_acc = float((got.argmax(1) == y).mean())
+    rec.update(bundle=b_acc, delta_points=round(100 * (b_acc - rec["eager_fp32"]), 2),
+               top1_agreement_with_eager=float((got.argmax(1) == eager.argmax(1)).mean()))
     return rec
 
 
@@ -152,7 +154,7 @@ def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
         art = artifacts[0]
         with stages("measure task accuracy"):
             if cfg.validate_accuracy:
-                acc = accuracy_report(bb, work / art.path, {"artifact": art.to_dict()}, pre, model)
+                acc = accuracy_report(bb, art, work, pre, model)
             else:
                 acc = {"status": "not measured", "reason": "--no-accuracy"}
             if "bundle" in acc:

@@ -51,6 +51,9 @@ class Artifact:
     outputs: list = field(default_factory=list)
     parity: dict = field(default_factory=dict)    # see exporters.validate
     details: dict = field(default_factory=dict)   # format-specific: quantization coverage, op checks, spec
+    # A PyTorch stand-in that computes what the artifact computes, where the artifact itself cannot
+    # run here (Core ML on Linux: the package's own weights in eager). Not written to the manifest.
+    stand_in: object = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "format": self.format, "precision": self.precision, "role": self.role,

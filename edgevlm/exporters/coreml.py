@@ -300,8 +300,10 @@ def map_weights(model, reference: list[_Weight]) -> tuple[dict, dict]:
 
 
 def weight_roundtrip(model, package: Path, reference_weights: list[_Weight], example: np.ndarray,
-                     reference: np.ndarray, precision: str) -> dict:
-    """Load the package's stored (dequantized) weights into a copy of ``model`` and compare with eager."""
+                     reference: np.ndarray, precision: str) -> tuple[dict, object]:
+    """Load the package's stored (dequantized) weights into a copy of ``model`` and compare with eager.
+
+    Returns the parity record and the copy (None when the mapping is incomplete)."""
     import torch
 
     _, _, prog = load_package(package)
@@ -349,7 +351,7 @@ def weight_roundtrip(model, package: Path, reference_weights: list[_Weight], exa
     if unmapped_compressed:
         return {"status": "skipped", "mapping": mapping_rec,
                 "reason": f"{len(unmapped_compressed)} compressed tensors could not be mapped to torch parameters "
-                          f"(e.g. {unmapped_compressed[:3]})"}
+                          f"(e.g. {unmapped_compressed[:3]})"}, None
     with torch.no_grad():
         out = clone(torch.from_numpy(np.ascontiguousarray(example))).numpy()
     rec = compare(reference, out, precision)
@@ -359,7 +361,7 @@ def weight_roundtrip(model, package: Path, reference_weights: list[_Weight], exa
     if unmapped_float:
         rec["note"] = (f"{len(unmapped_float)} uncompressed tensors (fused biases) could not be mapped and "
                        "keep their FP32 values")
-    return rec
+    return rec, clone
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -479,7 +481,7 @@ def export(ctx: ExportContext) -> list[Artifact]:
         ref_weights = program_weights(convert(traced, size, target, False, units)._mil_program)
     else:
         ref_weights = program_weights(load_package(path)[2])
-    roundtrip = weight_roundtrip(ctx.model, path, ref_weights, ctx.example, reference, p.value)
+    roundtrip, stand_in = weight_roundtrip(ctx.model, path, ref_weights, ctx.example, reference, p.value)
     if roundtrip["status"] == "ok":
         ctx.log(f"    parity weights {p.value}: max abs {roundtrip['max_abs_diff']:.2e}, "
                 f"top-1 agreement {roundtrip.get('top1_agreement', float('nan')):.3f}")
@@ -507,4 +509,5 @@ def export(ctx: ExportContext) -> list[Artifact]:
         "coremltools_version": ct.__version__,
         "size_bytes": package_size(path),
     }}
-    return [Artifact(PACKAGE, "coreml", p.value, inputs=inputs, outputs=outputs, parity=parity, details=details)]
+    return [Artifact(PACKAGE, "coreml", p.value, inputs=inputs, outputs=outputs, parity=parity, details=details,
+                     stand_in=stand_in)]
