@@ -24,7 +24,7 @@ class ExportContext:
     workdir: Path                       # the bundle's temporary directory; artifacts go here
     example: np.ndarray                 # (B, 3, H, W) float32 preprocessed real images, for parity
     calibration: Callable[[], np.ndarray] | None = None   # -> (N, 3, H, W), called only for INT8
-    opset: int = 18
+    opset: int = 20
     log: Callable[[str], None] = print
 
     @property

@@ -79,7 +79,9 @@ def export(ctx: ExportContext) -> list[Artifact]:
         scratch = Path(tmp)
         onnx_path, onnx_parity, details = build_onnx(ctx, scratch)
         errors = []
-        for style in ("Fixed", "Runtime"):
+        # Runtime style keeps the graph as exported and lets the device's execution provider (NNAPI,
+        # XNNPACK) fuse at load time; Fixed bakes in CPU-only fusions and FP32 casts of FP16 weights.
+        for style in ("Runtime", "Fixed"):
             out = scratch / f"ort-{style.lower()}"
             out.mkdir()
             ctx.log(f"  converting to ORT format (optimization style {style}, {TARGET_PLATFORM})")
