@@ -15,7 +15,6 @@ from . import __version__
 from .bundle import staging, write_manifest
 from .config import ExportConfig, Precision
 from .data import calibration as calib
-from .errors import ConfigError
 from .progress import Stages
 from .targets import get_target
 from .zoo import PreprocessSpec, get_recipe

@@ -49,7 +49,6 @@ class QuantConfig:
     calib_method: CalibMethod = CalibMethod.MINMAX
     calib_size: int = 64                # images used for calibration
     block_size: int = 32                # INT4 block length along the reduction axis
-    symmetric_activations: bool = False  # TensorRT wants symmetric INT8 activations
 
     def __post_init__(self) -> None:
         if self.precision is not None:

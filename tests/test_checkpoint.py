@@ -1,7 +1,6 @@
 """Weights from files and hubs: safe loading, head sizes, and errors that name the fix."""
 import pickle
 
-import numpy as np
 import pytest
 import torch
 

@@ -108,7 +108,7 @@ def test_weight_roundtrip_parity(exported, precision):
     assert art.parity["coreml_predict"].startswith("skipped") or sys.platform == "darwin"
 
 
-def test_roundtrip_mapping_is_exact_at_fp32(model, example):
+def test_roundtrip_mapping_is_exact_at_fp32(model, example, tmp_path):
     """Loading the FP32 program's own weights back must reproduce eager exactly: the mapping is right."""
     import torch
 
@@ -124,6 +124,9 @@ def test_roundtrip_mapping_is_exact_at_fp32(model, example):
     assert stats["by_name"] > 0 and stats["by_shape_order_fit"] > 0
     # every tensor that is not a 1-D (bias) tensor is mapped
     assert all(w.name in mapping for w in weights if len(w.shape) >= 2 and np.any(w.value()))
+    ml.save(str(tmp_path / "fp32.mlpackage"))
+    rec, stand_in = coreml.weight_roundtrip(model, tmp_path / "fp32.mlpackage", weights, example, reference, "fp32")
+    assert rec["status"] == "ok" and rec["max_abs_diff"] <= 1e-5 and stand_in is not None
 
 
 @pytest.mark.parametrize("field,value", [

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edgevlm.errors import UnknownNameError
-from edgevlm.zoo import MODELS, get_recipe, list_models
+from edgevlm.zoo import get_recipe, list_models
 
 from conftest import randomize_inference_stats
 

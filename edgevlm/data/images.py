@@ -74,7 +74,7 @@ def load_image(src: ImageLike) -> Image.Image:
             raise ImageError(f"{what} is a decompression bomb (too many pixels)", "use a smaller image") from None
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
             raise ImageError(f"{what} is not a decodable image ({type(e).__name__})",
-                             f"pass a PNG, JPEG, BMP or WebP file") from None
+                             "pass a PNG, JPEG, BMP or WebP file") from None
     _check_size(*img.size, what)
     return img.convert("RGB")
 
