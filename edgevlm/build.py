@@ -61,6 +61,19 @@ def _logits_torch(model, x: np.ndarray) -> np.ndarray:
         return np.concatenate([model(torch.from_numpy(x[i:i + 64])).numpy() for i in range(0, len(x), 64)])
 
 
+def _check_toolchain(target) -> None:
+    """Fail before any work when the target's converter is not installed."""
+    import importlib.util
+
+    from .errors import BackendUnavailableError
+
+    needs = {"coreml": ("coremltools", "coreml"), "onnx": ("onnx", "onnx"), "ort": ("onnxruntime", "onnx")}
+    module, extra = needs.get(target.format, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise BackendUnavailableError(f"exporting for {target.name} needs {module}, which is not installed",
+                                      f"pip install 'edgevlm[{extra}]'")
+
+
 def accuracy_report(backbone, artifact, workdir: Path, pre: PreprocessSpec, eager_model) -> dict:
     """Top-1 of eager FP32 and of the artifact (as the runtime runs it) on the held-out test split."""
     if backbone.dataset != "digits":
@@ -104,6 +117,7 @@ def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
     target.check_precision(precision)
     cfg.quant.precision = precision
     _check_calibration_early(cfg)
+    _check_toolchain(target)
     out = Path(cfg.out) if cfg.out else default_out(cfg, precision)
     if out.exists() and not cfg.overwrite:
         from .errors import BundleError

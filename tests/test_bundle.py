@@ -171,3 +171,15 @@ def test_every_target_bundle_is_checked_and_runs_where_it_can(tmp_path, target, 
     else:
         clf = runtime.load(out)     # jetson without a GPU: ONNX Runtime falls back to the CPU provider
         assert clf.classify(sample_image)[0].label == "3"
+
+
+def test_missing_converter_fails_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from edgevlm.errors import BackendUnavailableError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real(name, *a))
+    with pytest.raises(BackendUnavailableError, match=r"edgevlm\[coreml\]"):
+        export_bundle(ExportConfig(model="fastvit_t8", target="ios", out=tmp_path / "o"), quiet=True)
+    assert not (tmp_path / "o").exists()
