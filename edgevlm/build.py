@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bundle import staging, write_manifest
+from .bundle import check_out, staging, write_manifest
 from .config import ExportConfig, Precision
 from .data import calibration as calib
 from .progress import Stages
@@ -43,15 +43,7 @@ def _check_calibration_early(cfg: ExportConfig) -> None:
     """Fail on a bad calibration folder before any model is built."""
     src = cfg.quant.calib
     if src and not src.startswith("builtin:"):
-        from .data.images import list_images
-        from .errors import CalibrationError
-
-        p = Path(src).expanduser()
-        if not p.is_dir():
-            raise CalibrationError(f"calibration folder {p} does not exist", "pass --calib DIR with images in it")
-        if not list_images(p):
-            raise CalibrationError(f"calibration folder {p} holds no images (.png, .jpg, ...)",
-                                   "put 32-512 representative images in it, or use --calib builtin:photos")
+        calib.folder_files(Path(src).expanduser())
 
 
 def _logits_torch(model, x: np.ndarray) -> np.ndarray:
@@ -119,10 +111,7 @@ def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
     _check_calibration_early(cfg)
     _check_toolchain(target)
     out = Path(cfg.out) if cfg.out else default_out(cfg, precision)
-    if out.exists() and not cfg.overwrite:
-        from .errors import BundleError
-
-        raise BundleError(f"{out} already exists", "pass --overwrite or choose another --out")
+    check_out(out, cfg.overwrite)
     stages = Stages(6, quiet=quiet)
     log = stages.log
 

@@ -39,12 +39,17 @@ def file_table(root: Path) -> dict:
             for p in _files(root)}
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing bundle unless asked to."""
+    if Path(out).exists() and not overwrite:
+        raise BundleError(f"{out} already exists", "pass --overwrite or choose another --out")
+
+
 @contextmanager
 def staging(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it becomes ``out``, on failure it disappears."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists", "pass --overwrite or choose another --out")
+    check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

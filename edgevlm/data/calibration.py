@@ -45,13 +45,19 @@ def _photos(n: int, seed: int) -> list[Image.Image]:
     return out
 
 
-def _folder(path: Path, n: int, seed: int) -> list[Image.Image]:
+def folder_files(path: Path) -> list[Path]:
+    """The image files of a calibration folder; raises when it is missing or holds none."""
     if not path.is_dir():
         raise CalibrationError(f"calibration folder {path} does not exist", "pass --calib DIR with images in it")
     files = list_images(path)
     if not files:
         raise CalibrationError(f"calibration folder {path} holds no images (.png, .jpg, ...)",
                                "put 32-512 representative images in it, or use --calib builtin:photos")
+    return files
+
+
+def _folder(path: Path, n: int, seed: int) -> list[Image.Image]:
+    files = folder_files(path)
     rng = np.random.default_rng(seed)
     if len(files) > n:
         files = [files[i] for i in sorted(rng.choice(len(files), n, replace=False))]
