@@ -4,7 +4,7 @@ Heavy modules (torch, onnx, coremltools) load only when used; ``import edgevlm``
 """
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "export", "runtime"]
+__all__ = ["__version__", "export", "load_vlm", "runtime"]
 
 
 def __getattr__(name):
@@ -12,6 +12,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(".runtime", __name__)
+    if name == "load_vlm":
+        from .modeling.families import load_vlm
+
+        return load_vlm
     if name == "export":
         from .build import export_bundle
 

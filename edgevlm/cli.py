@@ -15,7 +15,7 @@ from . import __version__
 def _cmd_list(args) -> int:
     from .report import table
     from .targets import list_targets
-    from .zoo import DEFAULT_MODEL, list_models
+    from .zoo import DEFAULT_MODEL, list_models, list_vlms
 
     targets = list_targets()
     rows = []
@@ -25,13 +25,19 @@ def _cmd_list(args) -> int:
                      "reparam": "yes" if r.reparameterizable else "no",
                      "targets": {t.name: [p.value for p in t.precisions] for t in targets},
                      "shipped weights": sorted(r.weights), "hub tags": [f"{r.name}.{t}" for t in r.hub_tags]})
+    vlms = [{"model": r.name, "family": r.family, "task": "vlm", "params (M)": round(r.params / 1e6, 1),
+             "image": r.image["size"], "hub id": r.hub_id or "-", "revisions": list(r.revisions),
+             "kind": "test-size" if r.tiny else "released"} for r in list_vlms()]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + vlms, indent=2))
         return 0
     cols = ["model", "family", "params (M)", "input", "reparam", "shipped weights", "hub tags"]
     shown = [{**row, "shipped weights": ", ".join(row["shipped weights"]) or "-",
               "hub tags": ", ".join(t.split(".", 1)[1] for t in row["hub tags"])} for row in rows]
     print(table(shown, cols, title="edgevlm model zoo (* = default model; params with a 1000-class head)"))
+    print("\n" + table([{**v, "revisions": ", ".join(v["revisions"]) or "-"} for v in vlms],
+                        ["model", "family", "kind", "params (M)", "image", "hub id", "revisions"],
+                        title="vision-language models (`edgevlm info --model NAME` for parts and FLOPs)"))
     print("\n" + table([{"target": t.name, "runs on": t.description, "format": t.format,
                          "precisions": " ".join(p.value for p in t.precisions),
                          "default": t.default_precision.value} for t in targets], title="targets"))
@@ -99,6 +105,43 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .modeling.families import load_vlm
+
+    vlm = load_vlm(args.model, weights=args.weights, revision=args.revision)
+    pieces = vlm.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .modeling.info import describe
+    from .report import table, write_json
+
+    d = describe(args.model, text_tokens=args.text_tokens)
+    print(table([{"part": n, "module": d["parts"][n], "params (M)": round(d["params"][n] / 1e6, 2)}
+                 for n in d["parts"]] + [{"part": "total", "module": "", "params (M)": round(d["params_total"] / 1e6, 2)}],
+                title=f"{d['model']} ({d['family']})"))
+    rows = []
+    for p in d["paths"]:
+        row = {"path": p["label"], "vision tokens": p["vision_tokens"], "LLM input tokens": p["llm_input_tokens"]}
+        row.update({f"{k} GFLOPs": round(v / 1e9, 2) for k, v in p["flops"].items()})
+        row["total GFLOPs"] = round(p["flops_total"] / 1e9, 2)
+        rows.append(row)
+    if len(d["paths"]) == 2:
+        a, b = d["paths"]
+        rows.append({"path": "compressed / uncompressed", "vision tokens": f"{a['vision_tokens']}/{b['vision_tokens']}",
+                     "total GFLOPs": f"{100 * (1 - a['flops_total'] / b['flops_total']):.1f}% fewer"})
+    print("\n" + table(rows, title=f"prefill cost of one {d['image_size']}px image + {d['text_tokens']} prompt "
+                        "tokens (counted with torch FlopCounterMode; multiply-add = 2 FLOPs)"))
+    if args.json:
+        write_json(args.json, d)
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .train.classifier import train_digits
 
@@ -162,6 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int)
     s.add_argument("--json", type=Path)
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("generate", help="answer a prompt about an image with an eager VLM (PyTorch)")
+    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
+    s.add_argument("--weights", help="checkpoint directory or file in the family's released layout, a hub id, "
+                   "or random (default: the model's hub id)")
+    s.add_argument("--revision", help="checkpoint revision (e.g. 2025-01-09 for moondream2, stage4 for tinygpt_v)")
+    s.add_argument("--image", type=Path, help="image file (omit for a text-only prompt)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("info", help="parts, parameters, vision tokens and prefill FLOPs of a VLM")
+    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
+    s.add_argument("--text-tokens", type=int, default=64, help="prompt length for the FLOP count (default 64)")
+    s.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("train", help="train a zoo backbone on scikit-learn's digits (reproduces shipped weights)")
     s.add_argument("--model", default="fastvit_t8")

@@ -74,6 +74,34 @@ class ModelRecipe:
 MODELS: Registry[ModelRecipe] = Registry("model")
 
 
+@dataclass(frozen=True)
+class VLMRecipe:
+    """A vision-language model: its family, architecture config, processor and where weights come from."""
+
+    name: str
+    family: str
+    params: int                        # expected parameter count (the published figure for real sizes)
+    config: dict                       # architecture, interpreted by the family's builder
+    image: dict                        # processor.ImageSpec fields
+    prompt: dict                       # processor.PromptSpec fields
+    hub_id: str | None = None          # Hugging Face repo of the released checkpoint
+    revisions: tuple[str, ...] = ()    # checkpoint revisions edgevlm reads
+    tiny: bool = False                 # a test-size variant with the family's architecture
+    published_params: float | None = None  # the figure the authors publish (tests compare within 2%)
+    published_parts: tuple[str, ...] = ()  # the parts that figure counts (empty: the whole model)
+    weights: dict = field(default_factory=dict)
+    default_weights: str | None = None
+    card: str | None = None
+    source: Path | None = None
+    task: str = "vlm"
+
+    def shipped_weights(self, tag: str) -> Path:
+        return zoo_dir() / self.weights[tag]
+
+
+VLMS: Registry[VLMRecipe] = Registry("VLM")
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -81,12 +109,25 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _recipes_from(path: Path) -> list[ModelRecipe]:
+def _vlm_recipe(name: str, d: dict, path: Path) -> VLMRecipe:
+    return VLMRecipe(name=name, family=d["family"], params=int(d["params"]), config=d.get("config", {}),
+                     image=d["image"], prompt=d.get("prompt", {}), hub_id=d.get("hub_id"),
+                     revisions=tuple(d.get("revisions", ())), tiny=bool(d.get("tiny", False)),
+                     published_params=float(d["published_params"]) if d.get("published_params") else None,
+                     published_parts=tuple(d.get("published_parts", ())),
+                     weights=dict(d.get("weights", {})), default_weights=d.get("default_weights"),
+                     card=d.get("card"), source=path)
+
+
+def _recipes_from(path: Path) -> list:
     data = yaml.safe_load(path.read_text())
     shared = {k: v for k, v in data.items() if k != "variants"}
     out = []
     for name, over in data["variants"].items():
         d = _merge(shared, over)
+        if d.get("task") == "vlm":
+            out.append(_vlm_recipe(name, d, path))
+            continue
         pre = dict(d.get("preprocess", {}))
         out.append(ModelRecipe(
             name=name, family=d["family"], task=d["task"], builder=d["builder"], params=int(d["params"]),
@@ -102,12 +143,28 @@ def _recipes_from(path: Path) -> list[ModelRecipe]:
 def _load() -> Registry[ModelRecipe]:
     for path in sorted(zoo_dir().glob("*.yaml")):
         for recipe in _recipes_from(path):
-            MODELS.add(recipe.name, recipe)
+            if recipe.name in MODELS or recipe.name in VLMS:
+                raise ConfigError(f"{recipe.name} is defined twice ({path.name})", "rename one of the variants")
+            (VLMS if recipe.task == "vlm" else MODELS).add(recipe.name, recipe)
     return MODELS
 
 
 def get_recipe(name: str) -> ModelRecipe:
-    return _load().get(name)
+    reg = _load()
+    if name in VLMS and name not in reg:
+        raise ConfigError(f"{name} is a vision-language model; this command takes a vision backbone",
+                          f"use `edgevlm generate --model {name}` or `edgevlm info --model {name}`")
+    return reg.get(name)
+
+
+def get_vlm_recipe(name: str) -> VLMRecipe:
+    _load()
+    return VLMS.get(name)
+
+
+def list_vlms() -> list[VLMRecipe]:
+    _load()
+    return [VLMS.get(n) for n in VLMS.names()]
 
 
 def list_models() -> list[ModelRecipe]:

@@ -25,7 +25,9 @@ def test_list_shows_every_variant_as_json():
     rows = json.loads(r.stdout)
     names = {row["model"].rstrip(" *") for row in rows}
     assert {"fastvit_t8", "fastvit_ma36", "tiny_vit_5m_224", "tiny_vit_21m_512"} <= names
-    assert len(rows) == 12
+    assert sum(row["task"] == "classification" for row in rows) == 12
+    vlms = {row["model"] for row in rows if row["task"] == "vlm"}
+    assert {"llava_1_5_7b", "llava_tiny"} <= vlms
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -99,3 +99,48 @@ def load_state_dict(path: Path) -> dict:
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors", "save model.state_dict() to safetensors")
     return sd
+
+
+def fit_state_dict(model, sd: dict, source: str,
+                   fix: str = "check that --model names the checkpoint's architecture (and --num-classes its head)",
+                   ) -> None:
+    """Load strictly; on a mismatch, list the missing, unexpected and mis-shaped keys."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+              for k in sd if k in target and sd[k].shape != target[k].shape]
+    if missing or unexpected or shapes:
+        def _some(xs):
+            return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "")
+
+        parts = [f"{len(missing)} missing: {_some(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected: {_some(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} mis-shaped: {_some(shapes)}" if shapes else ""]
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p),
+            fix,
+        )
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def load_checkpoint_dir(path: Path) -> dict:
+    """All tensors of a Hugging Face style directory: one safetensors file or a sharded index."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if path.is_dir() and index.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e})", "download the index again") from None
+        sd = {}
+        for name in shards:
+            shard = path / name
+            if not shard.is_file():
+                raise CheckpointError(f"shard {name} listed in {index.name} is missing from {path}",
+                                      "download every shard of the checkpoint")
+            sd.update(load_file(str(shard)))
+        return sd
+    return load_state_dict(path)

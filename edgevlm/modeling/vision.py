@@ -14,7 +14,7 @@ from typing import Callable
 from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
 from ..zoo import ModelRecipe, PreprocessSpec, get_recipe
-from .checkpoint import PICKLE_SUFFIXES, load_state_dict, read_metadata, resolve_file
+from .checkpoint import PICKLE_SUFFIXES, fit_state_dict, load_state_dict, read_metadata, resolve_file
 from .keymaps import apple_fastvit_reparam_fixups, cream_tinyvit_to_timm, is_cream_tinyvit
 
 # Per-family filters that turn an upstream checkpoint layout into timm's key names: timm's own
@@ -93,27 +93,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fit_state_dict(model, sd: dict, source: str) -> None:
-    """Load strictly; on a mismatch, list the missing, unexpected and mis-shaped keys."""
-    target = model.state_dict()
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-              for k in sd if k in target and sd[k].shape != target[k].shape]
-    if missing or unexpected or shapes:
-        def _some(xs):
-            return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "")
-
-        parts = [f"{len(missing)} missing: {_some(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {_some(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} mis-shaped: {_some(shapes)}" if shapes else ""]
-        raise CheckpointError(
-            f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p),
-            "check that --model names the checkpoint's architecture (and --num-classes its head)",
-        )
-    model.load_state_dict({k: v.to(target[k].dtype) for k, v in sd.items()}, strict=True)
-
-
 def _default_labels(n: int) -> list[str]:
     return [f"class_{i}" for i in range(n)]
 
@@ -184,7 +163,7 @@ def _from_file(recipe: ModelRecipe, path: Path, num_classes: int | None, kind: s
     _check_classes(num_classes, found, str(path))
     model = build_backbone(recipe, found, inference_mode=inference_mode)
     sd = CHECKPOINT_FILTERS.get(recipe.family)(sd, model) if recipe.family in CHECKPOINT_FILTERS else sd
-    _fit_state_dict(model, sd, str(path))
+    fit_state_dict(model, sd, str(path))
     pre = PreprocessSpec.from_dict(meta["preprocess"]) if "preprocess" in meta else recipe.preprocess
     labels = meta.get("labels") or (
         _imagenet_labels(model, found) if found in (1000, 21841) else _default_labels(found))

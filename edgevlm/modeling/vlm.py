@@ -1,0 +1,232 @@
+"""A VLM as three parts with clear boundaries: vision tower -> connector -> language model.
+
+Each part is exported and quantized on its own later, so the boundaries are tensors:
+
+    pixel values (V, 3, H, W) --vision--> features (V, N, C) --connector--> image embeds (1, T_img, D)
+    prompt ids --embed--> (1, T_txt, D); image embeds spliced at the template's <image> marker
+    inputs_embeds (1, T, D) --language model (Hugging Face causal LM, KV cache)--> next-token logits
+
+Families (llava.py, llava_mini.py, tinygpt_v.py, moondream2.py) build these parts from their real
+checkpoints and override :meth:`VisionLanguageModel.splice` or the skills where they differ.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..processor import (ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image,
+                         tokenize_prompt)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling options. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}", "ask for at least one new token")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} is negative", "use 0 (greedy) or a positive value")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} is outside (0, 1]", "use e.g. 0.9, or 1 to disable")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} is negative", "use 0 to disable, or a positive count")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    stopped_by: str = ""
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def pick_token(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> int:
+    """Greedy, or temperature / top-k / top-p sampling from (V,) logits."""
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if cfg.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, -1) - sorted_p < cfg.top_p        # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class VisionLanguageModel(nn.Module):
+    """vision tower + connector + Hugging Face causal LM, with a processor and a KV-cache decode loop."""
+
+    family = "vlm"
+    # Moondream lets BOS and the image tokens attend to each other both ways during prefill; set to
+    # True and the prefill gets a 4D mask with that prefix bidirectional (the rest stays causal).
+    bidirectional_image_prefix = False
+
+    def __init__(self, vision: nn.Module, connector: nn.Module, language_model: nn.Module, *,
+                 image_spec: ImageSpec, prompt_spec: PromptSpec, tokenizer: TextTokenizer | None = None,
+                 name: str = "vlm", max_context: int | None = None):
+        super().__init__()
+        self.vision, self.connector, self.language_model = vision, connector, language_model
+        self.image_spec, self.prompt_spec, self.tokenizer, self.name = image_spec, prompt_spec, tokenizer, name
+        cfg = language_model.config
+        self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", 2048))
+
+    # -- parts ------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        """The named parts, in data-flow order (what `edgevlm info` lists and exporters split on)."""
+        return {"vision": self.vision, "connector": self.connector, "language_model": self.language_model}
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.language_model.config.hidden_size)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(ids)                    # (B, T, D)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(V, 3, H, W) views of one image -> (1, T_img, D) embeddings for the language model."""
+        feats = self.vision(pixel_values)                                          # (V, N, C)
+        emb = self.connector(feats)                                                # (V, N', D)
+        return emb.reshape(1, -1, emb.shape[-1])
+
+    def splice(self, pieces: PromptPieces, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Prompt embeddings with the image embeddings at the marker: (1, T, D)."""
+        dev = self.language_model.get_input_embeddings().weight.device
+        seq = [self.embed_tokens(torch.tensor([pieces.before], device=dev))]
+        if image_embeds is not None:
+            seq.append(image_embeds.to(seq[0].dtype))
+        if pieces.after:
+            seq.append(self.embed_tokens(torch.tensor([pieces.after], device=dev)))
+        return torch.cat(seq, dim=1)
+
+    # -- processor --------------------------------------------------------------------------------
+    def require_tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.name} has no tokenizer", "load it from a checkpoint directory with tokenizer.json")
+        return self.tokenizer
+
+    def pixel_values(self, image) -> torch.Tensor:
+        dtype = next(self.vision.parameters()).dtype
+        return torch.from_numpy(preprocess_image(image, self.image_spec)).to(dtype)
+
+    def prefill_mask(self, n_tokens: int, n_prefix: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """None (causal) or a (1, 1, T, T) additive mask where the first ``n_prefix`` positions see each other."""
+        if not self.bidirectional_image_prefix or n_prefix <= 1:
+            return None
+        allowed = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+        allowed[:n_prefix, :n_prefix] = True
+        mask = torch.zeros(n_tokens, n_tokens, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def prepare(self, image, prompt: str) -> tuple[torch.Tensor, PromptPieces, int]:
+        """Image + prompt -> (inputs_embeds (1, T, D), the tokenized prompt, image tokens)."""
+        pieces = tokenize_prompt(self.require_tokenizer(), self.prompt_spec, prompt, with_image=image is not None)
+        img = None
+        if image is not None:
+            if not pieces.has_image:
+                raise ConfigError(f"{self.name}'s prompt template has no <image> marker", "fix the recipe's template")
+            img = self.encode_image(self.pixel_values(image))
+        embeds = self.splice(pieces, img)
+        return embeds, pieces, 0 if img is None else int(img.shape[1])
+
+    # -- forward and generation -------------------------------------------------------------------
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Logits for every position of a spliced sequence: (1, T, V)."""
+        return self.language_model(inputs_embeds=inputs_embeds, use_cache=False).logits
+
+    def stop_ids(self) -> tuple[int, ...]:
+        tok = self.require_tokenizer()
+        extra = tuple(i for i in (tok.token_id(s) for s in self.prompt_spec.stop) if i is not None)
+        return tuple(dict.fromkeys(tok.eos_ids + extra))
+
+    @torch.inference_mode()
+    def decode_tokens(self, inputs_embeds: torch.Tensor, cfg: GenerationConfig,
+                      stats: GenerationStats | None = None, prefix: int = 0) -> Iterator[int]:
+        """Prefill once, then one token per step with the KV cache kept between steps.
+
+        ``prefix``: positions that attend bidirectionally in the prefill (see ``bidirectional_image_prefix``).
+        """
+        stats = stats or GenerationStats()
+        n = int(inputs_embeds.shape[1])
+        if n >= self.max_context:
+            raise ConfigError(f"the prompt takes {n} tokens (with the image), the context holds {self.max_context}",
+                              "shorten the prompt")
+        budget = min(cfg.max_new_tokens, self.max_context - n)
+        stop = set(cfg.stop_ids)
+        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        t0 = time.perf_counter()
+        mask = self.prefill_mask(n, prefix, inputs_embeds.dtype)
+        kwargs = {"attention_mask": mask.to(inputs_embeds.device)} if mask is not None else {}
+        out = self.language_model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1, **kwargs)
+        cache, logits = out.past_key_values, out.logits[0, -1]
+        dev = inputs_embeds.device
+        stats.stopped_by = "max_new_tokens" if budget == cfg.max_new_tokens else "context"
+        t_first = None
+        for step in range(budget):
+            tok = pick_token(logits, cfg, gen)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.time_to_first_token_s = t_first - t0
+            if tok in stop:
+                stats.stopped_by = "stop token"
+                break
+            stats.new_tokens = step + 1
+            yield tok
+            if step + 1 == budget:
+                break
+            out = self.language_model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache,
+                                      use_cache=True)
+            cache, logits = out.past_key_values, out.logits[0, -1]
+        if t_first is not None and stats.new_tokens > 1:
+            stats.decode_tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stream: bool = False):
+        """Answer ``prompt`` about ``image`` (a path, bytes, PIL image or array; None for text only).
+
+        Returns a :class:`Generation`, or with ``stream=True`` an iterator of text pieces.
+        """
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, self.stop_ids())
+        with torch.inference_mode():
+            embeds, pieces, n_img = self.prepare(image, prompt)
+        stats = GenerationStats(prompt_tokens=pieces.n_text, image_tokens=n_img)
+        if stream:
+            return self._stream(embeds, cfg, stats)
+        ids = list(self.decode_tokens(embeds, cfg, stats))
+        return Generation(self.require_tokenizer().decode(ids), ids, stats)
+
+    def _stream(self, embeds, cfg, stats) -> Iterator[str]:
+        dec = StreamDecoder(self.require_tokenizer())
+        for tok in self.decode_tokens(embeds, cfg, stats):
+            delta = dec.push(tok)
+            if delta:
+                yield delta
+        tail = dec.flush()
+        if tail:
+            yield tail
+

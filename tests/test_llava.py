@@ -1,0 +1,155 @@
+"""LLaVA format: checkpoints written by transformers itself load, answer and match it token for token."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgevlm.errors import CheckpointError
+from edgevlm.modeling.families import load_vlm
+from edgevlm.zoo import get_vlm_recipe
+
+from vlm_utils import make_image, write_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_llava(tmp_path, layout="saved"):
+    """A tiny random LlavaForConditionalGeneration saved by transformers, with a tokenizer."""
+    cfg = get_vlm_recipe("llava_tiny").config
+    conf = transformers.LlavaConfig(
+        vision_config=dict(cfg["vision_config"]), text_config=dict(cfg["text_config"]),
+        image_token_index=cfg["image_token_index"], projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=16)
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(conf).eval()
+    with torch.no_grad():  # a sharper LM than random init, so greedy tokens are not all ties
+        for p in hf.parameters():
+            p.mul_(4.0)
+    d = tmp_path / "llava-tiny-hf"
+    hf.save_pretrained(d, safe_serialization=True)
+    if layout == "v5":  # transformers 4.57 saves the llava-hf layout; transformers 5 saves its module names
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(str(d / "model.safetensors"))
+        assert "language_model.lm_head.weight" in sd
+        ren = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+               "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+        out = {}
+        for k, v in sd.items():
+            for a, b in ren.items():
+                if k.startswith(a):
+                    k = b + k[len(a):]
+                    break
+            out[k] = v
+        save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(d)
+    return hf, d
+
+
+@pytest.fixture(scope="module")
+def hf_llava(tmp_path_factory):
+    return _hf_llava(tmp_path_factory.mktemp("llava"))
+
+
+def _hf_inputs(vlm, image, prompt):
+    """What transformers' LlavaProcessor feeds the model: the <image> token repeated once per patch."""
+    embeds, pieces, n_img = vlm.prepare(image, prompt)
+    image_id = vlm.language_model.config.vocab_size and get_vlm_recipe("llava_tiny").config["image_token_index"]
+    ids = pieces.before + [image_id] * n_img + pieces.after
+    return torch.tensor([ids]), vlm.pixel_values(image), embeds
+
+
+def test_logits_and_32_greedy_tokens_match_transformers(hf_llava):
+    hf, d = hf_llava
+    vlm = load_vlm("llava_tiny", weights=d)
+    image = make_image()
+    ids, pixels, embeds = _hf_inputs(vlm, image, "What is in the picture?")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits
+        ours = vlm(embeds)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0), float((ours - ref).abs().max())
+
+    with torch.no_grad():
+        ref_tokens = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    from edgevlm.modeling.vlm import GenerationConfig
+
+    our_tokens = list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32)))
+    assert len(our_tokens) == 32
+    assert our_tokens == ref_tokens
+    assert len(set(our_tokens)) > 1  # a real sequence, not one repeated token
+
+
+def test_both_key_layouts_load_the_same_weights(tmp_path, hf_llava):
+    hf, d_old = hf_llava
+    _, d_new = _hf_llava(tmp_path, layout="v5")
+    a, b = load_vlm("llava_tiny", weights=d_new), load_vlm("llava_tiny", weights=d_old)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_generate_text_and_stream_agree(hf_llava):
+    _, d = hf_llava
+    vlm = load_vlm("llava_tiny", weights=d)
+    out = vlm.generate(make_image(), "Describe this image.", max_new_tokens=12)
+    assert out.stats.image_tokens == 16 and out.stats.new_tokens == len(out.token_ids) > 0
+    streamed = "".join(vlm.generate(make_image(), "Describe this image.", max_new_tokens=12, stream=True))
+    assert streamed == out.text
+    # sampling is seeded and differs from greedy for a flat random model
+    s1 = vlm.generate(make_image(), "Describe.", max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1)
+    s2 = vlm.generate(make_image(), "Describe.", max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1)
+    assert s1.token_ids == s2.token_ids
+
+
+def test_processor_matches_transformers_tokenizer_and_clip_processor(hf_llava):
+    _, d = hf_llava
+    vlm = load_vlm("llava_tiny", weights=d)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    text = "USER: Ein schönes Bild? ASSISTANT:"
+    assert vlm.tokenizer.encode(text) == fast(text, add_special_tokens=False)["input_ids"]
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    img = make_image(120)
+    ref = proc(images=img, return_tensors="np")["pixel_values"]
+    ours = vlm.pixel_values(img).numpy()
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_mismatched_checkpoint_lists_keys(tmp_path, hf_llava):
+    from safetensors.torch import load_file, save_file
+
+    _, d = hf_llava
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in d.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(bad / "model.safetensors"))
+    sd.pop("multi_modal_projector.linear_2.bias")
+    sd["multi_modal_projector.linear_1.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing: connector.linear_2.bias.*mis-shaped: connector.linear_1"):
+        load_vlm("llava_tiny", weights=bad)
+
+
+def test_bad_checkpoint_directories(tmp_path, hf_llava):
+    _, d = hf_llava
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_vlm("llava_tiny", weights=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_vlm("llava_tiny", weights=tmp_path / "empty")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "phi"}))
+    with pytest.raises(CheckpointError, match="model_type 'phi'"):
+        load_vlm("llava_tiny", weights=other)
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (notok / name).write_bytes((d / name).read_bytes())
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        load_vlm("llava_tiny", weights=notok)
