@@ -106,11 +106,21 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from .errors import ConfigError
     from .modeling.families import load_vlm
 
     vlm = load_vlm(args.model, weights=args.weights, revision=args.revision)
-    pieces = vlm.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=True)
+    if args.skill:
+        if not hasattr(vlm, args.skill):
+            raise ConfigError(f"{args.model} has no {args.skill} skill", "drop --skill (a plain prompt works for "
+                              "every model); caption, detect and point are Moondream2's")
+        if args.skill in ("detect", "point"):
+            print(json.dumps(getattr(vlm, args.skill)(args.image, args.prompt)))
+            return 0
+        pieces = vlm.caption(args.image, length=args.prompt, stream=True)
+    else:
+        pieces = vlm.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=True)
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
@@ -135,8 +145,9 @@ def _cmd_info(args) -> int:
         a, b = d["paths"]
         rows.append({"path": "compressed / uncompressed", "vision tokens": f"{a['vision_tokens']}/{b['vision_tokens']}",
                      "total GFLOPs": f"{100 * (1 - a['flops_total'] / b['flops_total']):.1f}% fewer"})
-    print("\n" + table(rows, title=f"prefill cost of one {d['image_size']}px image + {d['text_tokens']} prompt "
-                        "tokens (counted with torch FlopCounterMode; multiply-add = 2 FLOPs)"))
+    views = f" ({d['views']} views of {d['image_size']}px)" if d["views"] > 1 else f" at {d['image_size']}px"
+    print("\n" + table(rows, title=f"prefill cost of one image{views} + {d['text_tokens']} prompt tokens "
+                        "(counted with torch FlopCounterMode; multiply-add = 2 FLOPs)"))
     if args.json:
         write_json(args.json, d)
     return 0
@@ -212,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or random (default: the model's hub id)")
     s.add_argument("--revision", help="checkpoint revision (e.g. 2025-01-09 for moondream2, stage4 for tinygpt_v)")
     s.add_argument("--image", type=Path, help="image file (omit for a text-only prompt)")
-    s.add_argument("--prompt", required=True)
+    s.add_argument("--prompt", required=True, help="the question; with --skill detect/point the object, "
+                   "with --skill caption the length (short, normal, long)")
+    s.add_argument("--skill", choices=["caption", "detect", "point"], help="Moondream2's structured skills "
+                   "(detect/point print JSON boxes/points in [0, 1] image coordinates)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)

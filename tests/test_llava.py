@@ -11,25 +11,15 @@ from edgevlm.errors import CheckpointError
 from edgevlm.modeling.families import load_vlm
 from edgevlm.zoo import get_vlm_recipe
 
-from vlm_utils import make_image, write_tokenizer
+from vlm_utils import hf_llava_checkpoint, make_image
 
 transformers = pytest.importorskip("transformers")
 
 
 def _hf_llava(tmp_path, layout="saved"):
     """A tiny random LlavaForConditionalGeneration saved by transformers, with a tokenizer."""
-    cfg = get_vlm_recipe("llava_tiny").config
-    conf = transformers.LlavaConfig(
-        vision_config=dict(cfg["vision_config"]), text_config=dict(cfg["text_config"]),
-        image_token_index=cfg["image_token_index"], projector_hidden_act="gelu", vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=16)
-    torch.manual_seed(0)
-    hf = transformers.LlavaForConditionalGeneration(conf).eval()
-    with torch.no_grad():  # a sharper LM than random init, so greedy tokens are not all ties
-        for p in hf.parameters():
-            p.mul_(4.0)
     d = tmp_path / "llava-tiny-hf"
-    hf.save_pretrained(d, safe_serialization=True)
+    hf = hf_llava_checkpoint(d, sharpen=4.0)
     if layout == "v5":  # transformers 4.57 saves the llava-hf layout; transformers 5 saves its module names
         from safetensors.torch import load_file, save_file
 
@@ -45,7 +35,6 @@ def _hf_llava(tmp_path, layout="saved"):
                     break
             out[k] = v
         save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
-    write_tokenizer(d)
     return hf, d
 
 

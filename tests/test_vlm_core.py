@@ -96,6 +96,8 @@ def test_prompt_longer_than_context_and_empty_prompt():
 
 
 def test_cli_generate_and_its_errors(tmp_path, capsys):
+    import json
+
     from PIL import Image
 
     img = tmp_path / "a.png"
@@ -109,8 +111,15 @@ def test_cli_generate_and_its_errors(tmp_path, capsys):
     assert main(["generate", "--model", "llava_tiny", "--weights", str(tmp_path / "missing"),
                  "--prompt", "Describe."]) == 2
     assert main(["generate", "--model", "lava_tiny", "--prompt", "x"]) == 2
+    assert main(["generate", "--model", "llava_tiny", "--weights", "random", "--skill", "detect",
+                 "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "not a decodable image" in err and "no checkpoint at" in err and "Did you mean llava_tiny" in err
+    assert main(["generate", "--model", "moondream2_tiny", "--weights", "random", "--image", str(img),
+                 "--skill", "point", "--prompt", "red square"]) == 0
+    points = json.loads(capsys.readouterr().out)
+    assert isinstance(points, list) and all(0 <= p["x"] <= 1 and 0 <= p["y"] <= 1 for p in points)
+    err += capsys.readouterr().err
+    assert "has no detect skill" in err and "not a decodable image" in err and "no checkpoint at" in err and "Did you mean llava_tiny" in err
     assert "Traceback" not in err
 
 

@@ -144,3 +144,18 @@ def load_checkpoint_dir(path: Path) -> dict:
             sd.update(load_file(str(shard)))
         return sd
     return load_state_dict(path)
+
+
+def read_model_config(folder: Path, model_type: str, what: str, note: str = "") -> dict:
+    """``folder/config.json``, checked to be valid JSON of ``model_type``; ``what`` names the files to pass."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"no config.json in {folder}", f"pass {what}")
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e})", "download config.json again") from None
+    if cfg.get("model_type") != model_type:
+        raise CheckpointError(f"{f} has model_type {cfg.get('model_type')!r}, not {model_type!r}",
+                              "pick the zoo model of that family (see `edgevlm list`)" + note)
+    return cfg

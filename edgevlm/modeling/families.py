@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +28,8 @@ class Family:
     build: Callable            # (recipe, tokenizer | None) -> VisionLanguageModel with random weights
     load: Callable             # (recipe, path: Path, revision: str | None) -> VisionLanguageModel
     checkpoint_help: str       # what a user's --weights must hold, named in errors
+    refused_revisions: dict = field(default_factory=dict)   # revision -> why edgevlm cannot read it
+    hub_revisions: bool = True  # False: revisions name checkpoint stages in one repo, not git revisions
 
 
 FAMILIES: Registry[Family] = Registry("VLM family")
@@ -86,6 +88,9 @@ def load_vlm(name: str, weights: str | Path | None = None, revision: str | None 
 
     recipe = get_vlm_recipe(name)
     fam = get_family(recipe.family)
+    if revision in fam.refused_revisions:
+        raise CheckpointError(f"{recipe.name} revision {revision} is not supported: {fam.refused_revisions[revision]}",
+                              f"use one of: {', '.join(recipe.revisions)}")
     if revision is not None and recipe.revisions and revision not in recipe.revisions:
         raise CheckpointError(f"{recipe.name} revision {revision!r} is not one edgevlm reads",
                               f"use one of: {', '.join(recipe.revisions)}")
@@ -108,7 +113,7 @@ def load_vlm(name: str, weights: str | Path | None = None, revision: str | None 
         path = Path(weights)
         if not path.exists():
             if "/" in str(weights) and not str(weights).startswith((".", "/")) and str(weights).count("/") == 1:
-                path = _fetch(recipe, str(weights), revision)
+                path = _fetch(recipe, str(weights), revision if fam.hub_revisions else None)
             else:
                 raise CheckpointError(f"no checkpoint at {weights}", f"pass {fam.checkpoint_help}")
         model = fam.load(recipe, path, revision).eval()

@@ -52,7 +52,8 @@ def measure_path(model, label: str, text_tokens: int = TEXT_TOKENS) -> PathCost:
         pieces = PromptPieces(before=[1] * half, after=[1] * (text_tokens - half), has_image=True)
         embeds, f_fuse = _count(lambda: model.splice(pieces, img))
         _, f_lm = _count(lambda: model.language_model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1))
-    return PathCost(label, int(img.shape[1]), int(embeds.shape[1]),
+    # image tokens = what the LM sees beyond the prompt (LLaVA-Mini's connector also emits the 576 it fuses)
+    return PathCost(label, int(embeds.shape[1]) - text_tokens, int(embeds.shape[1]),
                     {"vision": f_vis, "connector": f_con, "fusion": f_fuse, "language_model": f_lm})
 
 
@@ -75,7 +76,9 @@ def describe(name_or_recipe, text_tokens: int = TEXT_TOKENS) -> dict:
             with model.uncompressed():
                 paths.append(measure_path(model, "uncompressed (LLaVA path)", text_tokens))
         parts = {n: type(p).__name__ for n, p in model.parts().items()}
+        views = model.info_views() if hasattr(model, "info_views") else 1
     return {"model": recipe.name, "family": recipe.family, "parts": parts, "params": params,
             "params_total": sum(params.values()), "text_tokens": text_tokens, "image_size": recipe.image["size"],
+            "views": views,
             "paths": [{"label": p.label, "vision_tokens": p.vision_tokens, "llm_input_tokens": p.llm_input_tokens,
                        "flops": p.flops, "flops_total": p.total} for p in paths]}

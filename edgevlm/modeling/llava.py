@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..processor import CLIP_MEAN, CLIP_STD, IMAGE_MARKER, ImageSpec, PromptSpec, TextTokenizer
 from ..zoo import VLMRecipe
-from .checkpoint import fit_state_dict, load_checkpoint_dir
+from .checkpoint import fit_state_dict, load_checkpoint_dir, read_model_config
 from .connectors import MLPProjector
 from .families import FAMILIES, Family
 from .language import build_lm, check_vocab, lm_config, tie_missing_lm_head
@@ -94,14 +94,8 @@ def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None, config: dic
 
 
 def _read_config(path: Path) -> dict:
-    f = path / "config.json"
-    if not f.is_file():
-        raise CheckpointError(f"no config.json in {path}", "pass the whole checkpoint directory (config.json, "
-                              "*.safetensors, tokenizer.json) as --weights")
-    cfg = json.loads(f.read_text())
-    if cfg.get("model_type") != "llava":
-        raise CheckpointError(f"{f} has model_type {cfg.get('model_type')!r}, not 'llava'",
-                              "pick the zoo model of that family (see `edgevlm list`)")
+    cfg = read_model_config(path, "llava", "the whole checkpoint directory (config.json, *.safetensors, "
+                            "tokenizer.json) as --weights")
     for part, default in (("vision_config", "clip_vision_model"), ("text_config", "llama")):
         sub = dict(cfg.get(part) or {})
         sub.setdefault("model_type", default)

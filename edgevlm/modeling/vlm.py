@@ -215,14 +215,15 @@ class VisionLanguageModel(nn.Module):
         with torch.inference_mode():
             embeds, pieces, n_img = self.prepare(image, prompt)
         stats = GenerationStats(prompt_tokens=pieces.n_text, image_tokens=n_img)
+        prefix = len(pieces.before) + n_img if self.bidirectional_image_prefix and n_img else 0
         if stream:
-            return self._stream(embeds, cfg, stats)
-        ids = list(self.decode_tokens(embeds, cfg, stats))
+            return self._stream(embeds, cfg, stats, prefix)
+        ids = list(self.decode_tokens(embeds, cfg, stats, prefix))
         return Generation(self.require_tokenizer().decode(ids), ids, stats)
 
-    def _stream(self, embeds, cfg, stats) -> Iterator[str]:
+    def _stream(self, embeds, cfg, stats, prefix: int = 0) -> Iterator[str]:
         dec = StreamDecoder(self.require_tokenizer())
-        for tok in self.decode_tokens(embeds, cfg, stats):
+        for tok in self.decode_tokens(embeds, cfg, stats, prefix):
             delta = dec.push(tok)
             if delta:
                 yield delta
