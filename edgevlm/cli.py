@@ -154,10 +154,18 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .zoo import VLMS, _load
+
+    _load()
+    if args.model in VLMS:
+        from .train.scenes_vlm import train_scenes_vlm
+
+        train_scenes_vlm(args.model, args.out, epochs=args.epochs or 4, seed=args.seed)
+        return 0
     from .train.classifier import train_digits
 
     out = args.out or Path("models/weights") / f"{args.model}.digits.safetensors"
-    train_digits(args.model, out, epochs=args.epochs, seed=args.seed)
+    train_digits(args.model, out, epochs=args.epochs or 30, seed=args.seed)
     return 0
 
 
@@ -209,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-NAME.json)")
     s.set_defaults(func=_cmd_bench)
 
-    s = sub.add_parser("eval", help="accuracy of a bundle or an eager zoo model on the digits task")
+    s = sub.add_parser("eval", help="accuracy of a bundle or an eager zoo model: digits for backbones, the scenes "
+                       "task for edgevlm_scenes")
     s.add_argument("model_or_bundle")
     s.add_argument("--weights", help="for an eager zoo model: its weights (default: shipped)")
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -239,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, help="also write the figures as JSON here")
     s.set_defaults(func=_cmd_info)
 
-    s = sub.add_parser("train", help="train a zoo backbone on scikit-learn's digits (reproduces shipped weights)")
+    s = sub.add_parser("train", help="reproduce shipped weights: a backbone on scikit-learn's digits, or "
+                       "edgevlm_scenes on the scenes task (--epochs 4)")
     s.add_argument("--model", default="fastvit_t8")
-    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--epochs", type=int, help="default: 30 for digits backbones, 4 for edgevlm_scenes")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path)
     s.set_defaults(func=_cmd_train)

@@ -18,8 +18,37 @@ def _digits(pre: dict | object, split: str, limit: int | None):
     return (x[:limit], y[:limit]) if limit else (x, y)
 
 
+def evaluate_vlm(name: str, split: str = "test", limit: int | None = None, weights: str | None = None,
+                 json_out=None, quiet: bool = False) -> dict:
+    """An eager zoo VLM on the scenes task (bundles come with the VLM export)."""
+    from . import evaluate_scenes
+    from .modeling.families import load_vlm
+
+    vlm = load_vlm(name, weights=weights)
+    if getattr(vlm, "facts", {}).get("dataset") != "scenes":
+        raise ConfigError(f"{name} with weights {weights or 'default'} was not trained on the scenes task",
+                          "evaluate edgevlm_scenes (the shipped default VLM) or weights trained with "
+                          "`edgevlm train --model edgevlm_scenes`")
+
+    def answer(image, question, kind):
+        return vlm.generate(image, question, max_new_tokens=96).text.strip()
+
+    res = evaluate_scenes.run(answer, split, limit, progress=None if quiet else print)
+    res.update({"model": name, "precision": "fp32", "engine": "eager PyTorch", "weights": vlm.weights_source})
+    if not quiet:
+        print(table(evaluate_scenes.rows(res), title=f"{name} (eager FP32) on the scenes {split} split: "
+                    f"{res['scenes']} scenes, every question of each ({res['seconds']} s)"))
+    write_json(json_out or Path("benchmarks/results") / f"eval-{name}-{split}.json", res)
+    return res
+
+
 def evaluate(model_or_bundle: str, split: str = "test", limit: int | None = None, weights: str | None = None,
              json_out=None, quiet: bool = False) -> dict:
+    from .zoo import VLMS, _load
+
+    _load()
+    if model_or_bundle in VLMS:
+        return evaluate_vlm(model_or_bundle, split, limit, weights, json_out, quiet)
     path = Path(model_or_bundle)
     if (path / "manifest.json").is_file():
         from . import runtime

@@ -186,3 +186,21 @@ class PreFusion(nn.Module):
             out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
             x = out[0] if isinstance(out, tuple) else out                     # (1, L, D)
         return x
+
+
+class CompressedProjector(nn.Module):
+    """Compress then project: a :class:`QueryCompressor` over the tower's features (V, M, C) gives
+    N tokens, the MLP projector maps them to the language model's width: (V, N, D). The compressor
+    sees the features at the tower's width, as LLaVA-Mini's does; no pre-fusion (the edgevlm default)."""
+
+    def __init__(self, in_dim: int, out_dim: int, n_tokens: int, heads: int = 4, act: str = "gelu"):
+        super().__init__()
+        self.compressor = QueryCompressor(in_dim, n_tokens, heads)
+        self.projector = MLPProjector(in_dim, out_dim, act)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.compressor.num_queries
+
+    def forward(self, feats):                                          # (V, M, C)
+        return self.projector(self.compressor(feats))                  # (V, N, D)

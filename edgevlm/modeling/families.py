@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
 from ..zoo import VLMRecipe, get_vlm_recipe
 
-FAMILY_MODULES = ("llava", "llava_mini", "tinygpt_v", "moondream2")
+FAMILY_MODULES = ("llava", "llava_mini", "tinygpt_v", "moondream2", "scenes_vlm")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from ..zoo import VLMRecipe
 from .checkpoint import fit_state_dict, load_checkpoint_dir, load_state_dict
 from .families import FAMILIES, Family
 from .language import check_vocab, lm_config
+from .vision import timm_without_drop_path
 from .vlm import VisionLanguageModel
 
 LAYOUT = ("a directory with eva_vit_g.pth, blip2_pretrained_flant5xxl.pth, phi-2/ (config.json, model.safetensors, "
@@ -54,8 +55,6 @@ class EVATower(nn.Module):
 
     def __init__(self, cfg: dict, image_size: int):
         super().__init__()
-        from unittest import mock
-
         from timm.models.eva import Eva
 
         dim = cfg["embed_dim"]
@@ -65,9 +64,7 @@ class EVATower(nn.Module):
                       norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=None,   # no layer scale
                       num_classes=0, global_pool="", use_post_transformer_norm=False, use_fc_norm=False,
                       class_token=True, use_abs_pos_emb=True, use_rot_pos_emb=False)
-        # timm computes per-block drop-path rates with tensor.item(), which fails under FakeTensorMode (shape-only
-        # parameter counts); inference has no drop path, so hand it the zeros.
-        with mock.patch("timm.models.eva.calculate_drop_path_rates", lambda rate, depth, **_: [0.0] * depth):
+        with timm_without_drop_path("eva"):
             self.eva = Eva(**kwargs)
         self.ln_vision = nn.LayerNorm(dim)                                # torch default eps 1e-5, run in fp32
 

@@ -208,3 +208,20 @@ def _from_hub(recipe: ModelRecipe, hub_id: str, num_classes: int | None) -> Back
                          crop_pct=cfg.get("crop_pct", 1.0), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     return Backbone(model.eval(), recipe, found, pre, _imagenet_labels(model, found),
                     {"source": hub_id, "kind": "hub", "random": False})
+
+
+def timm_without_drop_path(timm_module: str):
+    """Build a timm model with zero drop-path rates, also under FakeTensorMode.
+
+    timm turns its drop-path schedule into floats with ``tensor.item()``/``tolist()``, which a fake
+    (shape-only) tensor cannot answer; the parameter counts and FLOP counts build models that way.
+    Inference has no drop path, so the schedule is all zeros.
+    """
+    from unittest import mock
+
+    def zeros(rate, depths, stagewise: bool = False, **_):
+        if isinstance(depths, int):
+            return [0.0] * depths
+        return [[0.0] * d for d in depths] if stagewise else [0.0] * sum(depths)
+
+    return mock.patch(f"timm.models.{timm_module}.calculate_drop_path_rates", zeros)

@@ -1,0 +1,111 @@
+"""edgevlm's default VLM: its family, training loop, saved format, and the scenes evaluation harness."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgevlm import evaluate_scenes as ev
+from edgevlm.cli import main
+from edgevlm.errors import CheckpointError, ConfigError
+from edgevlm.modeling.families import load_vlm
+from edgevlm.zoo import get_vlm_recipe
+
+pytest.importorskip("transformers")
+
+
+def test_scorers_on_hand_made_answers():
+    ref = "<box>0.10,0.10,0.30,0.30</box> <box>0.50,0.50,0.70,0.70</box>"
+    assert ev.score_detect(ref, ref) == pytest.approx(1.0)
+    half = "<box>0.10,0.10,0.30,0.30</box>"                       # one of two boxes found
+    assert ev.score_detect(half, ref) == pytest.approx(0.5)
+    shifted = "<box>0.20,0.10,0.40,0.30</box> <box>0.50,0.50,0.70,0.70</box>"
+    assert ev.score_detect(shifted, ref) == pytest.approx((1 / 3 + 1) / 2)
+    assert ev.score_detect("none", "none") == 1.0 and ev.score_detect(half, "none") == 0.0
+    pts = "<point>0.20,0.20</point> <point>0.60,0.60</point>"
+    assert ev.score_point(pts, pts) == 1.0
+    assert ev.score_point("<point>0.24,0.20</point>", pts) == 0.5          # within 0.05 of one target
+    assert ev.score_point("<point>0.30,0.20</point>", pts) == 0.0
+    assert ev.point_distance("<point>0.23,0.24</point>", "<point>0.20,0.20</point>") == pytest.approx(0.05)
+    assert ev.caption_f1("a red circle", "a red circle") == 1.0
+    assert ev.caption_f1("a blue circle", "a red circle") == pytest.approx(2 / 3)
+    assert ev.score("count", " 3 ", "3") == 1.0 and ev.score("color", "red", "blue") == 0.0
+
+
+def test_tokenizer_keeps_coordinates_whole_and_round_trips():
+    from edgevlm.train.scenes_vlm import MARKUP, qa_pairs, train_tokenizer
+
+    texts = [f"{q} {a}" for i in range(200) for _, q, a in qa_pairs("train", i)[1]]
+    tok = train_tokenizer(texts, 600)
+    for t in texts[:300]:
+        assert tok.decode(tok.encode(t).ids) == t
+    ids = tok.encode("<box>0.12,0.37,0.25,0.44</box>").ids
+    assert len(ids) == 9                     # <box>, 4 coordinates, 3 commas, </box>
+    assert all(tok.token_to_id(m) is not None for m in MARKUP)
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory):
+    from edgevlm.train.scenes_vlm import train_scenes_vlm
+
+    out = tmp_path_factory.mktemp("scenes") / "tiny.safetensors"
+    facts = train_scenes_vlm("edgevlm_scenes_tiny", out, epochs=1, images_per_step=8, train_images=32,
+                             val_images=2, log=lambda *_: None)
+    return out, facts
+
+
+def test_training_saves_weights_that_load_and_answer(tiny_trained):
+    out, facts = tiny_trained
+    assert facts["dataset"] == "scenes" and len(facts["history"]) == 1
+    vlm = load_vlm("edgevlm_scenes_tiny", weights=out)
+    assert vlm.facts["trained_with"]["train_images"] == 32
+    from edgevlm.data import scenes
+
+    img = scenes.render(scenes.make_scene("test", 0))
+    a = vlm.generate(img, "how many shapes are there?", max_new_tokens=6)
+    assert a.stats.image_tokens == 4 and len(a.token_ids) <= 6
+    # FP16 storage: the loaded weights are the saved ones to FP16 precision, and the file is small
+    assert out.stat().st_size < 2 * sum(p.numel() for p in vlm.parameters()) + 200_000
+
+
+def test_eval_harness_scores_every_kind(tiny_trained, tmp_path):
+    import json
+
+    out, _ = tiny_trained
+    from edgevlm.evaluate import evaluate_vlm
+
+    res = evaluate_vlm("edgevlm_scenes_tiny", weights=str(out), limit=3, json_out=tmp_path / "r.json", quiet=True)
+    assert set(res["kinds"]) >= {"detect", "point", "caption", "count"}
+    assert all(0.0 <= k["value"] <= 1.0 for k in res["kinds"].values())
+    assert json.loads((tmp_path / "r.json").read_text())["scenes"] == 3
+
+
+def test_tower_reparameterizes_with_equal_outputs():
+    from edgevlm.compress.reparam import count_branches, reparameterize_model
+    from edgevlm.modeling.families import build_vlm
+
+    torch.manual_seed(0)
+    vlm = build_vlm("edgevlm_scenes_tiny")
+    for m in vlm.vision.modules():     # non-trivial BN statistics, or folding proves little
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 96, 96)
+    before = vlm.vision(x)
+    folded = reparameterize_model(vlm.vision)
+    assert count_branches(vlm.vision) > 0 and count_branches(folded) == 0
+    assert torch.allclose(folded(x), before, atol=1e-4)
+
+
+def test_bad_weights_for_the_default_vlm(tmp_path):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(f))
+    with pytest.raises(CheckpointError, match="carries no tokenizer"):
+        load_vlm("edgevlm_scenes_tiny", weights=f)
+    with pytest.raises(ConfigError, match="not trained on the scenes task"):
+        from edgevlm.evaluate import evaluate_vlm
+
+        evaluate_vlm("edgevlm_scenes_tiny", weights="random", limit=1, quiet=True)
+    assert main(["eval", "llava_tiny", "--weights", "random", "--limit", "1"]) == 2
+    assert get_vlm_recipe("edgevlm_scenes").config["vision_tokens"] == 16
