@@ -66,8 +66,8 @@ def build_split(split: str, n: int, spec, log=print):
 
 
 def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None, epochs: int = 4,
-                     images_per_step: int = 48, questions_per_image: int = 2, lr: float = 2e-3,
-                     train_images: int | None = None, val_images: int = 300, seed: int = 0, log=print) -> dict:
+                     images_per_step: int = 32, questions_per_image: int = 0, lr: float = 2e-3,
+                     train_images: int | None = None, val_images: int = 300, seed: int = 0, log=None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -77,6 +77,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     from ..processor import ImageSpec, PromptPieces, TextTokenizer, tokenize_prompt
     from ..zoo import get_vlm_recipe
 
+    log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     recipe = get_vlm_recipe(model_name)
@@ -132,8 +133,12 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         mask = (lab != -100) | (torch.arange(L)[None] < torch.tensor(
             [len(b) + vis.shape[1] + len(af) for _, b, af, _ in seqs])[:, None])
         logits = model.language_model(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        tgt = lab[:, 1:]
+        tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                              reduction="none").view(tgt.shape)                           # (S, L-1)
+        # Each answer weighs the same: a per-token mean would let 40-token box lists drown one-word answers.
+        n = (tgt != -100).sum(1).clamp(min=1)
+        return (tok.sum(1) / n).mean()
 
     @torch.no_grad()
     def val_exact_match() -> float:
@@ -167,7 +172,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             picks = []
             for row, i in enumerate(idx):
                 qa = tr_qa[i]
-                for j in rng.choice(len(qa), size=min(questions_per_image, len(qa)), replace=False):
+                k = len(qa) if questions_per_image <= 0 else min(questions_per_image, len(qa))
+                for j in rng.choice(len(qa), size=k, replace=False):
                     picks.append((row, qa[j]))
             loss = step_loss(tr_imgs[idx], picks)
             opt.zero_grad(set_to_none=True)
