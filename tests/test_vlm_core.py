@@ -46,7 +46,7 @@ def test_tiny_variants_generate_with_random_weights(recipe):
     vlm = load_vlm(recipe.name, weights="random")
     img = torch.randint(0, 256, (80, 70, 3), dtype=torch.uint8).numpy()
     out = vlm.generate(img, "What is this?", max_new_tokens=5)
-    assert 1 <= len(out.token_ids) <= 5 and out.stats.image_tokens > 0
+    assert 1 <= len(out.token_ids) <= 5 and out.stats.image_tokens > 0 and str(out) == out.text
     assert "".join(vlm.generate(img, "What is this?", max_new_tokens=5, stream=True)) == out.text
 
 

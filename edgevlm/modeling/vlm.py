@@ -61,6 +61,9 @@ class Generation:
     token_ids: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
 
+    def __str__(self) -> str:           # print(vlm.generate(...)) shows the answer
+        return self.text
+
 
 def pick_token(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> int:
     """Greedy, or temperature / top-k / top-p sampling from (V,) logits."""
