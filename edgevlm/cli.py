@@ -154,10 +154,9 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .zoo import VLMS, _load
+    from .zoo import is_vlm
 
-    _load()
-    if args.model in VLMS:
+    if is_vlm(args.model):
         from .train.scenes_vlm import train_scenes_vlm
 
         train_scenes_vlm(args.model, args.out, epochs=args.epochs or 4, seed=args.seed)

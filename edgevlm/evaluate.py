@@ -44,10 +44,9 @@ def evaluate_vlm(name: str, split: str = "test", limit: int | None = None, weigh
 
 def evaluate(model_or_bundle: str, split: str = "test", limit: int | None = None, weights: str | None = None,
              json_out=None, quiet: bool = False) -> dict:
-    from .zoo import VLMS, _load
+    from .zoo import is_vlm
 
-    _load()
-    if model_or_bundle in VLMS:
+    if is_vlm(model_or_bundle):
         return evaluate_vlm(model_or_bundle, split, limit, weights, json_out, quiet)
     path = Path(model_or_bundle)
     if (path / "manifest.json").is_file():

@@ -162,6 +162,11 @@ def get_vlm_recipe(name: str) -> VLMRecipe:
     return VLMS.get(name)
 
 
+def is_vlm(name: str) -> bool:
+    _load()
+    return name in VLMS
+
+
 def list_vlms() -> list[VLMRecipe]:
     _load()
     return [VLMS.get(n) for n in VLMS.names()]
