@@ -35,10 +35,6 @@ def build_lm(config, dtype=None):
     return model.eval()
 
 
-def lm_state_keys(model) -> set[str]:
-    return set(model.state_dict())
-
-
 def tie_missing_lm_head(model, sd: dict, prefix: str = "") -> dict:
     """Checkpoints with tied embeddings may omit ``lm_head.weight``; fill it from the embeddings."""
     head, emb = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
