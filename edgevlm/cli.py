@@ -56,9 +56,32 @@ def _export_config(args):
                         seed=args.seed, validate_accuracy=not args.no_accuracy, overwrite=args.overwrite)
 
 
+def _cmd_export_vlm(args) -> int:
+    from .build_vlm import VLMExportConfig, export_vlm_bundle
+    from .report import table
+
+    cfg = VLMExportConfig(model=args.model, weights=args.weights, revision=args.revision, target=args.target,
+                          precision=args.quant or "int8", decoder=args.decoder, out=args.out, overwrite=args.overwrite,
+                          calib=args.calib, calib_size=min(args.calib_size, 64), block_size=args.block_size,
+                          opset=args.opset)
+    out, m = export_vlm_bundle(cfg, quiet=args.quiet)
+    rows = [{"part": k, "file": v["path"], "precision": v["precision"],
+             "size (MB)": round(m["files"][v["path"]]["size"] / 1e6, 2)} for k, v in m["parts"].items()]
+    print(table(rows, title=f"{out} ({m['model']['name']}, target {m['target']['name']})"))
+    par = [{"decoder": r["backend"], "precision": r["precision"], "same greedy tokens": r["same_greedy_tokens"],
+            "first divergence": r["first_divergence"], "top-1 (teacher forced)": r["teacher_forced_top1_agreement"],
+            "KL mean": r["kl_mean"]} for r in m["parity"]["results"]]
+    print("\n" + table(par, title=f"parity with eager PyTorch over {len(m['parity']['eager_tokens'])} greedy tokens"))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from .build import export_bundle
     from .report import table
+    from .zoo import is_vlm
+
+    if args.model and is_vlm(args.model):
+        return _cmd_export_vlm(args)
 
     out, m = export_bundle(_export_config(args), quiet=args.quiet)
     art = m["artifacts"][0]
@@ -75,11 +98,36 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_run_vlm(args, vlm) -> int:
+    from .errors import ConfigError
+
+    if not args.prompt:
+        raise ConfigError(f"{args.bundle} is a vision-language bundle and needs a question",
+                          "pass --prompt 'How many circles?'")
+    pieces = vlm.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, stream=True)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    finally:
+        print()
+    st = vlm.last_stats
+    print(f"[{st.new_tokens} tokens, first after {st.time_to_first_token_s * 1000:.0f} ms, "
+          f"{st.decode_tokens_per_s:.1f} tok/s, {vlm.backend}, stopped by {st.stopped_by}]", file=sys.stderr)
+    return 0
+
+
 def _cmd_run(args) -> int:
     from . import runtime
     from .report import table
 
-    clf = runtime.load(args.bundle, backend=args.backend)
+    clf = runtime.load(args.bundle, backend=args.backend, decoder=args.decoder_backend)
+    if clf.manifest.get("task") == "vlm":
+        return _cmd_run_vlm(args, clf)
+    if args.image is None:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{args.bundle} is a classifier and needs an image", "pass --image IMG")
     preds = clf.classify(args.image, top_k=args.top_k)
     if args.json:
         print(json.dumps([p.__dict__ for p in preds]))
@@ -91,7 +139,15 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    from .bundle import read_manifest
     from .runtime.bench import bench_bundle
+
+    if read_manifest(args.bundle).get("task") == "vlm":
+        from .runtime.bench import bench_vlm_bundle
+
+        bench_vlm_bundle(args.bundle, runs=min(args.runs, 10), new_tokens=args.new_tokens, json_out=args.json,
+                         decoder=args.decoder_backend, threads=args.threads)
+        return 0
 
     bench_bundle(args.bundle, runs=args.runs, warmup=args.warmup, batch=args.batch, json_out=args.json,
                  backend=args.backend, threads=args.threads)
@@ -101,7 +157,8 @@ def _cmd_bench(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    evaluate(args.model_or_bundle, split=args.split, limit=args.limit, weights=args.weights, json_out=args.json)
+    evaluate(args.model_or_bundle, split=args.split, limit=args.limit, weights=args.weights, json_out=args.json,
+             decoder=args.decoder_backend)
     return 0
 
 
@@ -191,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-size", type=int, default=64, help="calibration images to use (default 64)")
     s.add_argument("--block-size", type=int, default=32, help="INT4 block size (default 32)")
     s.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20, at least 17)")
+    s.add_argument("--revision", help="VLM checkpoint revision (e.g. 2025-01-09 for moondream2)")
+    s.add_argument("--decoder", default="onnx", choices=["onnx", "gguf", "both"],
+                   help="VLMs: the language model as ONNX (ONNX Runtime), GGUF (llama.cpp) or both (default onnx)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, help="bundle directory (default bundles/MODEL-TARGET-PRECISION)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
@@ -198,11 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("run", help="classify an image with a bundle")
+    s = sub.add_parser("run", help="classify an image, or answer a question about it (VLM bundles; streams)")
     s.add_argument("bundle", type=Path)
-    s.add_argument("--image", required=True, type=Path)
+    s.add_argument("--image", type=Path, help="image file (required for classifiers; optional for VLMs)")
+    s.add_argument("--prompt", help="VLM bundles: the question")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--backend", help="onnxruntime | coreml (default: by the bundle's format)")
+    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"],
+                   help="VLM bundles carrying both decoders: which runs (default: the ONNX one)")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_run)
 
@@ -213,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=8, help="batch size for the throughput run")
     s.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
     s.add_argument("--backend")
+    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"], help="VLM bundles: which decoder")
+    s.add_argument("--new-tokens", type=int, default=64, help="VLM bundles: tokens decoded per run (default 64)")
     s.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-NAME.json)")
     s.set_defaults(func=_cmd_bench)
 
@@ -222,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="for an eager zoo model: its weights (default: shipped)")
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
     s.add_argument("--limit", type=int)
+    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"], help="VLM bundles: which decoder")
     s.add_argument("--json", type=Path)
     s.set_defaults(func=_cmd_eval)
 

@@ -42,8 +42,31 @@ def evaluate_vlm(name: str, split: str = "test", limit: int | None = None, weigh
     return res
 
 
+def evaluate_vlm_bundle(vlm, split: str = "test", limit: int | None = None, json_out=None, quiet: bool = False) -> dict:
+    """A VLM bundle (as the runtime runs it) on the scenes task."""
+    from . import evaluate_scenes
+
+    m = vlm.manifest
+    if m["weights"].get("dataset") != "scenes":
+        raise ConfigError(f"{vlm.path} holds {m['model']['name']}, which was not trained on the scenes task",
+                          "evaluate a bundle exported from edgevlm_scenes")
+
+    def answer(image, question, kind):
+        return vlm.generate(image, question, max_new_tokens=96).text.strip()
+
+    res = evaluate_scenes.run(answer, split, limit, progress=None if quiet else print)
+    res.update({"model": m["model"]["name"], "bundle": str(vlm.path), "precision": m["precision"],
+                "engine": vlm.backend, "weights": m["weights"].get("source")})
+    if not quiet:
+        print(table(evaluate_scenes.rows(res), title=f"{vlm.path} ({m['precision']}, {vlm.backend}) on the scenes "
+                    f"{split} split: {res['scenes']} scenes, every question of each ({res['seconds']} s)"))
+    write_json(json_out or Path("benchmarks/results") / f"eval-{Path(vlm.path).name}-{vlm.backend.replace('.', '')}"
+               f"-{split}.json", res)
+    return res
+
+
 def evaluate(model_or_bundle: str, split: str = "test", limit: int | None = None, weights: str | None = None,
-             json_out=None, quiet: bool = False) -> dict:
+             json_out=None, quiet: bool = False, decoder: str | None = None) -> dict:
     from .zoo import is_vlm
 
     if is_vlm(model_or_bundle):
@@ -52,7 +75,9 @@ def evaluate(model_or_bundle: str, split: str = "test", limit: int | None = None
     if (path / "manifest.json").is_file():
         from . import runtime
 
-        clf = runtime.load(path)
+        clf = runtime.load(path, decoder=decoder)
+        if clf.manifest.get("task") == "vlm":
+            return evaluate_vlm_bundle(clf, split, limit, json_out, quiet)
         m = clf.manifest
         if m["weights"].get("dataset") != "digits":
             raise ConfigError(f"{path} was exported from weights with no labelled evaluation set",

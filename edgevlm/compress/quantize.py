@@ -73,9 +73,10 @@ _METHODS = {CalibMethod.MINMAX: "MinMax", CalibMethod.ENTROPY: "Entropy", CalibM
 def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod = CalibMethod.MINMAX,
             symmetric_activations: bool = False, activations: str = "uint8",
             op_types: list[str] | None = None, quantize_bias: bool = True,
-            exclude_depthwise: bool = False, exclude_activation_matmuls: bool = False) -> dict:
+            exclude_depthwise: bool = False, exclude_activation_matmuls: bool = False, batch: int = 8) -> dict:
     """Static INT8 (QDQ, per-channel weights). Returns what was done, for the manifest.
 
+    ``batch``: calibration rows fed per run (1 for graphs with a fixed leading dimension).
     ``quantize_bias=False`` keeps biases FP32: TensorRT refuses INT32 DequantizeLinear inputs.
     ``exclude_depthwise=True`` keeps depthwise convolutions FP32: ONNX Runtime's CPU kernels
     run them no faster in INT8, and the Q/DQ pairs around them cost time.
@@ -109,7 +110,7 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
         if depthwise or act_mm:
             kwargs["nodes_to_exclude"] = depthwise + act_mm
         quantize_static(
-            str(pre), str(dst), _Reader(input_name, calibration),
+            str(pre), str(dst), _Reader(input_name, calibration, batch),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),

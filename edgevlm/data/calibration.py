@@ -13,14 +13,14 @@ from PIL import Image
 from ..errors import CalibrationError, ImageError
 from .images import list_images, load_image, preprocess
 
-BUILTIN = ("builtin:digits", "builtin:photos")
+BUILTIN = ("builtin:digits", "builtin:photos", "builtin:scenes")
 # scikit-image sample photos that live inside its wheel (no download).
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
            "retina", "colorwheel", "camera", "brick", "grass", "gravel")
 
 
 def default_source(dataset: str | None) -> str:
-    return "builtin:digits" if dataset == "digits" else "builtin:photos"
+    return {"digits": "builtin:digits", "scenes": "builtin:scenes"}.get(dataset or "", "builtin:photos")
 
 
 def _photos(n: int, seed: int) -> list[Image.Image]:
@@ -83,6 +83,12 @@ def calibration_images(source: str | None, dataset: str | None, n: int, seed: in
         return [imgs[i] for i in sorted(rng.choice(len(imgs), min(n, len(imgs)), replace=False))]
     if source == "builtin:photos":
         return _photos(n, seed)
+    if source == "builtin:scenes":   # the VLM task's scenes (edgevlm/data/scenes.py), train split by default
+        from . import scenes
+
+        rng = np.random.default_rng(seed)
+        idx = sorted(rng.choice(scenes.SPLIT_SIZES[split], n, replace=False))
+        return [scenes.render(scenes.make_scene(split, int(i))) for i in idx]
     if source.startswith("builtin:"):
         raise CalibrationError(f"unknown built-in calibration set {source!r}", f"use one of {', '.join(BUILTIN)}")
     return _folder(Path(source).expanduser(), n, seed)

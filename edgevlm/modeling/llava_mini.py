@@ -109,6 +109,13 @@ class LlavaMiniModel(VisionLanguageModel):
         b = len(pieces.before)
         return torch.cat([fused_text[:, :b], vis, fused_text[:, b:]], dim=1)        # (1, L + N, D)
 
+    def runtime_spec(self) -> dict:
+        """Compressed: the runtime pre-fuses [M + N image tokens ; text] and keeps the last N image tokens."""
+        spec = super().runtime_spec()
+        if self.compress:
+            spec["prefusion"] = {"n_tokens": int(self.n_tokens), "skip_ids": [int(i) for i in self.prefusion_skip_ids]}
+        return spec
+
     def prepare(self, image, prompt: str):
         embeds, pieces, n_img = super().prepare(image, prompt)
         return embeds, pieces, (self.n_tokens if n_img and self.compress else n_img)

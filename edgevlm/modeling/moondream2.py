@@ -307,6 +307,15 @@ class MoondreamModel(VisionLanguageModel):
     def stop_ids(self) -> tuple[int, ...]:
         return (int(self.tokens["eos_id"]),)
 
+    def runtime_spec(self) -> dict:
+        """Moondream prompts with token-id templates around the query and merges crops by a grid."""
+        spec = super().runtime_spec()
+        q = self.tokens["query"]
+        spec["prompt"] = {"kind": "moondream", "bos_id": int(self.tokens["bos_id"]), "prefix": [int(i) for i in q["prefix"]],
+                          "suffix": [int(i) for i in q["suffix"]], "space_before_text": bool(self.rules.space_before_text)}
+        spec["vision"] = {"kind": "moondream_crops", "side": int(self.connector.side), "margin": int(self.connector.margin)}
+        return spec
+
     # -- text skills ----------------------------------------------------------------------------------
     def _text(self, image, ids: list[int], stream: bool, max_new_tokens: int, temperature: float = 0.0,
               top_p: float = 1.0, top_k: int = 0, seed: int | None = None):

@@ -12,57 +12,15 @@ checkpoints and override :meth:`VisionLanguageModel.splice` or the skills where 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..generation import Generation, GenerationConfig, GenerationStats  # noqa: F401  (re-exported)
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image,
                          tokenize_prompt)
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling options. ``temperature == 0`` is greedy decoding."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens}", "ask for at least one new token")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} is negative", "use 0 (greedy) or a positive value")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} is outside (0, 1]", "use e.g. 0.9, or 1 to disable")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} is negative", "use 0 to disable, or a positive count")
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    image_tokens: int = 0
-    new_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    stopped_by: str = ""
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-    def __str__(self) -> str:           # print(vlm.generate(...)) shows the answer
-        return self.text
 
 
 def pick_token(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> int:
@@ -156,6 +114,20 @@ class VisionLanguageModel(nn.Module):
             img = self.encode_image(self.pixel_values(image))
         embeds = self.splice(pieces, img)
         return embeds, pieces, 0 if img is None else int(img.shape[1])
+
+    def runtime_spec(self) -> dict:
+        """What a bundle's torch-free runtime needs besides the graphs: how pixels are made, how the
+        prompt is assembled around the image, when to stop (the manifest's ``generation`` block)."""
+        tok = self.require_tokenizer()
+        cfg = self.language_model.config
+        return {
+            "family": self.family, "image": self.image_spec.to_dict(),
+            "prompt": {"kind": "template", "template": self.prompt_spec.template, "bos": bool(self.prompt_spec.bos),
+                       "bos_id": tok.bos_id},
+            "stop_ids": [int(i) for i in self.stop_ids()], "eos_ids": [int(i) for i in tok.eos_ids],
+            "context_length": int(self.max_context), "bidirectional_image_prefix": bool(self.bidirectional_image_prefix),
+            "hidden_size": self.hidden_size, "vocab_size": int(cfg.vocab_size),
+        }
 
     # -- forward and generation -------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:

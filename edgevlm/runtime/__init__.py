@@ -3,6 +3,8 @@
 >>> from edgevlm import runtime
 >>> clf = runtime.load("bundles/fastvit_t8-cpu-int8")
 >>> clf.classify("digit.png", top_k=3)
+>>> vlm = runtime.load("bundles/edgevlm_scenes-cpu-int8")      # a VLM bundle
+>>> print(vlm.generate("scene.png", "How many circles?"))
 """
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ from .pipeline import Classifier, Prediction
 __all__ = ["load", "Classifier", "Prediction"]
 
 
-def load(bundle, backend: str | None = None, verify: bool = True, threads: int | None = None) -> Classifier:
-    """Open a bundle: read and check its manifest, verify checksums, start a backend session."""
+def load(bundle, backend: str | None = None, verify: bool = True, threads: int | None = None,
+         decoder: str | None = None):
+    """Open a bundle: read and check its manifest, verify checksums, start a backend session.
+
+    Classification bundles give a :class:`Classifier`; VLM bundles a :class:`~edgevlm.runtime.vlm.VLMPipeline`
+    (``decoder``: "onnxruntime" or "llama.cpp" when the bundle carries both; default: the first listed).
+    """
     from .. import bundle as _bundle
     from .backends import open_session
 
@@ -22,6 +29,10 @@ def load(bundle, backend: str | None = None, verify: bool = True, threads: int |
     manifest = _bundle.read_manifest(path)
     if verify:
         _bundle.verify(path, manifest)
+    if manifest.get("task") == "vlm":
+        from .vlm import VLMPipeline
+
+        return VLMPipeline(path, manifest, decoder=decoder, threads=threads)
     if manifest.get("task") != "classification":
         from ..errors import BundleError
 

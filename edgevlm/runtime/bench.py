@@ -71,3 +71,63 @@ def bench_bundle(bundle, runs: int = 50, warmup: int = 5, batch: int = 8, json_o
     if not quiet:
         print(f"wrote {out}")
     return res
+
+
+def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None, decoder=None, threads=None,
+                     image=None, prompt: str | None = None, quiet: bool = False) -> dict:
+    """Time to first token (image encoding + prefill), decode tokens/s and peak memory of a VLM bundle.
+
+    Every run decodes exactly ``new_tokens`` tokens (stop tokens ignored) so runs are comparable.
+    """
+    from ..generation import GenerationConfig
+    from . import load
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
+    base_rss = _rss_mib()
+    t = time.perf_counter()
+    vlm = load(bundle, decoder=decoder, threads=threads)
+    load_s = time.perf_counter() - t
+    if image is None:
+        from ..data import scenes
+
+        image = scenes.render(scenes.make_scene("val", 1))
+    prompt = prompt or ("describe the image." if vlm.spec.get("family") == "edgevlm" else "What is in this image?")
+    ttft, encode, tps = [], [], []
+    budget = max(2, min(new_tokens, vlm.context_length - 1))
+    for i in range(runs + 1):                      # the first run warms up and is not counted
+        embeds, _, stats, prefix = vlm.start(image, prompt, max_new_tokens=budget)
+        cfg = GenerationConfig(max_new_tokens=min(budget, vlm.context_length - int(embeds.shape[1])), stop_ids=())
+        for _ in vlm.decode_tokens(embeds, cfg, stats, prefix):
+            pass
+        if i:
+            encode.append(stats.encode_s)
+            ttft.append(stats.encode_s + stats.time_to_first_token_s)
+            tps.append(stats.decode_tokens_per_s)
+    m = vlm.manifest
+    size = sum(f["size"] for f in m["files"].values())
+    res = {"bundle": str(bundle), "model": m["model"]["name"], "precision": m["precision"], "decoder": vlm.backend,
+           "prompt_tokens": stats.prompt_tokens, "image_tokens": stats.image_tokens, "new_tokens": stats.new_tokens,
+           "runs": runs, "load_s": round(load_s, 3),
+           "encode_ms_median": 1000 * float(np.median(encode)), "ttft_ms_median": 1000 * float(np.median(ttft)),
+           "decode_tok_s_median": float(np.median(tps)), "peak_rss_mib": round(_peak_mib(), 1),
+           "rss_added_mib": round(max(0.0, _rss_mib() - base_rss), 1), "bundle_mb": round(size / 1e6, 2)}
+    par = {r["backend"]: r for r in m.get("parity", {}).get("results", [])}.get(vlm.backend)
+    if par:
+        res.update({"vs_eager_same_tokens": par["same_greedy_tokens"],
+                    "vs_eager_top1_teacher_forced": par["teacher_forced_top1_agreement"],
+                    "vs_eager_kl_mean": par["kl_mean"]})
+    vlm.close()
+    if not quiet:
+        cols = ["model", "precision", "decoder", "image_tokens", "prompt_tokens", "ttft_ms_median",
+                "decode_tok_s_median", "peak_rss_mib", "bundle_mb"] + (["vs_eager_top1_teacher_forced",
+                                                                          "vs_eager_kl_mean"] if par else [])
+        print(table([res], cols, title=f"edgevlm bench {bundle} ({runs} runs of {res['new_tokens']} new tokens; "
+                                       "ttft = image encoding + prefill)"))
+    out = Path(json_out) if json_out else Path("benchmarks/results") / f"bench-{Path(bundle).name}.json"
+    write_json(out, res)
+    if not quiet:
+        print(f"wrote {out}")
+    return res

@@ -1,0 +1,633 @@
+"""A VLM as ONNX parts with the I/O of /work/notes/vlm_export_contract.md (names are fixed there).
+
+    vision_encoder.onnx   pixel_values (V, 3, H, W)               -> image_embeds (1, T, D)
+      Moondream instead:  vision_tower.onnx      pixel_values (V, 3, S, S) -> image_features (V, N, C)
+                          [runtime: merge_crops_numpy (stitch + pool)] -> (N, 2C)
+                          vision_projector.onnx  merged_features (N, 2C)  -> image_embeds (1, N, D)
+      LLaVA-Mini also:    prefusion.onnx         inputs_embeds (1, M+N+L, D), keep (M+N+L,) -> fused
+    embed_tokens.onnx     input_ids (1, S) int64                  -> inputs_embeds (1, S, D)
+    decoder.onnx          inputs_embeds (1, S, D), attention_mask (1, 1, S, P+S) additive,
+                          position_ids (1, S), past_key_values.{i}.key/value (1, H_kv, P, hd)
+                          -> logits (1, V) of the last position, present.{i}.key/value (1, H_kv, P+S, hd)
+
+The decoder is the transformers causal LM itself (its attention, RoPE and norms), traced with the dynamo
+exporter through a wrapper that rebuilds a ``DynamicCache`` from the flat past tensors; the runtime owns
+the mask, so causal, bidirectional-prefix (Moondream) and decode steps are one graph.
+
+Nothing at module level needs torch or onnx: :func:`merge_crops_numpy` and :func:`attention_mask` are
+numpy only, for the torch-free runtime.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MASK_MIN = float(np.finfo(np.float32).min)      # "masked" in the additive attention masks
+# Protobuf cannot serialize a model of 2 GiB or more; above this many bytes of weights (headroom left for
+# the graph itself) a graph is saved with its weights in ``<file>.data`` next to it.
+EXTERNAL_DATA_BYTES = 1_900_000_000
+# Trace sizes: not 0 or 1, which torch.export would specialize the dynamic axes to.
+_TRACE_SEQ, _TRACE_PAST = 5, 3
+
+
+# -- numpy helpers the runtime shares ---------------------------------------------------------------
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(input names, output names) of decoder.onnx, in graph order."""
+    kv = [f"{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
+    return (["inputs_embeds", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+def attention_mask(n_new: int, n_past: int = 0, bidirectional_prefix: int = 0) -> np.ndarray:
+    """The decoder's additive mask (1, 1, n_new, n_past + n_new): causal, 0 = attend, MASK_MIN = masked.
+
+    ``bidirectional_prefix`` > 1: the first that many positions (counted from 0, prefill only) also see
+    each other ahead, as Moondream's BOS + image prefix.
+    """
+    q = np.arange(n_past, n_past + n_new)[:, None]
+    k = np.arange(n_past + n_new)[None, :]
+    allowed = k <= q
+    if bidirectional_prefix > 1:
+        allowed |= (q < bidirectional_prefix) & (k < bidirectional_prefix)
+    return np.where(allowed, 0.0, MASK_MIN).astype(np.float32)[None, None]
+
+
+def merge_crops_numpy(feats: np.ndarray, grid: tuple[int, int], side: int, margin: int) -> np.ndarray:
+    """Moondream's ``MoondreamConnector.merge`` in numpy: (V, N, C) tower features, global view first,
+    then rows*cols local crops -> (N, 2C) = [global | local crops stitched (inner margins dropped) and
+    average-pooled (adaptive, as torch) back to side x side]."""
+    feats = np.asarray(feats, dtype=np.float32)
+    rows, cols = int(grid[0]), int(grid[1])
+    v, n, c = feats.shape
+    if rows * cols != v - 1 or n != side * side:
+        raise ValueError(f"{v} views of {n} features do not make a global view plus a {rows}x{cols} grid "
+                         f"of {side}x{side} crops")
+    s, m = side, margin
+    tiles = feats[1:].reshape(rows, cols, s, s, c)
+    step = s - 2 * m
+    out = np.zeros((rows * step + 2 * m, cols * step + 2 * m, c), np.float32)             # (H', W', C)
+    for r in range(rows):
+        y0, y1 = (0 if r == 0 else m), (s if r == rows - 1 else s - m)
+        for q in range(cols):
+            x0, x1 = (0 if q == 0 else m), (s if q == cols - 1 else s - m)
+            out[r * step + y0:r * step + y1, q * step + x0:q * step + x1] = tiles[r, q, y0:y1, x0:x1]
+
+    def pool_matrix(length: int) -> np.ndarray:            # torch adaptive_avg_pool bins: [floor, ceil)
+        a = np.zeros((s, length), np.float32)
+        for i in range(s):
+            lo, hi = (i * length) // s, -(-((i + 1) * length) // s)
+            a[i, lo:hi] = 1.0 / (hi - lo)
+        return a
+
+    pooled = np.einsum("ih,hwc,jw->ijc", pool_matrix(out.shape[0]), out, pool_matrix(out.shape[1]))
+    return np.concatenate([feats[0], pooled.reshape(s * s, c).astype(np.float32)], axis=-1)   # (N, 2C)
+
+
+# -- saving and checking ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress prints, warnings and optimizer logs (the CLI prints its own log)."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export",
+                                                  "onnxruntime.quantization", "root")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _file_bytes(path: Path) -> int:
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    ops: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+def _check(path: Path) -> str:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)      # a path: works with external data too
+    return "onnx.checker full_check passed"
+
+
+def save_model(model, path: Path, external_data: bool | None = None) -> bool:
+    """Save an ONNX ModelProto; weights go to ``<file>.data`` when ``external_data`` (None: when the
+    initializers exceed EXTERNAL_DATA_BYTES). Returns whether external data was written."""
+    import onnx
+
+    path = Path(path)
+    if external_data is None:
+        external_data = sum(i.ByteSize() for i in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()                     # save_model appends to an existing data file
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return bool(external_data)
+
+
+def _export(module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_shapes,
+            external_data: bool | None = None, what: str = "model") -> bool:
+    """torch.onnx dynamo export of ``module(*args)`` to ``path``; returns whether weights are external."""
+    import torch
+
+    from ..errors import ExportError
+
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                        input_names=list(input_names), output_names=list(output_names),
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
+            path = Path(path)
+            data = path.with_name(path.name + ".data")
+            if data.exists():
+                data.unlink()
+            program.save(str(path), external_data=bool(external_data))
+    except Exception as e:
+        import re
+
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise ExportError(f"torch.onnx could not export the {what}: {first}",
+                          "report the model; try --opset 18") from None
+    return bool(external_data)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    from ..runtime.backends import usable_cpus
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = usable_cpus()
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# -- decoder ----------------------------------------------------------------------------------------
+def _decoder_wrapper(language_model):
+    import torch
+    from torch import nn
+    from transformers import DynamicCache
+
+    class DecoderWithCache(nn.Module):
+        """Flat tensors in and out around the causal LM: the past becomes a DynamicCache, the grown
+        cache comes back as present.{i}.key/value, logits of the last position only."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, past: tuple):
+            # float32 I/O whatever the LM's dtype (a no-op for the FP32 export every precision starts from)
+            dt = self.lm.get_input_embeddings().weight.dtype
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i].to(dt), past[2 * i + 1].to(dt))
+                                                 for i in range(len(past) // 2)])
+            out = self.lm(inputs_embeds=inputs_embeds.to(dt), attention_mask=attention_mask.to(dt),
+                          position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys.float(), layer.values.float()]
+            return (out.logits[:, -1, :].float(), *present)
+
+    wrapper = DecoderWithCache(language_model).eval()
+    # The sizes are read off a real forward (configs spell head_dim and kv heads differently).
+    with torch.no_grad():
+        dtype = language_model.get_input_embeddings().weight.dtype
+        d = int(language_model.config.hidden_size)
+        out = language_model(inputs_embeds=torch.zeros(1, 1, d, dtype=dtype), use_cache=True)
+        k = out.past_key_values.layers[0].keys
+        sizes = {"num_layers": len(out.past_key_values.layers), "num_kv_heads": int(k.shape[1]),
+                 "head_dim": int(k.shape[3]), "hidden_size": d, "vocab_size": int(out.logits.shape[-1])}
+    return wrapper, sizes, dtype
+
+
+def export_decoder(language_model, path, opset: int = 18, external_data: bool | None = None) -> dict:
+    """The causal LM as decoder.onnx (contract I/O, dynamic S and P, P = 0 for the first prefill).
+
+    torch.onnx's dynamo exporter handles transformers' DynamicCache built from the flat inputs, including
+    an empty past: the cache concatenates (1, H, 0, hd) with the new keys and the graph has no branch on P
+    (checked by tests at P = 0). ``external_data``: None saves weights to ``decoder.onnx.data`` when the
+    model is over ~2 GB (protobuf's limit), True/False forces it.
+    """
+    import torch
+
+    path = Path(path)
+    wrapper, sizes, dtype = _decoder_wrapper(language_model)
+    n, h, hd, d = sizes["num_layers"], sizes["num_kv_heads"], sizes["head_dim"], sizes["hidden_size"]
+    s, p = _TRACE_SEQ, _TRACE_PAST
+    past = tuple(torch.zeros(1, h, p, hd) for _ in range(2 * n))
+    args = (torch.randn(1, s, d), torch.from_numpy(attention_mask(s, p)), torch.arange(p, p + s)[None], past)
+    seq, past_len = torch.export.Dim("seq", min=1), torch.export.Dim("past", min=0)
+    # the mask's last axis is past + seq; torch.export derives it (AUTO) from the ops that combine them
+    dyn = ({1: seq}, {2: seq, 3: torch.export.Dim.AUTO}, {1: seq}, tuple({2: past_len} for _ in past))
+    ins, outs = decoder_io_names(n)
+    ext = _export(wrapper, args, path, opset, ins, outs, dyn, external_data, "language model")
+    return {**sizes, "opset": opset, "exporter": "torch.onnx dynamo", "inputs": ins, "outputs": outs,
+            "dtype": str(dtype).replace("torch.", ""), "external_data": ext, "checker": _check(path),
+            "file_bytes": _file_bytes(path), "ops": _ops(path)}
+
+
+# -- embeddings -------------------------------------------------------------------------------------
+def export_embed_tokens(language_model, path, opset: int = 18) -> dict:
+    """input_ids (1, S) int64 -> inputs_embeds (1, S, D) float32: the LM's input embedding table.
+
+    A plain ``nn.Embedding`` is written directly as one Gather (exact, and no tracing); anything else
+    (scaled or custom embeddings) goes through the dynamo exporter.
+    """
+    import torch
+    from torch import nn
+
+    path = Path(path)
+    emb = language_model.get_input_embeddings()
+    w = emb.weight
+    if type(emb) is nn.Embedding and emb.max_norm is None:
+        from onnx import TensorProto, helper, numpy_helper
+
+        table = numpy_helper.from_array(w.detach().float().cpu().numpy(), "embed_tokens.weight")
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["inputs_embeds"], axis=0)],
+            "embed_tokens", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])],
+            [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "seq", int(w.shape[1])])],
+            [table])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgevlm")
+        ext = save_model(model, path)
+        how = "onnx.helper Gather (the embedding table)"
+    else:
+        class Embed(nn.Module):
+            def __init__(self, e):
+                super().__init__()
+                self.e = e
+
+            def forward(self, input_ids):
+                return self.e(input_ids).float()
+
+        dyn = ({1: torch.export.Dim("seq", min=1)},)
+        ext = _export(Embed(emb).eval(), (torch.arange(_TRACE_SEQ)[None],), path, opset, ["input_ids"],
+                      ["inputs_embeds"], dyn, what="token embeddings")
+        how = "torch.onnx dynamo"
+    return {"opset": opset, "exporter": how, "vocab_size": int(w.shape[0]), "hidden_size": int(w.shape[1]),
+            "external_data": ext, "checker": _check(path), "file_bytes": _file_bytes(path), "ops": _ops(path)}
+
+
+# -- vision ----------------------------------------------------------------------------------------
+def _moondream_parts(model):
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Projector(nn.Module):
+        """MoondreamConnector.forward after merge: fc1 -> GELU (tanh) -> fc2, (N, 2C) -> (1, N, D)."""
+
+        def __init__(self, conn):
+            super().__init__()
+            self.fc1, self.fc2 = conn.fc1, conn.fc2
+
+        def forward(self, merged_features):
+            return self.fc2(F.gelu(self.fc1(merged_features), approximate="tanh"))[None]
+
+    return model.vision, Projector(model.connector).eval()
+
+
+def _encode_module(model):
+    """``model.encode_image`` as a module."""
+    from torch import nn
+
+    class EncodeImage(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m.encode_image(pixel_values).float()
+
+    return EncodeImage(model).eval()
+
+
+def _prefusion_module(model):
+    import torch
+    from torch import nn
+
+    class Fuse(nn.Module):
+        """LLaVA-Mini's pre-fusion over [M vision ; N compressed ; L text] with the keep mask; dropped
+        (keep = False) positions come out as their input embedding, as LlavaMiniModel.splice uses them."""
+
+        def __init__(self, fusion):
+            super().__init__()
+            self.fusion = fusion
+
+        def forward(self, inputs_embeds, keep):
+            x = self.fusion(inputs_embeds, keep)
+            return torch.where(keep[None, :, None], x, inputs_embeds).float()
+
+    return Fuse(model.fusion).eval()
+
+
+def export_vision_encoder(model, pixel_values, path, opset: int = 18) -> dict:
+    """``model.encode_image`` (tower + connector) as vision_encoder.onnx: pixel_values (V, 3, H, W) ->
+    image_embeds (1, T, D), shapes as ``pixel_values`` (every non-Moondream family reads one view).
+
+    Moondream (``family == "moondream2"``): its connector stitches crops along a Python grid, so two graphs
+    are written next to ``path`` instead: vision_tower.onnx (dynamic V) and vision_projector.onnx; the
+    runtime merges with :func:`merge_crops_numpy`. LLaVA-Mini (``family == "llava_mini"``) also gets
+    prefusion.onnx (dynamic length). Returns {file name: facts}.
+    """
+    import torch
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    px = pixel_values if isinstance(pixel_values, torch.Tensor) else torch.from_numpy(np.asarray(pixel_values))
+    px = px.to(next(model.vision.parameters()).dtype)
+    model = model.eval()
+    files: dict[str, dict] = {}
+
+    def facts(p: Path, ext: bool, **kw) -> dict:
+        return {"opset": opset, "exporter": "torch.onnx dynamo", **kw, "external_data": ext,
+                "checker": _check(p), "file_bytes": _file_bytes(p), "ops": _ops(p)}
+
+    if getattr(model, "family", "") == "moondream2":
+        tower, projector = _moondream_parts(model)
+        views = px if px.shape[0] >= 2 else torch.cat([px, px])       # V traced at >= 2 (dynamic)
+        with torch.no_grad():
+            feats = tower(views)
+        p = folder / "vision_tower.onnx"
+        ext = _export(tower, (views,), p, opset, ["pixel_values"], ["image_features"],
+                      ({0: torch.export.Dim("views", min=1)},), what="Moondream vision tower")
+        files[p.name] = facts(p, ext, inputs=["pixel_values"], outputs=["image_features"],
+                              dynamic_axes={"pixel_values": {0: "views"}, "image_features": {0: "views"}},
+                              features=[int(feats.shape[1]), int(feats.shape[2])])
+        merged = torch.cat([feats[0], feats[0]], dim=-1)
+        p = folder / "vision_projector.onnx"
+        ext = _export(projector, (merged,), p, opset, ["merged_features"], ["image_embeds"], None,
+                      what="Moondream projector")
+        files[p.name] = facts(p, ext, inputs=["merged_features"], outputs=["image_embeds"],
+                              merge={"side": int(model.connector.side), "margin": int(model.connector.margin),
+                                     "function": "edgevlm.exporters.vlm_onnx.merge_crops_numpy"})
+        return files
+
+    enc = _encode_module(model)
+    with torch.no_grad():
+        ref = enc(px)
+    p = path if not path.is_dir() else folder / "vision_encoder.onnx"
+    ext = _export(enc, (px,), p, opset, ["pixel_values"], ["image_embeds"], None, what="vision encoder")
+    files[p.name] = facts(p, ext, inputs=["pixel_values"], outputs=["image_embeds"],
+                          input_shape=list(px.shape), image_tokens=int(ref.shape[1]))
+    if getattr(model, "family", "") == "llava_mini" and model.compress:
+        fuse = _prefusion_module(model)
+        d = int(ref.shape[-1])
+        x = torch.randn(1, int(ref.shape[1]) + _TRACE_SEQ, d, dtype=ref.dtype)
+        keep = torch.ones(x.shape[1], dtype=torch.bool)
+        length = torch.export.Dim("length", min=1)
+        p = folder / "prefusion.onnx"
+        ext = _export(fuse, (x, keep), p, opset, ["inputs_embeds", "keep"], ["fused"],
+                      ({1: length}, {0: length}), what="LLaVA-Mini pre-fusion")
+        files[p.name] = facts(p, ext, inputs=["inputs_embeds", "keep"], outputs=["fused"],
+                              image_tokens=int(ref.shape[1]), vision_tokens=int(model.n_tokens),
+                              skip_ids=list(model.prefusion_skip_ids))
+    return files
+
+
+# -- quantization -----------------------------------------------------------------------------------
+def _fp32_weights(model) -> int:
+    """FP32 weight elements (initializers of rank >= 2): what quantization has not touched."""
+    from onnx import TensorProto
+
+    return sum(int(np.prod(i.dims)) for i in model.graph.initializer
+               if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2)
+
+
+def quantize_decoder(src, dst, precision: str, block_size: int = 32) -> dict:
+    """decoder.onnx at ``precision``: ``int8`` (dynamic quantization, INT8 per-channel MatMul weights,
+    activations quantized at run time), ``int4`` (block-wise symmetric MatMulNBits), ``fp16`` (FP16
+    weights and compute, FP32 inputs/outputs so the KV cache I/O stays float32). Large results are saved
+    with external data. Returns facts: method, layers/weights quantized, weight coverage, file size.
+    """
+    import onnx
+
+    from ..errors import ConfigError
+
+    if precision not in ("int8", "int4", "fp16"):
+        raise ConfigError(f"{precision!r} is not a decoder precision here", "use fp16, int8 or int4 (fp32 is "
+                          "the exported graph itself)")
+    src, dst = Path(src), Path(dst)
+    base = onnx.load(str(src))
+    total = _fp32_weights(base)
+    src_bytes = _file_bytes(src)
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        big = src_bytes / 4 > EXTERNAL_DATA_BYTES
+        stale = dst.with_name(dst.name + ".data")
+        if stale.exists():
+            stale.unlink()                 # the quantizer would append to it
+        with _quiet():
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, use_external_data_format=big,
+                             extra_options={"MatMulConstBOnly": True})
+        model = onnx.load(str(dst))
+        facts = {"method": "dynamic quantization: INT8 per-channel MatMul weights, activations quantized "
+                           "per tensor at run time (onnxruntime quantize_dynamic)",
+                 "matmul_integer": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+                                       for n in model.graph.node)}
+    elif precision == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        with _quiet():
+            q = MatMulNBitsQuantizer(base, block_size=block_size, is_symmetric=True, accuracy_level=4)
+            q.process()
+        model = q.model.model
+        save_model(model, dst)
+        facts = {"method": f"block-wise symmetric weight-only INT4 (block {block_size}) as MatMulNBits",
+                 "matmulnbits": sum(n.op_type == "MatMulNBits" for n in model.graph.node)}
+    elif precision == "fp16":
+        # ONNX Runtime's converter, not onnxconverter_common's: that one leaves the exporter's Cast(to=float)
+        # nodes in place and the session then refuses the graph (float16 value declared float).
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with _quiet():
+            model = convert_float_to_float16(base, keep_io_types=True)
+        save_model(model, dst)
+        facts = {"method": "float16 weights and compute, float32 inputs/outputs (KV cache I/O float32)"}
+    left = _fp32_weights(model)
+    return {**facts, "precision": precision, "weights_total": total, "weights_quantized": total - left,
+            "weight_coverage": round((total - left) / total, 4) if total else 0.0,
+            "external_data": dst.with_name(dst.name + ".data").exists(), "file_bytes": _file_bytes(dst),
+            "fp32_file_bytes": src_bytes, "ops": _ops(dst)}
+
+
+# -- parity -----------------------------------------------------------------------------------------
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def eager_reference(language_model, prompt_embeds, n_new: int = 32, bidirectional_prefix: int = 0) -> dict:
+    """Eager transformers' greedy decode, as VisionLanguageModel.decode_tokens runs it: prefill (the
+    bidirectional-prefix mask when ``bidirectional_prefix`` > 1, else causal), then one token per step
+    on its cache, no stop tokens. Returns {"tokens": [n_new ints], "logits": (n_new, V) float32, ...}."""
+    import torch
+
+    lm = language_model.eval()
+    dtype = lm.get_input_embeddings().weight.dtype
+    emb = prompt_embeds if isinstance(prompt_embeds, torch.Tensor) else torch.from_numpy(np.asarray(prompt_embeds))
+    emb = emb.detach().to(dtype)
+    s, prefix = int(emb.shape[1]), int(bidirectional_prefix)
+    logits, tokens = [], []
+    with torch.inference_mode():
+        kwargs = {}
+        if prefix > 1:
+            kwargs["attention_mask"] = torch.from_numpy(attention_mask(s, 0, prefix)).to(dtype)
+        out = lm(inputs_embeds=emb, use_cache=True, logits_to_keep=1, **kwargs)
+        for step in range(n_new):
+            step_logits = out.logits[0, -1].float().numpy().copy()
+            tokens.append(int(np.argmax(step_logits)))
+            logits.append(step_logits)
+            if step + 1 < n_new:
+                out = lm(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                         use_cache=True)
+    return {"tokens": tokens, "logits": np.stack(logits), "prompt_embeds": emb.float().numpy(),
+            "bidirectional_prefix": prefix}
+
+
+def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirectional_prefix: int = 0,
+                   embed_path=None, reference: dict | None = None) -> dict:
+    """Greedy decode in ONNX Runtime against eager transformers, ``n_new`` steps from ``prompt_embeds``.
+
+    Eager is :func:`eager_reference` (pass one as ``reference`` to compare several graphs against one
+    eager run). ONNX Runtime prefills with the 4-D mask (bidirectional for the first
+    ``bidirectional_prefix`` positions when > 1), then feeds each present back as the next past, one token
+    per step, teacher-forced on eager's greedy tokens, so every step compares logits under the same
+    context: ``first_divergence`` is the first step whose ONNX argmax differs (the free-running ONNX
+    greedy sequence equals eager's up to there; None = all ``n_new`` tokens equal), ``token_agreement``
+    the fraction of steps whose argmax agrees. KL(eager || onnx) is averaged over steps;
+    ``kl_uniform_baseline`` is KL(eager || uniform), what a model that knows nothing scores. New tokens are
+    embedded by ``embed_path`` (embed_tokens.onnx) or the LM's embedding table.
+    """
+    from ..errors import ValidationError
+
+    ref = reference or eager_reference(language_model, prompt_embeds, n_new, bidirectional_prefix)
+    eager_tokens, e = ref["tokens"][:n_new], ref["logits"][:n_new]
+    n_new, prefix, x0 = len(eager_tokens), int(ref["bidirectional_prefix"]), ref["prompt_embeds"]
+    s = int(x0.shape[1])
+    table = None if embed_path else language_model.get_input_embeddings().weight.detach().float().numpy()
+    sess = _session(path)
+    embed = _session(embed_path) if embed_path else None
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    ins, outs = decoder_io_names(len(past_inputs) // 2)
+    # P = 0: an empty cache (the graph's KV head count and head size are static)
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
+    feed = {"inputs_embeds": x0, "attention_mask": attention_mask(s, 0, prefix),
+            "position_ids": np.arange(s, dtype=np.int64)[None]}
+    onnx_logits = []
+    for step in range(n_new):
+        res = sess.run(None, {**feed, **past})
+        onnx_logits.append(res[0][0].astype(np.float32))
+        if step + 1 == n_new:
+            break
+        past = {n.replace("present.", "past_key_values."): r for n, r in zip(outs[1:], res[1:])}
+        p = int(res[1].shape[2])
+        tok = eager_tokens[step]                                  # teacher-forced on eager's greedy token
+        if embed is not None:
+            x = embed.run(None, {"input_ids": np.array([[tok]], np.int64)})[0]
+        else:
+            x = table[tok][None, None]
+        feed = {"inputs_embeds": x.astype(np.float32), "attention_mask": attention_mask(1, p),
+                "position_ids": np.array([[p]], np.int64)}
+    o = np.stack(onnx_logits)
+    if not np.isfinite(o).all():
+        raise ValidationError("decoder.onnx produced NaN or Inf logits", "export at fp32, or report the model")
+    onnx_tokens = [int(t) for t in o.argmax(-1)]
+    agree = [a == b for a, b in zip(eager_tokens, onnx_tokens)]
+    le, lo = _log_softmax(e), _log_softmax(o)
+    pe = np.exp(le)
+    kl = (pe * (le - lo)).sum(-1)
+    kl_uniform = (pe * (le + np.log(e.shape[-1]))).sum(-1)
+    return {"steps": n_new, "prompt_tokens": s, "bidirectional_prefix": prefix, "eager_tokens": list(eager_tokens),
+            "onnx_tokens": onnx_tokens, "token_agreement": float(np.mean(agree)),
+            "first_divergence": next((i for i, a in enumerate(agree) if not a), None),
+            "max_logit_abs_diff": float(np.abs(e.astype(np.float64) - o).max()),
+            "mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "kl_uniform_baseline": float(kl_uniform.mean()),
+            "runtime": "onnxruntime CPUExecutionProvider", "teacher_forced": True}
+
+
+def vision_parity(model, path, pixel_values, precision: str = "fp32", grid: tuple[int, int] | None = None) -> dict:
+    """image_embeds from the ONNX vision graphs against ``model.encode_image`` (validate.compare: FP32 must
+    agree within 1e-4 or ValidationError). Moondream: ``path`` is vision_tower.onnx (or its folder), its
+    sibling vision_projector.onnx runs after :func:`merge_crops_numpy` with ``grid`` (guessed if None)."""
+    import torch
+
+    from .validate import compare
+
+    px = pixel_values if isinstance(pixel_values, torch.Tensor) else torch.from_numpy(np.asarray(pixel_values))
+    px = px.to(next(model.vision.parameters()).dtype)
+    x = px.float().numpy()
+    path = Path(path)
+    with torch.inference_mode():
+        if getattr(model, "family", "") == "moondream2":
+            ref = model.encode_image(px, grid).float().numpy()
+        else:
+            ref = model.encode_image(px).float().numpy()
+    if getattr(model, "family", "") == "moondream2":
+        folder = path if path.is_dir() else path.parent
+        grid = grid or model.connector.guess_grid(x.shape[0] - 1)
+        feats = _session(folder / "vision_tower.onnx").run(None, {"pixel_values": x})[0]
+        merged = merge_crops_numpy(feats, grid, model.connector.side, model.connector.margin)
+        got = _session(folder / "vision_projector.onnx").run(None, {"merged_features": merged})[0]
+    else:
+        p = path / "vision_encoder.onnx" if path.is_dir() else path
+        got = _session(p).run(None, {"pixel_values": x})[0]
+    rec = compare(ref, got, precision, "image_embeds")
+    rec["runtime"] = "onnxruntime CPUExecutionProvider"
+    return rec
+
+
+def prefusion_parity(model, path, inputs_embeds, keep, precision: str = "fp32") -> dict:
+    """prefusion.onnx against LLaVA-Mini's eager pre-fusion (with splice's pass-through of dropped tokens)."""
+    import torch
+
+    from .validate import compare
+
+    x = inputs_embeds if isinstance(inputs_embeds, torch.Tensor) else torch.from_numpy(np.asarray(inputs_embeds))
+    k = keep if isinstance(keep, torch.Tensor) else torch.from_numpy(np.asarray(keep))
+    with torch.inference_mode():
+        ref = _prefusion_module(model)(x, k.bool()).float().numpy()
+    got = _session(path).run(None, {"inputs_embeds": x.float().numpy(), "keep": k.bool().numpy()})[0]
+    rec = compare(ref, got, precision, "fused")
+    rec["runtime"] = "onnxruntime CPUExecutionProvider"
+    return rec
+
+
+def splice_llava_mini(fused: np.ndarray, n_img: int, n_tokens: int, n_before: int) -> np.ndarray:
+    """LlavaMiniModel.splice from prefusion.onnx's output (1, n_img + L, D): [fused text before <image> ;
+    the N compressed vision tokens ; fused text after] -> (1, L + N, D)."""
+    text = fused[:, n_img:]
+    vis = fused[:, n_img - n_tokens:n_img]
+    return np.concatenate([text[:, :n_before], vis, text[:, n_before:]], axis=1)
+
+
+__all__ = ["MASK_MIN", "attention_mask", "decoder_io_names", "decoder_parity", "eager_reference", "export_decoder",
+           "export_embed_tokens", "export_vision_encoder", "merge_crops_numpy", "prefusion_parity",
+           "quantize_decoder", "save_model", "splice_llava_mini", "vision_parity"]

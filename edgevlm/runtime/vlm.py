@@ -1,0 +1,286 @@
+"""Run a VLM bundle without torch: image -> vision graph -> prompt assembly -> decoder with a KV cache.
+
+>>> from edgevlm import runtime
+>>> vlm = runtime.load("bundles/edgevlm_scenes-cpu-int8")
+>>> print(vlm.generate("scene.png", "How many circles?"))
+>>> for piece in vlm.generate("scene.png", "describe the image.", stream=True):
+...     print(piece, end="", flush=True)
+
+The bundle's manifest carries everything besides the graphs (``generation``: image spec, prompt
+assembly, stop ids, context length), so preprocessing and prompts are the eager model's, token for
+token. Decoders: ONNX Runtime (``decoder.onnx``, KV cache as graph inputs/outputs) or llama.cpp
+(``decoder.gguf`` through llama-cpp-python); the vision encoder and the token embeddings always run
+in ONNX Runtime.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import BundleError, ConfigError
+from ..generation import Generation, GenerationConfig, GenerationStats, pick_token_np
+from ..processor import ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image, tokenize_prompt
+from ..exporters.vlm_onnx import attention_mask, merge_crops_numpy, splice_llava_mini   # numpy only
+from .backends import OrtSession, usable_cpus
+
+DECODERS = ("onnxruntime", "llama.cpp")
+
+
+class _Graph:
+    """One ONNX part in ONNX Runtime with named inputs (a thin layer over backends.OrtSession)."""
+
+    def __init__(self, path: Path, providers: list[str], precision: str, threads: int | None):
+        self.ort = OrtSession(path, providers, precision, threads)
+        self.session = self.ort.session
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **feeds) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+class OrtDecoder:
+    """decoder.onnx: inputs_embeds + additive mask + positions + past KV -> last logits + present KV."""
+
+    name = "onnxruntime"
+
+    def __init__(self, graph: _Graph, embed: _Graph, layers: int, kv_heads: int, head_dim: int):
+        self.graph, self.embed = graph, embed
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.providers = graph.ort.providers
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
+        self.n_past = 0
+
+    def _run(self, embeds: np.ndarray, prefix: int = 0) -> np.ndarray:
+        s = embeds.shape[1]
+        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+                 "attention_mask": attention_mask(s, self.n_past, prefix if self.n_past == 0 else 0),
+                 "position_ids": np.arange(self.n_past, self.n_past + s, dtype=np.int64)[None], **self.past}
+        outs = self.graph.session.run(None, feeds)
+        names = self.graph.outputs
+        logits = outs[names.index("logits")]
+        for i in range(self.layers):
+            for kv in ("key", "value"):
+                self.past[f"past_key_values.{i}.{kv}"] = outs[names.index(f"present.{i}.{kv}")]
+        self.n_past += s
+        return logits.reshape(-1)
+
+    def prefill(self, embeds: np.ndarray, prefix: int = 0) -> np.ndarray:
+        """(S, D) or (1, S, D) embeddings -> (V,) logits of the last position."""
+        return self._run(embeds.reshape(1, -1, embeds.shape[-1]), prefix)
+
+    def step(self, token: int) -> np.ndarray:
+        emb = self.embed(input_ids=np.array([[token]], np.int64))[0]
+        return self._run(emb)
+
+    def close(self) -> None:
+        pass
+
+
+class VLMPipeline:
+    """A loaded VLM bundle: ``generate(image, prompt, ...)`` streams or returns a :class:`Generation`."""
+
+    def __init__(self, path: Path, manifest: dict, decoder: str | None = None, threads: int | None = None):
+        self.path, self.manifest = Path(path), manifest
+        gen = manifest.get("generation")
+        parts = manifest.get("parts")
+        if not isinstance(gen, dict) or not isinstance(parts, dict):
+            raise BundleError(f"{path} lacks the generation/parts blocks of a VLM bundle", "export it again")
+        fmt = manifest["target"].get("format")
+        if fmt not in ("onnx", "ort"):
+            raise BundleError(f"{path} was exported for target {manifest['target'].get('name')!r} ({fmt}), which this "
+                              "runtime cannot run here", "export the model again with --target cpu")
+        self.spec = gen
+        self.image_spec = ImageSpec.from_dict(gen["image"])
+        self.context_length = int(gen["context_length"])
+        self.stop_ids = tuple(int(i) for i in gen["stop_ids"])
+        tok_file = self.path / gen.get("tokenizer", "tokenizer.json")
+        if not tok_file.is_file():
+            raise BundleError(f"{path} has no {tok_file.name}", "copy the whole bundle directory again")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        self.tokenizer = TextTokenizer(tok, gen["prompt"].get("bos_id"), tuple(gen.get("eos_ids", self.stop_ids)),
+                                       str(tok_file))
+        providers = list(manifest["target"].get("providers", ["CPUExecutionProvider"]))
+        self.threads = threads or usable_cpus()
+
+        def graph(name: str) -> _Graph:
+            rec = parts.get(name)
+            if rec is None:
+                raise BundleError(f"{path} has no {name} part", "copy the whole bundle directory again, or re-export")
+            return _Graph(self.path / rec["path"], providers, rec.get("precision", "fp32"), self.threads)
+
+        vision = gen.get("vision", {}).get("kind", "encoder")
+        if vision == "moondream_crops":
+            self.vision_tower, self.vision_projector = graph("vision_tower"), graph("vision_projector")
+            self.vision = None
+        else:
+            self.vision = graph("vision_encoder")
+        self.embed = graph("embed_tokens")
+        self.prefusion = graph("prefusion") if "prefusion" in gen else None
+        self.decoder = self._open_decoder(decoder, parts, graph)
+
+    # -- backends ---------------------------------------------------------------------------------
+    def _open_decoder(self, want: str | None, parts: dict, graph):
+        have = [d for d, key in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if key in parts]
+        if not have:
+            raise BundleError(f"{self.path} holds no decoder", "re-export the bundle")
+        if want is not None and want not in DECODERS:
+            raise ConfigError(f"unknown decoder backend {want!r}", f"use one of: {', '.join(DECODERS)}")
+        if want is not None and want not in have:
+            raise ConfigError(f"{self.path} has no {want} decoder (it has: {', '.join(have)})",
+                              f"re-export with --decoder {'gguf' if want == 'llama.cpp' else 'onnx'}, or pick "
+                              f"--decoder-backend {have[0]}")
+        choice = want or have[0]
+        if choice == "llama.cpp":
+            from .llamacpp import LlamaCppDecoder
+
+            rec = parts["decoder_gguf"]
+            # F32 bundles keep the KV cache in F32 (llama.cpp then runs attention without its F16 flash kernel),
+            # so they reproduce eager greedy tokens; quantized ones use llama.cpp's default F16 cache.
+            return LlamaCppDecoder(self.path / rec["path"], n_ctx=self.context_length, n_threads=self.threads,
+                                   kv_cache="f32" if rec.get("precision") == "fp32" else "f16")
+        g = self.spec
+        return OrtDecoder(graph("decoder"), self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]))
+
+    @property
+    def backend(self) -> str:
+        return self.decoder.name
+
+    # -- image and prompt -------------------------------------------------------------------------
+    def pixel_values(self, image) -> tuple[np.ndarray, tuple[int, int] | None]:
+        if self.spec.get("vision", {}).get("kind") == "moondream_crops":
+            from ..data.crops import overlap_crops_with_grid
+            from ..data.images import load_image
+
+            return overlap_crops_with_grid(load_image(image), self.image_spec)
+        return preprocess_image(image, self.image_spec), None
+
+    def encode_image(self, image) -> np.ndarray:
+        """(1, T, D) image embeddings, as the eager model's ``encode_image``."""
+        pixels, grid = self.pixel_values(image)
+        if self.vision is not None:
+            return self.vision(pixel_values=pixels.astype(np.float32))[0]
+        v = self.spec["vision"]
+        feats = self.vision_tower(pixel_values=pixels.astype(np.float32))[0]          # (V, N, C)
+        merged = merge_crops_numpy(feats, grid, v["side"], v["margin"])               # (N, 2C)
+        return self.vision_projector(merged_features=merged.astype(np.float32))[0]    # (1, N, D)
+
+    def embed_ids(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            return np.zeros((1, 0, int(self.spec["hidden_size"])), np.float32)
+        return self.embed(input_ids=np.asarray([ids], np.int64))[0]
+
+    def prompt_pieces(self, prompt: str, with_image: bool) -> PromptPieces:
+        p = self.spec["prompt"]
+        if p["kind"] == "moondream":
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ConfigError("the question is empty", "pass a non-empty question, e.g. 'What is in this image?'")
+            text = self.tokenizer.encode((" " if p.get("space_before_text") else "") + prompt)
+            ids = list(p["prefix"]) + text + list(p["suffix"])
+            bos = [int(p["bos_id"])]
+            return PromptPieces(bos, ids, True) if with_image else PromptPieces(bos + ids, [], False)
+        spec = PromptSpec(template=p["template"], bos=bool(p.get("bos", False)))
+        return tokenize_prompt(self.tokenizer, spec, prompt, with_image=with_image)
+
+    def prepare(self, image, prompt: str) -> tuple[np.ndarray, PromptPieces, int, int]:
+        """(inputs_embeds (1, T, D), pieces, image tokens, bidirectional prefix length)."""
+        pieces = self.prompt_pieces(prompt, image is not None)
+        img = self.encode_image(image) if image is not None else None
+        before, after = self.embed_ids(pieces.before), self.embed_ids(pieces.after)
+        if img is None:
+            return np.concatenate([before, after], 1), pieces, 0, 0
+        fuse = self.spec.get("prefusion")
+        if fuse is not None:
+            return self._prefuse(img, pieces, fuse)
+        prefix = before.shape[1] + img.shape[1] if self.spec.get("bidirectional_image_prefix") else 0
+        return np.concatenate([before, img, after], 1), pieces, int(img.shape[1]), prefix
+
+    def _prefuse(self, img: np.ndarray, pieces: PromptPieces, fuse: dict):
+        """LLaVA-Mini: pre-fusion over [M + N image tokens ; text], then [fused text | N tokens | fused text]."""
+        ids = pieces.before + pieces.after
+        text = self.embed_ids(ids)                                                   # (1, L, D)
+        n_img, n = img.shape[1], int(fuse["n_tokens"])
+        skip = set(int(i) for i in fuse.get("skip_ids", ()))
+        keep = np.ones(n_img + len(ids), dtype=bool)
+        keep[[n_img + i for i, t in enumerate(ids) if t in skip]] = False
+        # prefusion.onnx passes skipped positions through as their input embedding, as the eager splice does
+        x = self.prefusion(inputs_embeds=np.concatenate([img, text], 1).astype(np.float32), keep=keep)[0]
+        return splice_llava_mini(x, n_img, n, len(pieces.before)), pieces, n, 0
+
+    # -- generation -------------------------------------------------------------------------------
+    def decode_tokens(self, embeds: np.ndarray, cfg: GenerationConfig, stats: GenerationStats,
+                      prefix: int = 0) -> Iterator[int]:
+        n = int(embeds.shape[1])
+        if n >= self.context_length:
+            raise ConfigError(f"the prompt takes {n} tokens (with the image), the context holds {self.context_length}",
+                              "shorten the prompt")
+        budget = min(cfg.max_new_tokens, self.context_length - n)
+        stop = set(cfg.stop_ids)
+        rng = np.random.default_rng(cfg.seed)
+        self.decoder.reset()
+        t0 = time.perf_counter()
+        logits = self.decoder.prefill(embeds[0], prefix)
+        stats.stopped_by = "max_new_tokens" if budget == cfg.max_new_tokens else "context"
+        t_first = None
+        for step in range(budget):
+            tok = pick_token_np(logits, cfg, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.time_to_first_token_s = t_first - t0
+            if tok in stop:
+                stats.stopped_by = "stop token"
+                break
+            stats.new_tokens = step + 1
+            yield tok
+            if step + 1 == budget:
+                break
+            logits = self.decoder.step(tok)
+        if t_first is not None and stats.new_tokens > 1:
+            stats.decode_tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
+
+    def start(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+              top_k: int = 0, seed: int | None = None):
+        """Encode and assemble; returns (embeds, config, stats, prefix) for :meth:`decode_tokens`."""
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, self.stop_ids)
+        t0 = time.perf_counter()
+        embeds, pieces, n_img, prefix = self.prepare(image, prompt)
+        stats = GenerationStats(prompt_tokens=pieces.n_text, image_tokens=n_img)
+        stats.encode_s = time.perf_counter() - t0          # image + prompt, before the decoder's prefill
+        return embeds, cfg, stats, prefix
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stream: bool = False):
+        """Answer ``prompt`` about ``image`` (path, bytes, PIL image or array; None for text only)."""
+        embeds, cfg, stats, prefix = self.start(image, prompt, max_new_tokens, temperature, top_p, top_k, seed)
+        if stream:
+            return self._stream(embeds, cfg, stats, prefix)
+        ids = list(self.decode_tokens(embeds, cfg, stats, prefix))
+        stats.time_to_first_token_s += stats.encode_s
+        return Generation(self.tokenizer.decode(ids), ids, stats)
+
+    def _stream(self, embeds, cfg, stats, prefix) -> Iterator[str]:
+        dec = StreamDecoder(self.tokenizer)
+        self.last_stats = stats
+        try:
+            for tok in self.decode_tokens(embeds, cfg, stats, prefix):
+                delta = dec.push(tok)
+                if delta:
+                    yield delta
+            tail = dec.flush()
+            if tail:
+                yield tail
+        finally:
+            stats.time_to_first_token_s += stats.encode_s
+            self.decoder.reset()        # an interrupted stream leaves no half-filled cache behind
+
+    def close(self) -> None:
+        self.decoder.close()

@@ -1,0 +1,112 @@
+"""benchmarks/vlm_decode.py end to end at its tiny size: every engine timed, ratios and limits computed.
+
+One run of the script (about 30-40 s on 2 shared cores: a random 2-layer Phi exported to ONNX and GGUF,
+then each engine in its own process) shared by the tests below.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "vlm_decode.py"
+NEW_TOKENS = 8
+ORT_ENGINES = ("eager", "ort-fp32", "ort-int8", "ort-int4")
+LLAMA_ENGINES = ("edgevlm-q8_0", "edgevlm-q4_k_m", "llamacpp-q8_0", "llamacpp-q4_k_m")
+HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("gguf") is not None
+NO_LLAMA = "llama-cpp-python / gguf are not installed: the llama.cpp engines are skipped (pip install 'edgevlm[gguf]')"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vlm_decode")
+    cmd = [sys.executable, str(SCRIPT), "--size", "tiny", "--runs", "1", "--new-tokens", str(NEW_TOKENS),
+           "--cache", str(tmp / "cache"), "--out", str(tmp / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    path = tmp / "out" / "vlm_decode-tiny.json"
+    assert path.is_file(), r.stdout[-2000:]
+    return {"json": json.loads(path.read_text()), "stdout": r.stdout, "stderr": r.stderr, "out": tmp / "out"}
+
+
+def _rows(res) -> dict:
+    return {row["key"]: row for row in res["json"]["rows"]}
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_engine(row: dict) -> None:
+    for field in ("decode_tok_s", "ttft_ms", "peak_rss_mib", "weights_mb", "read_mb_per_tok", "limit_tok_s",
+                  "pct_of_limit"):
+        assert _positive(row.get(field)), (row["engine"], field, row.get(field))
+    assert row["runs"] == 1
+
+
+@pytest.mark.parametrize("key", ORT_ENGINES)
+def test_eager_and_onnx_engines_measured(run, key):
+    res = run["json"]
+    assert not res["failed"], res["failed"]
+    row = _rows(run).get(key)
+    assert row is not None, f"{key} missing from the results (skipped: {res['skipped'].get(key)})"
+    _check_engine(row)
+
+
+@pytest.mark.parametrize("key", LLAMA_ENGINES)
+def test_llama_cpp_engines_measured(run, key):
+    res = run["json"]
+    if not HAS_LLAMA:
+        assert key in res["skipped"] and res["skipped"][key], "a skipped engine must say why"
+        pytest.skip(NO_LLAMA)
+    assert key not in res["skipped"], res["skipped"][key]
+    row = _rows(run).get(key)
+    assert row is not None, f"{key} missing from the results (failed: {res['failed'].get(key)})"
+    _check_engine(row)
+
+
+def test_same_model_in_every_engine(run):
+    """ONNX Runtime FP32 decodes eager's greedy tokens: both run the same random model on the same prompt."""
+    rows = _rows(run)
+    assert rows["ort-fp32"]["greedy_prefix_equal_to_eager"] == NEW_TOKENS
+
+
+def test_ratios_and_targets(run):
+    res = run["json"]
+    ratios = res["ratios"]
+    assert _positive(ratios["ort_int4_vs_eager_decode"])
+    names = ["edgevlm_q4_k_m_vs_eager_decode", "edgevlm_vs_llamacpp_q8_0_decode", "edgevlm_vs_llamacpp_q4_k_m_decode",
+             "ort_int4_vs_llamacpp_q4_k_m_decode", "edgevlm_vs_llamacpp_q4_k_m_ttft_speed"]
+    for name in names:
+        if HAS_LLAMA:
+            assert _positive(ratios[name]), (name, ratios[name])
+        else:
+            assert ratios[name] is None
+    expected = set(ORT_ENGINES) | (set(LLAMA_ENGINES) if HAS_LLAMA else set())
+    assert set(ratios["pct_of_limit"]) == expected
+    assert all(_positive(v) for v in ratios["pct_of_limit"].values())
+    assert res["bandwidth"]["bandwidth_gbs"] > 0
+    for t in res["targets"]:
+        assert t["met"] in (True, False) or (t["met"] is None and not HAS_LLAMA), t
+    # the table and every target's verdict are printed
+    assert "decode_tok_s" in run["stdout"] and "pct_of_limit" in run["stdout"]
+    assert run["stdout"].count("target ") == len(res["targets"])
+
+
+def test_settings_recorded(run):
+    res = run["json"]
+    assert res["settings"]["threads"] == 2 and res["prompt"]["new_tokens"] == NEW_TOKENS
+    assert res["prompt"]["image_tokens"] + res["prompt"]["text_tokens"] == 96
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run["out"] / "vlm_decode-tiny.png").is_file()

@@ -1,0 +1,261 @@
+"""VLM parts as ONNX (exporters.vlm_onnx): decoder with KV cache, embeddings, vision graphs, quantized decoders.
+
+Each tiny family (and a tiny LLaVA saved by transformers) is exported once per session (cached by name;
+the ``exported`` fixture is parametrized over them); the tests compare ONNX Runtime against eager PyTorch
+on a real spliced prompt with an image.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+import torch  # noqa: E402
+
+from edgevlm.exporters import vlm_onnx  # noqa: E402
+from edgevlm.modeling.families import load_vlm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vlm_utils import hf_llava_checkpoint, make_image  # noqa: E402
+
+MODELS = ["edgevlm_scenes_tiny", "llava_tiny", "moondream2_tiny", "tinygpt_v_tiny", "llava_mini_tiny", "hf_llava"]
+N_NEW = 32
+SHARPEN = 4.0      # random init is so flat that greedy tokens tie; scaled weights make them distinct
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _load(name: str, tmp: Path):
+    if name == "hf_llava":
+        hf_llava_checkpoint(tmp / "hf", sharpen=SHARPEN)
+        return load_vlm("llava_tiny", weights=tmp / "hf")
+    vlm = load_vlm(name, weights="random")
+    with torch.no_grad():
+        for p in vlm.language_model.parameters():
+            p.mul_(SHARPEN)
+    return vlm
+
+
+_EXPORTS: dict[str, SimpleNamespace] = {}
+
+
+def _exported(name: str, tmp_path_factory) -> SimpleNamespace:
+    """Export ``name`` once per session (the family-specific tests reuse the parametrized exports)."""
+    if name in _EXPORTS:
+        return _EXPORTS[name]
+    out = tmp_path_factory.mktemp(name)
+    vlm = _load(name, out).eval()
+    img = make_image(96)
+    with torch.inference_mode():
+        embeds, pieces, n_img = vlm.prepare(img, "What is this?")
+    prefix = len(pieces.before) + n_img if vlm.bidirectional_image_prefix and n_img else 0
+    if vlm.family == "moondream2":
+        pixels, grid = vlm.image_views(img)
+    else:
+        pixels, grid = vlm.pixel_values(img), None
+    ns = SimpleNamespace(name=name, vlm=vlm, dir=out, embeds=embeds, pieces=pieces, n_img=n_img, prefix=prefix,
+                         pixels=pixels, grid=grid)
+    ns.decoder = vlm_onnx.export_decoder(vlm.language_model, out / "decoder.onnx")
+    ns.embed = vlm_onnx.export_embed_tokens(vlm.language_model, out / "embed_tokens.onnx")
+    ns.vision = vlm_onnx.export_vision_encoder(vlm, pixels, out / "vision_encoder.onnx")
+    ns.reference = vlm_onnx.eager_reference(vlm.language_model, embeds, N_NEW, prefix)
+    _EXPORTS[name] = ns
+    return ns
+
+
+@pytest.fixture(params=MODELS)
+def exported(request, tmp_path_factory):
+    return _exported(request.param, tmp_path_factory)
+
+
+def test_decoder_fp32_gives_eagers_greedy_tokens(exported):
+    e = exported
+    f = e.decoder
+    cfg = e.vlm.language_model.config
+    assert (f["num_layers"], f["hidden_size"], f["vocab_size"]) == (cfg.num_hidden_layers, cfg.hidden_size,
+                                                                     e.vlm.language_model.lm_head.out_features)
+    assert f["checker"].startswith("onnx.checker") and f["external_data"] is False and f["ops"]["MatMul"] > 0
+    sess = _session(e.dir / "decoder.onnx")
+    ins, outs = vlm_onnx.decoder_io_names(f["num_layers"])
+    assert [i.name for i in sess.get_inputs()] == ins and [o.name for o in sess.get_outputs()] == outs
+    assert sess.get_inputs()[3].shape[1:] == [f["num_kv_heads"], sess.get_inputs()[3].shape[2], f["head_dim"]]
+    # the reference is the model's own decode loop (including Moondream's bidirectional prefill)
+    from edgevlm.modeling.vlm import GenerationConfig
+
+    own = list(e.vlm.decode_tokens(e.embeds, GenerationConfig(max_new_tokens=8), prefix=e.prefix))
+    assert own == e.reference["tokens"][:8] and len(set(e.reference["tokens"])) > 4, e.reference["tokens"]
+    par = vlm_onnx.decoder_parity(e.vlm.language_model, e.dir / "decoder.onnx", e.embeds, N_NEW, e.prefix,
+                                  embed_path=e.dir / "embed_tokens.onnx", reference=e.reference)
+    print(f"\n{e.name} fp32 decoder: max |logit diff| {par['max_logit_abs_diff']:.2e}, KL {par['mean_kl']:.1e}")
+    assert par["first_divergence"] is None and par["token_agreement"] == 1.0
+    assert par["onnx_tokens"] == e.reference["tokens"] and len(par["onnx_tokens"]) == N_NEW
+    assert par["max_logit_abs_diff"] <= 1e-4 and par["mean_kl"] < 1e-8
+
+
+def test_vision_encoder_parity(exported):
+    e = exported
+    rec = vlm_onnx.vision_parity(e.vlm, e.dir / "vision_encoder.onnx", e.pixels, grid=e.grid)
+    print(f"\n{e.name} vision: max |diff| {rec['max_abs_diff']:.2e} (scale {rec['output_scale']:.2f})")
+    # LLaVA-Mini's encoder gives M projected + N compressed tokens; the LLM reads the N (after pre-fusion)
+    n_img = e.vision["vision_encoder.onnx"]["image_tokens"] if e.vlm.family == "llava_mini" else e.n_img
+    # 1e-4 absolute, relative above scale 1 (validate.compare's FP32 rule: hf_llava's sharpened CLIP reaches ~3)
+    assert rec["passed"] and rec["max_abs_diff"] <= 1e-4 * max(1.0, rec["output_scale"])
+    assert rec["shape"] == [1, n_img, e.vlm.hidden_size]
+    names = set(e.vision)
+    if e.vlm.family == "moondream2":
+        assert names == {"vision_tower.onnx", "vision_projector.onnx"}
+        tower = _session(e.dir / "vision_tower.onnx")       # dynamic views: one view and the full set
+        for v in (1, e.pixels.shape[0]):
+            got = tower.run(None, {"pixel_values": e.pixels[:v].numpy()})[0]
+            with torch.inference_mode():
+                ref = e.vlm.vision(e.pixels[:v]).numpy()
+            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+    elif e.vlm.family == "llava_mini":
+        assert names == {"vision_encoder.onnx", "prefusion.onnx"}
+    else:
+        assert names == {"vision_encoder.onnx"}
+
+
+def test_embed_tokens_exact(exported):
+    e = exported
+    ids = np.array([e.pieces.before + e.pieces.after], dtype=np.int64)
+    got = _session(e.dir / "embed_tokens.onnx").run(None, {"input_ids": ids})[0]
+    with torch.inference_mode():
+        ref = e.vlm.embed_tokens(torch.from_numpy(ids)).numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, ref)
+    assert e.embed["vocab_size"] == e.vlm.language_model.get_input_embeddings().num_embeddings
+
+
+def test_quantized_decoders_run_close_to_eager(exported):
+    e = exported
+    res = {}
+    for prec in ("int8", "int4", "fp16"):
+        dst = e.dir / f"decoder.{prec}.onnx"
+        q = vlm_onnx.quantize_decoder(e.dir / "decoder.onnx", dst, prec)
+        assert q["file_bytes"] < q["fp32_file_bytes"] and q["weight_coverage"] > 0.9, q
+        res[prec] = vlm_onnx.decoder_parity(e.vlm.language_model, dst, e.embeds, N_NEW, e.prefix,
+                                            reference=e.reference)
+        res[prec]["ops"] = q["ops"]
+    base = res["int8"]["kl_uniform_baseline"]
+    print(f"\n{e.name}: " + ", ".join(f"{p} agreement {r['token_agreement']:.2f} KL {r['mean_kl']:.1e}"
+                                      for p, r in res.items()) + f" (uniform KL {base:.2f})")
+    assert "MatMulInteger" in res["int8"]["ops"] and "MatMulNBits" in res["int4"]["ops"]
+    import onnx
+
+    g = onnx.load(str(e.dir / "decoder.int4.onnx")).graph
+    weights = {i.name for i in g.initializer if len(i.dims) == 2}
+    assert not [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in weights]   # every weight MatMul
+    assert base > 1.0                                            # eager is far from uniform: a real yardstick
+    assert res["int8"]["mean_kl"] < 0.1 * base and res["int8"]["token_agreement"] >= 0.5
+    assert res["int4"]["mean_kl"] < base and res["int8"]["mean_kl"] < res["int4"]["mean_kl"]
+    assert res["fp16"]["mean_kl"] < 0.01 * base and res["fp16"]["token_agreement"] >= 0.9
+
+
+# -- family specifics ----------------------------------------------------------------------------------
+def test_moondream_prefix_path(tmp_path_factory):
+    e = _exported("moondream2_tiny", tmp_path_factory)
+    assert e.prefix == 1 + e.n_img > 1
+    # the bidirectional prefix matters: the same prompt under a plain causal mask gives other logits
+    sess = _session(e.dir / "decoder.onnx")
+    s = int(e.embeds.shape[1])
+    kv = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs()[3:]}
+    feed = {"inputs_embeds": e.embeds.numpy(), "position_ids": np.arange(s)[None], **kv}
+    causal = sess.run(None, {**feed, "attention_mask": vlm_onnx.attention_mask(s)})[0][0]
+    bidir = sess.run(None, {**feed, "attention_mask": vlm_onnx.attention_mask(s, 0, e.prefix)})[0][0]
+    assert np.abs(bidir - e.reference["logits"][0]).max() <= 1e-4
+    assert np.abs(causal - bidir).max() > 1e-3
+    # end to end from the image: tower -> numpy merge -> projector -> decoder = the model's prompt
+    feats = _session(e.dir / "vision_tower.onnx").run(None, {"pixel_values": e.pixels.numpy()})[0]
+    merged = vlm_onnx.merge_crops_numpy(feats, e.grid, e.vlm.connector.side, e.vlm.connector.margin)
+    img = _session(e.dir / "vision_projector.onnx").run(None, {"merged_features": merged})[0]
+    emb = _session(e.dir / "embed_tokens.onnx")
+    ids = [np.array([p], np.int64) for p in (e.pieces.before, e.pieces.after)]
+    prompt = np.concatenate([emb.run(None, {"input_ids": ids[0]})[0], img, emb.run(None, {"input_ids": ids[1]})[0]], 1)
+    assert np.abs(prompt - e.embeds.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (1, 3)])
+def test_merge_crops_numpy_equals_connector(grid):
+    from edgevlm.modeling.moondream2 import MoondreamConnector
+
+    conn = MoondreamConnector(enc_dim=8, inner=16, out_dim=16, side=8, overlap_margin=2)
+    feats = torch.randn(1 + grid[0] * grid[1], 64, 8, generator=torch.Generator().manual_seed(0))
+    ref = conn.merge(feats, grid).numpy()
+    got = vlm_onnx.merge_crops_numpy(feats.numpy(), grid, 8, 2)
+    assert got.shape == ref.shape == (64, 16) and np.abs(got - ref).max() <= 1e-5
+    with pytest.raises(ValueError, match="grid"):
+        vlm_onnx.merge_crops_numpy(feats.numpy(), (2, 3), 8, 2)
+
+
+def test_runtime_helpers_import_without_torch():
+    code = ("import sys, numpy as np; from edgevlm.exporters.vlm_onnx import merge_crops_numpy, attention_mask; "
+            "m = attention_mask(3, 2, 0); assert m.shape == (1, 1, 3, 5) and m[0, 0, 0, 3] < -1e38; "
+            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_llava_mini_prefusion_and_splice(tmp_path_factory):
+    e = _exported("llava_mini_tiny", tmp_path_factory)
+    from edgevlm.processor import PromptPieces
+
+    vlm = e.vlm
+    # token 0 is one the reference drops from pre-fusion: the keep mask path, end to end
+    pieces = PromptPieces(e.pieces.before + [0], e.pieces.after, True)
+    img = _session(e.dir / "vision_encoder.onnx").run(None, {"pixel_values": e.pixels.numpy()})[0]
+    ids = pieces.before + pieces.after
+    text = _session(e.dir / "embed_tokens.onnx").run(None, {"input_ids": np.array([ids], np.int64)})[0]
+    keep = np.ones(img.shape[1] + len(ids), bool)
+    keep[img.shape[1] + np.flatnonzero(np.isin(ids, vlm.prefusion_skip_ids))] = False
+    x = np.concatenate([img, text], 1)
+    rec = vlm_onnx.prefusion_parity(vlm, e.dir / "prefusion.onnx", x, keep)
+    assert rec["passed"] and rec["max_abs_diff"] <= 1e-4
+    fused = _session(e.dir / "prefusion.onnx").run(None, {"inputs_embeds": x, "keep": keep})[0]
+    got = vlm_onnx.splice_llava_mini(fused, img.shape[1], vlm.n_tokens, len(pieces.before))
+    with torch.inference_mode():
+        ref = vlm.splice(pieces, vlm.encode_image(e.pixels)).numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+    # and the prompt the decoder test used is this pipeline without the dropped token
+    assert e.embeds.shape[1] == len(e.pieces.before) + len(e.pieces.after) + vlm.n_tokens
+
+
+def test_decoder_chunked_prefill_and_external_data(tmp_path_factory, tmp_path):
+    """Dynamic S and P: prefill in two chunks (P = 0 then P = k) = one prefill; the graph saved with
+    external data (as > 2 GB decoders are) runs the same and quantizes."""
+    e = _exported("llava_tiny", tmp_path_factory)
+    import onnx
+
+    sess = _session(e.dir / "decoder.onnx")
+    x, s, k = e.embeds.numpy(), int(e.embeds.shape[1]), 7
+    zero = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs()[3:]}
+    whole = sess.run(None, {"inputs_embeds": x, "attention_mask": vlm_onnx.attention_mask(s),
+                            "position_ids": np.arange(s)[None], **zero})
+    first = sess.run(None, {"inputs_embeds": x[:, :k], "attention_mask": vlm_onnx.attention_mask(k),
+                            "position_ids": np.arange(k)[None], **zero})
+    past = {n.name.replace("present.", "past_key_values."): r for n, r in zip(sess.get_outputs()[1:], first[1:])}
+    second = sess.run(None, {"inputs_embeds": x[:, k:], "attention_mask": vlm_onnx.attention_mask(s - k, k),
+                             "position_ids": np.arange(k, s)[None], **past})
+    assert np.abs(second[0] - whole[0]).max() <= 1e-4
+    assert all(np.abs(a - b).max() <= 1e-4 for a, b in zip(second[1:], whole[1:]))
+
+    big = tmp_path / "decoder.onnx"
+    assert vlm_onnx.save_model(onnx.load(str(e.dir / "decoder.onnx")), big, external_data=True)
+    assert (tmp_path / "decoder.onnx.data").stat().st_size > big.stat().st_size
+    again = _session(big).run(None, {"inputs_embeds": x, "attention_mask": vlm_onnx.attention_mask(s),
+                                     "position_ids": np.arange(s)[None], **zero})
+    assert np.array_equal(again[0], whole[0])
+    q = vlm_onnx.quantize_decoder(big, tmp_path / "decoder.int4.onnx", "int4")
+    assert q["matmulnbits"] > 0 and not q["external_data"]
+    from edgevlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision"):
+        vlm_onnx.quantize_decoder(big, tmp_path / "x.onnx", "int3")
