@@ -5,6 +5,8 @@ tokens the same way; greedy decoding (``temperature == 0``) is an argmax in both
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,3 +77,34 @@ def pick_token_np(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Gene
         p = q / q.sum()
     rng = rng or np.random.default_rng()
     return int(rng.choice(p.size, p=p))
+
+
+def decode_loop(prefill: Callable[[], object], step: Callable[[int], object], pick: Callable[[object], int],
+                cfg: GenerationConfig, stats: GenerationStats, n_prompt: int, max_context: int) -> Iterator[int]:
+    """The decode loop of eager models and bundles alike: ``prefill()`` once, then ``step(token)`` per new
+    token (the caller keeps the KV cache), ``pick(logits)`` chooses; stops at a stop id, at
+    ``max_new_tokens`` or at the context's end, and fills ``stats`` (time to first token, tokens/s)."""
+    if n_prompt >= max_context:
+        raise ConfigError(f"the prompt takes {n_prompt} tokens (with the image), the context holds {max_context}",
+                          "shorten the prompt")
+    budget = min(cfg.max_new_tokens, max_context - n_prompt)
+    stop = set(cfg.stop_ids)
+    t0 = time.perf_counter()
+    logits = prefill()
+    stats.stopped_by = "max_new_tokens" if budget == cfg.max_new_tokens else "context"
+    t_first = None
+    for i in range(budget):
+        tok = pick(logits)
+        if t_first is None:
+            t_first = time.perf_counter()
+            stats.time_to_first_token_s = t_first - t0
+        if tok in stop:
+            stats.stopped_by = "stop token"
+            break
+        stats.new_tokens = i + 1
+        yield tok
+        if i + 1 == budget:
+            break
+        logits = step(tok)
+    if t_first is not None and stats.new_tokens > 1:
+        stats.decode_tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)

@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vlm_decode")
     cmd = [sys.executable, str(SCRIPT), "--size", "tiny", "--runs", "1", "--new-tokens", str(NEW_TOKENS),
            "--cache", str(tmp / "cache"), "--out", str(tmp / "out")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     path = tmp / "out" / "vlm_decode-tiny.json"
     assert path.is_file(), r.stdout[-2000:]

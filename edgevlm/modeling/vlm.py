@@ -11,14 +11,13 @@ checkpoints and override :meth:`VisionLanguageModel.splice` or the skills where 
 """
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..generation import Generation, GenerationConfig, GenerationStats  # noqa: F401  (re-exported)
+from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop  # noqa: F401  (re-exported)
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image,
                          tokenize_prompt)
 
@@ -147,38 +146,25 @@ class VisionLanguageModel(nn.Module):
         ``prefix``: positions that attend bidirectionally in the prefill (see ``bidirectional_image_prefix``).
         """
         stats = stats or GenerationStats()
-        n = int(inputs_embeds.shape[1])
-        if n >= self.max_context:
-            raise ConfigError(f"the prompt takes {n} tokens (with the image), the context holds {self.max_context}",
-                              "shorten the prompt")
-        budget = min(cfg.max_new_tokens, self.max_context - n)
-        stop = set(cfg.stop_ids)
         gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        t0 = time.perf_counter()
-        mask = self.prefill_mask(n, prefix, inputs_embeds.dtype)
-        kwargs = {"attention_mask": mask.to(inputs_embeds.device)} if mask is not None else {}
-        out = self.language_model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1, **kwargs)
-        cache, logits = out.past_key_values, out.logits[0, -1]
         dev = inputs_embeds.device
-        stats.stopped_by = "max_new_tokens" if budget == cfg.max_new_tokens else "context"
-        t_first = None
-        for step in range(budget):
-            tok = pick_token(logits, cfg, gen)
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.time_to_first_token_s = t_first - t0
-            if tok in stop:
-                stats.stopped_by = "stop token"
-                break
-            stats.new_tokens = step + 1
-            yield tok
-            if step + 1 == budget:
-                break
-            out = self.language_model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache,
+        state = {}
+
+        def prefill():
+            mask = self.prefill_mask(int(inputs_embeds.shape[1]), prefix, inputs_embeds.dtype)
+            kwargs = {"attention_mask": mask.to(dev)} if mask is not None else {}
+            out = self.language_model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1, **kwargs)
+            state["cache"] = out.past_key_values
+            return out.logits[0, -1]
+
+        def step(tok: int):
+            out = self.language_model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=state["cache"],
                                       use_cache=True)
-            cache, logits = out.past_key_values, out.logits[0, -1]
-        if t_first is not None and stats.new_tokens > 1:
-            stats.decode_tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
+            state["cache"] = out.past_key_values
+            return out.logits[0, -1]
+
+        yield from decode_loop(prefill, step, lambda logits: pick_token(logits, cfg, gen), cfg, stats,
+                               int(inputs_embeds.shape[1]), self.max_context)
 
     def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stream: bool = False):

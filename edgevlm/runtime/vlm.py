@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import BundleError, ConfigError
-from ..generation import Generation, GenerationConfig, GenerationStats, pick_token_np
+from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token_np
 from ..processor import ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image, tokenize_prompt
 from ..exporters.vlm_onnx import attention_mask, merge_crops_numpy, splice_llava_mini   # numpy only
 from .backends import OrtSession, usable_cpus
@@ -219,33 +219,11 @@ class VLMPipeline:
     # -- generation -------------------------------------------------------------------------------
     def decode_tokens(self, embeds: np.ndarray, cfg: GenerationConfig, stats: GenerationStats,
                       prefix: int = 0) -> Iterator[int]:
-        n = int(embeds.shape[1])
-        if n >= self.context_length:
-            raise ConfigError(f"the prompt takes {n} tokens (with the image), the context holds {self.context_length}",
-                              "shorten the prompt")
-        budget = min(cfg.max_new_tokens, self.context_length - n)
-        stop = set(cfg.stop_ids)
         rng = np.random.default_rng(cfg.seed)
         self.decoder.reset()
-        t0 = time.perf_counter()
-        logits = self.decoder.prefill(embeds[0], prefix)
-        stats.stopped_by = "max_new_tokens" if budget == cfg.max_new_tokens else "context"
-        t_first = None
-        for step in range(budget):
-            tok = pick_token_np(logits, cfg, rng)
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.time_to_first_token_s = t_first - t0
-            if tok in stop:
-                stats.stopped_by = "stop token"
-                break
-            stats.new_tokens = step + 1
-            yield tok
-            if step + 1 == budget:
-                break
-            logits = self.decoder.step(tok)
-        if t_first is not None and stats.new_tokens > 1:
-            stats.decode_tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
+        yield from decode_loop(lambda: self.decoder.prefill(embeds[0], prefix), self.decoder.step,
+                               lambda logits: pick_token_np(logits, cfg, rng), cfg, stats, int(embeds.shape[1]),
+                               self.context_length)
 
     def start(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
               top_k: int = 0, seed: int | None = None):

@@ -1,0 +1,813 @@
+"""VLM decoder speed on this CPU, in one run: transformers eager, edgevlm's ONNX Runtime and llama.cpp decoders,
+and llama.cpp's own high-level path as the anchor, against the machine's memory-bandwidth limit.
+
+    python benchmarks/vlm_decode.py [--size 1.3b|0.5b|tiny] [--runs 3] [--new-tokens 64] [--image-tokens 64]
+                                    [--compression] [--cache /work/bench_cache] [--out benchmarks/results]
+
+Speed does not depend on weight values, so the decoder is a realistic shape with RANDOM weights (normal,
+std 0.02): ``1.3b`` is Moondream2's text model, a Phi-1.5-shaped transformers ``PhiForCausalLM`` (hidden 2048,
+24 layers, 32 heads, MLP 8192, partial rotary 0.5, vocab 51200, 1.42B parameters); ``0.5b`` the same family
+with smaller dims (hidden 1024, 32 layers, 16 heads, MLP 4096: 0.51B); ``tiny`` a seconds-long smoke run.
+
+Every engine gets the same prompt: ``--image-tokens`` random "image" embedding rows followed by 32 text tokens,
+prefilled at once, then ``--new-tokens`` greedy tokens (stop tokens ignored; llama.cpp's own path gets token ids
+of the same length, as its high-level API takes no embeddings). Each engine runs in its own fresh process (peak
+RSS from getrusage is that engine's), ``--threads`` (2) threads everywhere, one untimed warm-up, median of
+``--runs``. Time to first token = prefill of the whole prompt + picking the first token; decode tok/s = the
+other new tokens over the time after the first one.
+
+Engines: transformers eager FP32 (prefill + KV-cache loop, as ``generate`` runs it); edgevlm ONNX Runtime
+decoder FP32 / INT8 / INT4 (``export_decoder`` + ``quantize_decoder`` run by ``runtime.vlm.OrtDecoder``, new
+tokens embedded by ``embed_tokens.onnx``); edgevlm llama.cpp Q8_0 / Q4_K_M (``write_gguf`` F16 +
+``quantize_gguf``, run by ``runtime.llamacpp.LlamaCppDecoder``: an embedding-batch prefill, then token steps);
+llama.cpp's own path (``llama_cpp.Llama.generate``, greedy) on the same GGUF files. llama.cpp engines share
+n_ctx, n_batch (= n_ubatch, the whole prompt in one batch), F16 KV cache and flash attention (``--flash-attn``).
+
+Physical limit: decoding one token reads every weight once (the input embedding table aside: one row), so
+tok/s <= memory bandwidth / bytes read per token. Bandwidth is measured here (numpy: copy, and a 1- and
+2-thread read; the highest figure is the limit), bytes per token from the engine's weight files
+(``read_mb_per_tok``; ``weights_mb`` is all an engine loads: ONNX Runtime's includes embed_tokens.onnx).
+The KV cache read per token is not counted (small next to the weights at these lengths).
+
+The CPUs' load from other jobs is sampled before timing and recorded; above 25% a warning is printed: on a
+shared 2-core machine, engines whose threads wait on each other slow down badly (torch eager at 2 threads
+measured 3-7x slower than at 1 thread while another job held a core), so ratios are only meaningful when quiet.
+
+``--compression``: time to first token of LLaVA-Mini-style compressed prompts on the same decoder: 1 and 16
+vision tokens against the uncompressed 576 (+ the same 32 text tokens), ONNX INT4 and llama.cpp Q4_K_M.
+
+Artifacts (ONNX, GGUF: ~14 GB for 1.3b) are cached under ``--cache`` and reused; building them runs in
+subprocesses (the torch model is freed before anything is timed). Writes a table to stdout,
+``<out>/vlm_decode-<size>.json`` and, when matplotlib is installed, ``<out>/vlm_decode-<size>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as a script from anywhere: the repo's edgevlm, not an installed one
+    sys.path.insert(0, str(ROOT))
+
+_PHI = {"partial_rotary_factor": 0.5, "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048, "rope_theta": 10000.0, "initializer_range": 0.02, "bos_token_id": 256,
+        "eos_token_id": 257, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}
+SIZES = {
+    "1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "intermediate_size": 8192, "vocab_size": 51200},
+    "0.5b": {"hidden_size": 1024, "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 16,
+             "intermediate_size": 4096, "vocab_size": 51200},
+    # every dimension a multiple of 256 so Q4_K_M quantizes every matrix (no fallback types)
+    "tiny": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "intermediate_size": 1024, "vocab_size": 512},
+}
+TEXT_TOKENS = 32
+COMPRESSION_VISION = (576, 16, 1)          # uncompressed LLaVA-1.5 image, LLaVA-Mini 16 and 1 token(s)
+
+# key -> (label, kind, artifact)
+ENGINES = {
+    "eager": ("transformers eager FP32", "eager", None),
+    "ort-fp32": ("edgevlm ORT FP32", "ort", "onnx_fp32"),
+    "ort-int8": ("edgevlm ORT INT8", "ort", "onnx_int8"),
+    "ort-int4": ("edgevlm ORT INT4", "ort", "onnx_int4"),
+    "edgevlm-q8_0": ("edgevlm llama.cpp Q8_0", "edgellama", "gguf_q8_0"),
+    "edgevlm-q4_k_m": ("edgevlm llama.cpp Q4_K_M", "edgellama", "gguf_q4_k_m"),
+    "llamacpp-q8_0": ("llama.cpp own Q8_0", "llama", "gguf_q8_0"),
+    "llamacpp-q4_k_m": ("llama.cpp own Q4_K_M", "llama", "gguf_q4_k_m"),
+}
+COMPRESSION_ENGINES = ("ort-int4", "edgevlm-q4_k_m")
+ARTIFACTS = {               # name -> (file, build stage, prerequisites)
+    "embed_tokens": ("embed_tokens.onnx", "torch", ()),
+    "onnx_fp32": ("decoder.onnx", "torch", ()),
+    "gguf_f16": ("decoder.f16.gguf", "torch", ()),
+    "onnx_int8": ("decoder.int8.onnx", "int8", ("onnx_fp32",)),
+    "onnx_int4": ("decoder.int4.onnx", "int4", ("onnx_fp32",)),
+    "gguf_q8_0": ("decoder.q8_0.gguf", "q8_0", ("gguf_f16",)),
+    "gguf_q4_k_m": ("decoder.q4_k_m.gguf", "q4_k_m", ("gguf_f16",)),
+}
+TARGET_INT4_VS_EAGER, TARGET_VS_LLAMACPP, TARGET_PCT_LIMIT = 4.0, 0.9, 50.0
+_T0 = float(os.environ.get("VLM_DECODE_T0") or time.time())       # the parent's start: one clock for all stages
+
+
+def say(msg: str) -> None:
+    print(f"[{time.time() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+# -- the model ----------------------------------------------------------------------------------------------
+def build_lm(size: str):
+    """The random-weight Phi-shaped decoder (seeded: every process builds the same weights)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(**SIZES[size], **_PHI)
+    lm = transformers.PhiForCausalLM(cfg).eval()
+    lm.requires_grad_(False)
+    return lm
+
+
+def n_params(size: str) -> int:
+    """Parameters of the decoder, from its shape (no torch)."""
+    c = SIZES[size]
+    d, f, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
+    layer = (d * d + d) * 2 + (d * kv + kv) * 2 + (d * f + f) + (f * d + d) + 2 * d
+    return v * d + n * layer + 2 * d + (d * v + v)
+
+
+# -- building artifacts (each stage in its own process) -----------------------------------------------------
+def prepare_stage(stage: str, size: str, cache: Path) -> dict:
+    """Build one stage's artifacts in ``cache``; returns {artifact: facts}."""
+    out: dict = {}
+    if stage == "torch":
+        import gc
+
+        from edgevlm.errors import EdgeVLMError
+        from edgevlm.exporters.vlm_onnx import export_decoder, export_embed_tokens
+
+        say(f"building the random {size} Phi decoder (torch)")
+        lm = build_lm(size)
+        say(f"  {sum(p.numel() for p in lm.parameters()) / 1e9:.3f}B parameters; exporting decoder.onnx "
+            "(torch.onnx dynamo)")
+        f = export_decoder(lm, cache / ARTIFACTS["onnx_fp32"][0])
+        out["onnx_fp32"] = {k: f[k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size",
+                                               "external_data", "file_bytes")}
+        say(f"  decoder.onnx: {f['file_bytes'] / 1e6:.1f} MB (external data: {f['external_data']}); "
+            "exporting embed_tokens.onnx")
+        f = export_embed_tokens(lm, cache / ARTIFACTS["embed_tokens"][0])
+        out["embed_tokens"] = {"file_bytes": f["file_bytes"]}
+        try:
+            from edgevlm.exporters.gguf import write_gguf
+            from edgevlm.processor import TextTokenizer
+
+            say("  writing decoder.f16.gguf")
+            tok = TextTokenizer.bytes_only(SIZES[size]["vocab_size"])
+            f = write_gguf(lm, tok, cache / ARTIFACTS["gguf_f16"][0], ftype="f16", name=f"edgevlm-bench-phi-{size}")
+            out["gguf_f16"] = {"file_bytes": f["file_size"], "arch": f["arch"], "params": f["params"]}
+        except (ImportError, EdgeVLMError) as e:     # no gguf package: the llama.cpp engines are skipped
+            out["gguf_f16"] = {"error": f"{type(e).__name__}: {e}"}
+        del lm
+        gc.collect()
+    elif stage in ("int8", "int4"):
+        from edgevlm.exporters.vlm_onnx import quantize_decoder
+
+        say(f"quantizing decoder.onnx to {stage.upper()} (onnxruntime)")
+        f = quantize_decoder(cache / ARTIFACTS["onnx_fp32"][0], cache / ARTIFACTS[f"onnx_{stage}"][0], stage)
+        out[f"onnx_{stage}"] = {"file_bytes": f["file_bytes"], "method": f["method"],
+                                "weight_coverage": f["weight_coverage"]}
+    elif stage in ("q8_0", "q4_k_m"):
+        from edgevlm.exporters.gguf import quantize_gguf
+
+        say(f"quantizing decoder.f16.gguf to {stage.upper()} (llama.cpp)")
+        f = quantize_gguf(cache / ARTIFACTS["gguf_f16"][0], cache / ARTIFACTS[f"gguf_{stage}"][0], stage)
+        out[f"gguf_{stage}"] = {"file_bytes": f["file_size"], "tensor_types": f["tensor_types"],
+                                "fallbacks": len(f["fallbacks"])}
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+    return out
+
+
+def _sub(args: list[str], threads: int, stream_err: bool = True) -> dict:
+    """Run this script in a fresh process; its last stdout line is JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "VLM_DECODE_T0": str(_T0)}
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.PIPE,
+                       stderr=None if stream_err else subprocess.PIPE, text=True, env=env, check=False)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or "")[-800:] if not stream_err else "(see its output above)"
+        raise RuntimeError(f"`{' '.join(args[:2])}` exited with {r.returncode}: {tail.strip()}")
+    return json.loads(lines[-1])
+
+
+def ensure_artifacts(size: str, cache: Path, wanted: set[str], threads: int) -> tuple[dict, dict]:
+    """Build what ``wanted`` needs unless cached; returns (meta artifacts, {artifact: reason unavailable})."""
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_path = cache / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    shape = {**SIZES[size], **_PHI}
+    if meta.get("config") != shape:
+        meta = {"config": shape, "artifacts": {}}
+    arts = meta["artifacts"]
+    need, stack = set(), list(wanted)
+    while stack:
+        a = stack.pop()
+        if a not in need:
+            need.add(a)
+            stack.extend(ARTIFACTS[a][2])
+    unavailable: dict[str, str] = {}
+
+    def have(a: str) -> bool:
+        return a in arts and "error" not in arts[a] and (cache / ARTIFACTS[a][0]).is_file()
+
+    for stage in ("torch", "int8", "int4", "q8_0", "q4_k_m"):
+        todo = [a for a in need if ARTIFACTS[a][1] == stage and not have(a)]
+        if not todo:
+            continue
+        if stage == "torch":
+            todo = [a for a in ARTIFACTS if ARTIFACTS[a][1] == "torch"]   # one model build makes all three
+        missing = [p for a in todo for p in ARTIFACTS[a][2] if not have(p)]
+        if missing:
+            for a in todo:
+                unavailable[a] = f"needs {', '.join(missing)}: {arts.get(missing[0], {}).get('error', 'not built')}"
+            continue
+        if stage in ("q8_0", "q4_k_m"):
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                for a in todo:
+                    unavailable[a] = "llama-cpp-python is not installed (llama.cpp's quantizer)"
+                continue
+        try:
+            arts.update(_sub(["--prepare", stage, "--size", size, "--cache", str(cache.parent)], threads))
+        except RuntimeError as e:
+            for a in todo:
+                arts[a] = {"error": str(e)}
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    for a in need:
+        if not have(a) and a not in unavailable:
+            unavailable[a] = arts.get(a, {}).get("error", "not built")
+    return arts, unavailable
+
+
+# -- what a token costs -------------------------------------------------------------------------------------
+def onnx_weight_bytes(path: Path) -> tuple[int, int]:
+    """(all initializer bytes, bytes of tables only gathered from, i.e. not read whole per token)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    size = {}
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = int(ext["length"]) if "length" in ext else (
+            len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes)
+    users: dict[str, set] = {}
+    for n in m.graph.node:
+        for i, name in enumerate(n.input):
+            if name in size:
+                users.setdefault(name, set()).add((n.op_type, i))
+    gathered = sum(size[k] for k, u in users.items() if u == {("Gather", 0)})
+    return sum(size.values()), gathered
+
+
+def gguf_weight_bytes(path: Path) -> tuple[int, int]:
+    """(all tensor bytes, bytes of token_embd, which decoding reads one row of)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    total = sum(int(t.n_bytes) for t in r.tensors)
+    embd = sum(int(t.n_bytes) for t in r.tensors if t.name == "token_embd.weight")
+    return total, embd
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over ``seconds`` while this benchmark sleeps (other jobs on the machine)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])          # idle + iowait, total (guest time is inside user)
+
+    try:
+        i0, t0 = sample()
+        time.sleep(seconds)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1.0 - (i1 - i0) / max(t1 - t0, 1), 3)
+
+
+def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
+    """GB/s (1e9 bytes/s): copy (read + write counted), and read (a sum over uint64) on 1 and 2 threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = mib * 2**20
+    a = np.ones(n // 8, np.uint64)
+    b = np.empty_like(a)
+    halves = np.array_split(a, 2)
+
+    def best(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    with ThreadPoolExecutor(2) as ex:
+        res = {"copy_gbs": 2 * n / best(lambda: np.copyto(b, a)) / 1e9,
+               "read_1thread_gbs": n / best(lambda: a.sum()) / 1e9,
+               "read_2threads_gbs": n / best(lambda: list(ex.map(np.sum, halves))) / 1e9}
+    res = {k: round(v, 2) for k, v in res.items()}
+    res["bandwidth_gbs"] = max(res.values())
+    res["array_mib"], res["repeats"] = mib, repeats
+    return res
+
+
+# -- engines (run inside a measuring subprocess) ------------------------------------------------------------
+class _Eager:
+    def __init__(self, size: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.lm = build_lm(size)
+        w = self.lm.get_input_embeddings().weight
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.lm.parameters())
+        self.read_bytes = self.weight_bytes - w.numel() * w.element_size()
+        self.attn = getattr(self.lm.config, "_attn_implementation", None)
+        self.past = None
+
+    def reset(self):
+        self.past = None
+
+    def prefill(self, embeds: np.ndarray):
+        with self.torch.inference_mode():
+            out = self.lm(inputs_embeds=self.torch.from_numpy(embeds[None]), use_cache=True, logits_to_keep=1)
+        self.past = out.past_key_values
+        return out.logits[0, -1]
+
+    def step(self, tok: int):
+        with self.torch.inference_mode():
+            out = self.lm(input_ids=self.torch.tensor([[tok]]), past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[0, -1]
+
+
+class _Ort:
+    def __init__(self, size: str, cache: Path, artifact: str, threads: int):
+        from edgevlm.runtime.vlm import OrtDecoder, _Graph
+
+        c = SIZES[size]
+        prec = artifact.split("_")[1]
+        cpu = ["CPUExecutionProvider"]
+        graph = _Graph(cache / ARTIFACTS[artifact][0], cpu, prec, threads)
+        embed = _Graph(cache / ARTIFACTS["embed_tokens"][0], cpu, "fp32", threads)
+        self.dec = OrtDecoder(graph, embed, c["num_hidden_layers"], c["num_key_value_heads"],
+                              c["hidden_size"] // c["num_attention_heads"])
+        self.reset, self.step = self.dec.reset, self.dec.step
+        self.providers = self.dec.providers
+
+    def prefill(self, embeds: np.ndarray):
+        return self.dec.prefill(embeds)
+
+
+class _EdgeLlama:
+    def __init__(self, cache: Path, artifact: str, threads: int, n_ctx: int, flash_attn: bool):
+        from edgevlm.runtime.llamacpp import LlamaCppDecoder
+
+        self.dec = LlamaCppDecoder(cache / ARTIFACTS[artifact][0], n_ctx=n_ctx, n_threads=threads, n_batch=n_ctx,
+                                   flash_attn=flash_attn)
+        self.reset, self.step = self.dec.reset, self.dec.step
+
+    def prefill(self, embeds: np.ndarray):
+        return self.dec.prefill(embeds)
+
+
+def _drive(engine, embeds: np.ndarray, n_new: int) -> tuple[float, float, list[int]]:
+    """(time to first token s, decode tok/s, tokens) of one greedy run of an embeddings-in engine."""
+    engine.reset()
+    t0 = time.perf_counter()
+    tok = int(engine.prefill(embeds).argmax())
+    t1 = time.perf_counter()
+    toks = [tok]
+    for _ in range(n_new - 1):
+        tok = int(engine.step(tok).argmax())
+        toks.append(tok)
+    t2 = time.perf_counter()
+    return t1 - t0, (n_new - 1) / max(t2 - t1, 1e-9), toks
+
+
+class _LlamaOwn:
+    """llama-cpp-python's high-level API: ``Llama.generate`` (prefill of the ids, then greedy sampling)."""
+
+    def __init__(self, cache: Path, artifact: str, threads: int, n_ctx: int, flash_attn: bool):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(cache / ARTIFACTS[artifact][0]), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
+                                   flash_attn=flash_attn, logits_all=False, verbose=False)
+
+    def run(self, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
+        self.llm.reset()                   # no KV-cache prefix reuse between runs: every run prefills everything
+        t0 = time.perf_counter()
+        gen = self.llm.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)
+        toks = [next(gen)]
+        t1 = time.perf_counter()
+        for _ in range(n_new - 1):
+            toks.append(next(gen))
+        t2 = time.perf_counter()
+        gen.close()
+        return t1 - t0, (n_new - 1) / max(t2 - t1, 1e-9), [int(t) for t in toks]
+
+
+def open_engine(key: str, size: str, cache: Path, threads: int, n_ctx: int, flash_attn: bool):
+    _, kind, art = ENGINES[key]
+    if kind == "eager":
+        return _Eager(size, threads)
+    if kind == "ort":
+        return _Ort(size, cache, art, threads)
+    if kind == "edgellama":
+        return _EdgeLlama(cache, art, threads, n_ctx, flash_attn)
+    return _LlamaOwn(cache, art, threads, n_ctx, flash_attn)
+
+
+def _run(engine, prompt: dict, n_new: int):
+    if isinstance(engine, _LlamaOwn):
+        return engine.run(prompt["ids"], n_new)
+    return _drive(engine, prompt["embeds"], n_new)
+
+
+def _load_prompt(path: str) -> dict:
+    z = np.load(path)
+    return {"embeds": np.ascontiguousarray(z["embeds"], np.float32), "ids": [int(i) for i in z["ids"]]}
+
+
+def measure(key: str, size: str, cache: Path, prompt_path: str, runs: int, n_new: int, threads: int, n_ctx: int,
+            flash_attn: bool) -> dict:
+    """Warm-up + ``runs`` timed greedy runs of one engine, in this (fresh) process."""
+    t = time.perf_counter()
+    engine = open_engine(key, size, cache, threads, n_ctx, flash_attn)
+    load_s = time.perf_counter() - t
+    prompt = _load_prompt(prompt_path)
+    ttft, tps, tokens = [], [], None
+    for i in range(runs + 1):
+        a, b, toks = _run(engine, prompt, n_new)
+        if i:
+            ttft.append(a)
+            tps.append(b)
+        tokens = tokens or toks
+    res = {"ttft_s": ttft, "tok_s": tps, "load_s": load_s, "peak_rss_mib": round(peak_mib(), 1),
+           "first_tokens": tokens[:8], "n_new": len(tokens)}
+    if isinstance(engine, _Eager):
+        res.update(weight_bytes=engine.weight_bytes, read_bytes=engine.read_bytes, attention=engine.attn)
+    if isinstance(engine, _Ort):
+        res["providers"] = engine.providers
+    return res
+
+
+def measure_ttft(key: str, size: str, cache: Path, prompt_paths: list[str], runs: int, threads: int, n_ctx: int,
+                 flash_attn: bool) -> dict:
+    """Time to first token for several prompts on one engine (warm-up + ``runs`` each)."""
+    engine = open_engine(key, size, cache, threads, n_ctx, flash_attn)
+    out = {}
+    for p in prompt_paths:
+        prompt = _load_prompt(p)
+        ts = [_run(engine, prompt, 1)[0] for _ in range(runs + 1)][1:]
+        out[p] = ts
+    return {"ttft_s": out, "peak_rss_mib": round(peak_mib(), 1)}
+
+
+# -- prompts ------------------------------------------------------------------------------------------------
+def make_prompt(cache: Path, size: str, n_img: int, n_text: int = TEXT_TOKENS) -> Path:
+    """``n_img`` random image rows + ``n_text`` byte-token embeddings (from embed_tokens.onnx), and token ids of
+    the same length for llama.cpp's own path; saved as .npz in the cache."""
+    path = cache / "prompts" / f"prompt-{n_img}img-{n_text}txt.npz"
+    if path.is_file():
+        return path
+    import onnxruntime as ort
+
+    d = SIZES[size]["hidden_size"]
+    text_ids = np.random.default_rng(1234).integers(0, 256, n_text)          # byte tokens of the GGUF vocab
+    rng = np.random.default_rng(n_img)
+    img = rng.normal(0.0, 0.02, (n_img, d)).astype(np.float32)              # the embedding table's scale
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(cache / ARTIFACTS["embed_tokens"][0]), so, providers=["CPUExecutionProvider"])
+    txt = sess.run(None, {"input_ids": text_ids[None].astype(np.int64)})[0][0]
+    embeds = np.concatenate([img, txt]).astype(np.float32)
+    ids = np.concatenate([rng.integers(0, 256, n_img), text_ids]).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".part.npz")
+    np.savez(tmp, embeds=embeds, ids=ids)
+    os.replace(tmp, path)
+    return path
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def _ratio(a, b):
+    return float(a) / float(b) if a and b else None
+
+
+def _target(name: str, value, goal: float, unit: str = "x") -> dict:
+    """met: True / False, or None when an engine it needs was not measured."""
+    met = None if value is None else bool(value >= goal)
+    shown = "-" if value is None else (f"{value:.2f}{unit}" if unit == "x" else f"{value:.1f}{unit}")
+    return {"target": name, "value": value, "goal": goal, "met": met, "shown": shown}
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    rows = [r for r in rows if r.get("decode_tok_s")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(len(rows))
+    colors = ["#888888" if r["kind"] == "eager" else "#3b75af" if r["kind"] == "ort" else
+              "#e1812c" if r["kind"] == "edgellama" else "#c03d3e" for r in rows]
+    ax.bar(x, [r["decode_tok_s"] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        if r.get("limit_tok_s"):
+            ax.hlines(r["limit_tok_s"], i - 0.4, i + 0.4, colors="black", linestyles="dashed", linewidth=1)
+        ax.annotate(f"{r['decode_tok_s']:.1f}", (i, r["decode_tok_s"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [r["engine"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("decode tokens/s (median)")
+    ax.set_title(title + "\n(dashed: bandwidth limit = bandwidth / weight bytes per token)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=list(SIZES), default="1.3b")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per engine (after one warm-up)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--image-tokens", type=int, default=64, help="random image embedding rows before the text")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
+    ap.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES),
+                    help="engines to time (default: all; none with --compression: only that)")
+    ap.add_argument("--compression", action="store_true",
+                    help="also: time to first token with 1 / 16 / 576 vision tokens (ONNX INT4, llama.cpp Q4_K_M)")
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                    help="llama.cpp flash attention for both llama.cpp paths (edgevlm's default 'auto' is on for CPU)")
+    ap.add_argument("--cache", type=Path, default=Path("/work/bench_cache"), help="artifacts, reused when present")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results directory")
+    ap.add_argument("--prepare", help=argparse.SUPPRESS)
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--measure-ttft", help=argparse.SUPPRESS)
+    ap.add_argument("--measure-bandwidth", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--n-ctx", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cache = args.cache / f"vlm_decode-{args.size}"
+    fa = args.flash_attn == "on"
+
+    # -- worker modes (each in a fresh process) --
+    if args.prepare:
+        print(json.dumps(prepare_stage(args.prepare, args.size, cache)))
+        return 0
+    if args.measure_bandwidth:
+        print(json.dumps(measure_bandwidth()))
+        return 0
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.size, cache, args.prompt[0], args.runs, args.new_tokens,
+                                 args.threads, args.n_ctx, fa)))
+        return 0
+    if args.measure_ttft:
+        print(json.dumps(measure_ttft(args.measure_ttft, args.size, cache, args.prompt, args.runs, args.threads,
+                                      args.n_ctx, fa)))
+        return 0
+
+    from edgevlm.report import table, write_json
+
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    engines = list(dict.fromkeys(args.engines))
+    skipped: dict[str, str] = {}
+    try:
+        import llama_cpp
+        llama_version = getattr(llama_cpp, "__version__", "?")
+    except ImportError:
+        llama_version = None
+        for k in list(engines):
+            if ENGINES[k][1] in ("edgellama", "llama"):
+                skipped[k] = "llama-cpp-python is not installed (pip install 'edgevlm[gguf]')"
+                engines.remove(k)
+    comp_engines = [k for k in COMPRESSION_ENGINES if k not in skipped] if args.compression else []
+    if args.compression and llama_version is None:
+        skipped.setdefault("edgevlm-q4_k_m", "llama-cpp-python is not installed")
+    say(f"vlm_decode: size {args.size} ({n_params(args.size) / 1e9:.3f}B params, random weights), "
+        f"{args.image_tokens} image rows + {TEXT_TOKENS} text tokens, {args.new_tokens} new tokens, "
+        f"{args.runs} runs, {args.threads} threads; cache {cache}")
+
+    wanted = {"embed_tokens"} | {ENGINES[k][2] for k in engines + comp_engines if ENGINES[k][2]}
+    arts, unavailable = ensure_artifacts(args.size, cache, wanted, args.threads)
+    for k in list(engines):
+        art = ENGINES[k][2]
+        if art in unavailable:
+            skipped[k] = f"{ARTIFACTS[art][0]} unavailable: {unavailable[art]}"
+            engines.remove(k)
+    comp_engines = [k for k in comp_engines if ENGINES[k][2] not in unavailable]
+    if "embed_tokens" in unavailable:
+        raise SystemExit(f"embed_tokens.onnx could not be built: {unavailable['embed_tokens']}")
+
+    n_prompt = args.image_tokens + TEXT_TOKENS
+    need = n_prompt + args.new_tokens + 1
+    if comp_engines:
+        need = max(need, max(COMPRESSION_VISION) + TEXT_TOKENS + 1)
+    n_ctx = -(-need // 256) * 256
+    if n_ctx > SIZES[args.size].get("max_position_embeddings", _PHI["max_position_embeddings"]):
+        ap.error(f"the prompt and new tokens need {need} positions; the decoder holds "
+                 f"{_PHI['max_position_embeddings']}")
+    prompt = make_prompt(cache, args.size, args.image_tokens)
+
+    busy = cpu_busy()
+    if busy is not None:
+        say(f"other jobs keep {100 * busy:.0f}% of the CPUs busy")
+    say("measuring memory bandwidth (numpy)")
+    bw = _sub(["--measure-bandwidth"], args.threads)
+    say(f"  bandwidth {bw['bandwidth_gbs']:.1f} GB/s (copy {bw['copy_gbs']}, read 1 thread {bw['read_1thread_gbs']}, "
+        f"2 threads {bw['read_2threads_gbs']})")
+
+    results, failed = {}, {}
+    common = ["--size", args.size, "--cache", str(args.cache), "--threads", str(args.threads), "--n-ctx", str(n_ctx),
+              "--flash-attn", args.flash_attn]
+    for k in engines:
+        say(f"timing {ENGINES[k][0]}: warm-up + {args.runs} runs of {args.new_tokens} tokens, fresh process")
+        try:
+            results[k] = _sub(["--measure", k, "--prompt", str(prompt), "--runs", str(args.runs),
+                               "--new-tokens", str(args.new_tokens), *common], args.threads, stream_err=False)
+            r = results[k]
+            say(f"  ttft {1000 * np.median(r['ttft_s']):.0f} ms, {np.median(r['tok_s']):.2f} tok/s, "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+        except RuntimeError as e:
+            failed[k] = str(e)
+            say(f"  FAILED: {e}")
+
+    # weights: what each engine loads, and what one decoded token reads
+    rows = []
+    for k in engines:
+        label, kind, art = ENGINES[k]
+        r = results.get(k)
+        if kind == "eager":
+            wb = rb = None
+            if r:
+                wb, rb = r["weight_bytes"], r["read_bytes"]
+            else:
+                p = n_params(args.size)
+                wb, rb = 4 * p, 4 * (p - SIZES[args.size]["vocab_size"] * SIZES[args.size]["hidden_size"])
+        elif kind == "ort":
+            total, gathered = onnx_weight_bytes(cache / ARTIFACTS[art][0])
+            emb_total, _ = onnx_weight_bytes(cache / ARTIFACTS["embed_tokens"][0])
+            wb, rb = total + emb_total, total - gathered
+        else:
+            total, embd = gguf_weight_bytes(cache / ARTIFACTS[art][0])
+            wb, rb = total, total - embd
+        limit = bw["bandwidth_gbs"] * 1e9 / rb
+        row = {"engine": label, "key": k, "kind": kind, "weights_mb": wb / 1e6, "read_mb_per_tok": rb / 1e6,
+               "limit_tok_s": limit}
+        if r:
+            tps, ttft = float(np.median(r["tok_s"])), float(np.median(r["ttft_s"]))
+            row.update(ttft_ms=1000 * ttft, decode_tok_s=tps, pct_of_limit=100 * tps / limit,
+                       peak_rss_mib=r["peak_rss_mib"], load_s=r["load_s"], runs=len(r["tok_s"]),
+                       ttft_ms_all=[1000 * t for t in r["ttft_s"]], tok_s_all=r["tok_s"],
+                       first_tokens=r["first_tokens"], **({"attention": r["attention"]} if "attention" in r else {}))
+        rows.append(row)
+    by = {r["key"]: r for r in rows}
+    ref = by.get("eager", {}).get("first_tokens")
+    for r in rows:      # a sanity check that every engine runs the same model (quantized ones drift, llama.cpp's
+        if ref and r.get("first_tokens") and r["kind"] != "llama":      # own path gets ids, not image rows)
+            r["greedy_prefix_equal_to_eager"] = next((i for i, (a, b) in enumerate(zip(ref, r["first_tokens"]))
+                                                      if a != b), min(len(ref), len(r["first_tokens"])))
+    eager = by.get("eager", {}).get("decode_tok_s")
+    for r in rows:
+        r["x_decode_vs_eager"] = _ratio(r.get("decode_tok_s"), eager)
+
+    def tps(k):
+        return by.get(k, {}).get("decode_tok_s")
+
+    def ttft(k):
+        return by.get(k, {}).get("ttft_ms")
+
+    ratios = {
+        "ort_int4_vs_eager_decode": _ratio(tps("ort-int4"), eager),
+        "edgevlm_q4_k_m_vs_eager_decode": _ratio(tps("edgevlm-q4_k_m"), eager),
+        "edgevlm_vs_llamacpp_q8_0_decode": _ratio(tps("edgevlm-q8_0"), tps("llamacpp-q8_0")),
+        "edgevlm_vs_llamacpp_q4_k_m_decode": _ratio(tps("edgevlm-q4_k_m"), tps("llamacpp-q4_k_m")),
+        "edgevlm_vs_llamacpp_q8_0_ttft_speed": _ratio(ttft("llamacpp-q8_0"), ttft("edgevlm-q8_0")),
+        "edgevlm_vs_llamacpp_q4_k_m_ttft_speed": _ratio(ttft("llamacpp-q4_k_m"), ttft("edgevlm-q4_k_m")),
+        "ort_int4_vs_llamacpp_q4_k_m_decode": _ratio(tps("ort-int4"), tps("llamacpp-q4_k_m")),
+        "ort_int4_vs_llamacpp_q4_k_m_ttft_speed": _ratio(ttft("llamacpp-q4_k_m"), ttft("ort-int4")),
+        "pct_of_limit": {r["key"]: r.get("pct_of_limit") for r in rows},
+    }
+    targets = [
+        _target("edgevlm ONNX INT4 decode / eager FP32 decode >= 4x", ratios["ort_int4_vs_eager_decode"],
+                TARGET_INT4_VS_EAGER),
+        _target("edgevlm llama.cpp Q4_K_M decode / eager FP32 decode >= 4x", ratios["edgevlm_q4_k_m_vs_eager_decode"],
+                TARGET_INT4_VS_EAGER),
+        _target("edgevlm llama.cpp / llama.cpp own, Q8_0 decode >= 0.9x", ratios["edgevlm_vs_llamacpp_q8_0_decode"],
+                TARGET_VS_LLAMACPP),
+        _target("edgevlm llama.cpp / llama.cpp own, Q4_K_M decode >= 0.9x",
+                ratios["edgevlm_vs_llamacpp_q4_k_m_decode"], TARGET_VS_LLAMACPP),
+    ]
+    for r in rows:
+        if r["kind"] in ("ort", "edgellama"):
+            targets.append(_target(f"{r['engine']} >= 50% of its bandwidth limit", r.get("pct_of_limit"),
+                                   TARGET_PCT_LIMIT, "%"))
+
+    # -- compression: time to first token with 1 / 16 / 576 vision tokens --
+    compression = None
+    if args.compression:
+        compression = {"vision_tokens": list(COMPRESSION_VISION), "text_tokens": TEXT_TOKENS, "rows": [],
+                       "skipped": {k: skipped.get(k) or unavailable.get(ENGINES[k][2], "")
+                                   for k in COMPRESSION_ENGINES if k not in comp_engines}}
+        paths = {n: make_prompt(cache, args.size, n) for n in COMPRESSION_VISION}
+        for k in comp_engines:
+            say(f"compression: time to first token of {ENGINES[k][0]} at {', '.join(map(str, COMPRESSION_VISION))} "
+                "vision tokens, fresh process")
+            try:
+                res = _sub(["--measure-ttft", k, "--prompt", *[str(p) for p in paths.values()], "--runs",
+                            str(args.runs), *common], args.threads, stream_err=False)
+            except RuntimeError as e:
+                compression["skipped"][k] = str(e)
+                say(f"  FAILED: {e}")
+                continue
+            base = float(np.median(res["ttft_s"][str(paths[max(COMPRESSION_VISION)])]))
+            for n, p in paths.items():
+                t = float(np.median(res["ttft_s"][str(p)]))
+                compression["rows"].append({"engine": ENGINES[k][0], "vision_tokens": n,
+                                            "prompt_tokens": n + TEXT_TOKENS, "ttft_ms": 1000 * t,
+                                            "speedup_vs_576": base / t, "peak_rss_mib": res["peak_rss_mib"]})
+            say("  " + ", ".join(f"{r['vision_tokens']}: {r['ttft_ms']:.0f} ms" for r in compression["rows"]
+                                 if r["engine"] == ENGINES[k][0]))
+
+    # -- print --
+    cpu = platform.processor() or platform.machine()
+    title = (f"VLM decoder {args.size} (Phi-shaped, {n_params(args.size) / 1e9:.2f}B params, random weights), "
+             f"{cpu}, {args.threads} threads; prompt {args.image_tokens} image rows + {TEXT_TOKENS} text tokens, "
+             f"{args.new_tokens} new tokens, median of {args.runs}; bandwidth {bw['bandwidth_gbs']:.1f} GB/s")
+    cols = ["engine", "weights_mb", "read_mb_per_tok", "ttft_ms", "decode_tok_s", "limit_tok_s", "pct_of_limit",
+            "x_decode_vs_eager", "peak_rss_mib"]
+    if rows:
+        print(table(rows, cols, title=title))
+        print()
+        for name, v in ratios.items():
+            if name != "pct_of_limit":
+                print(f"  {name:42s} {'-' if v is None else f'{v:.2f}x'}")
+        print()
+        for t in targets:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            print(f"  target {t['target']:62s} {t['shown']:>8s}  {verdict}")
+    for k, why in {**skipped, **failed}.items():
+        print(f"  {ENGINES[k][0]}: {'skipped' if k in skipped else 'FAILED'}: {why}")
+    if busy is not None and busy > 0.25:
+        print(f"  WARNING: other jobs kept {100 * busy:.0f}% of the CPUs busy before timing; engines whose "
+              f"{args.threads} threads wait on each other (torch's OpenMP, llama.cpp) lose the most: these numbers "
+              "and ratios are not reliable, re-run on a quiet machine")
+    if compression:
+        print()
+        print(table(compression["rows"], ["engine", "vision_tokens", "prompt_tokens", "ttft_ms", "speedup_vs_576"],
+                    title=f"LLaVA-Mini-style compression: time to first token (prefill + first token), "
+                          f"+{TEXT_TOKENS} text tokens, median of {args.runs}"))
+        for k, why in compression["skipped"].items():
+            print(f"  {ENGINES[k][0]}: skipped: {why}")
+
+    import onnxruntime as ort
+
+    versions = {"onnxruntime": ort.__version__, "llama_cpp_python": llama_version, "numpy": np.__version__}
+    try:
+        import torch
+        import transformers
+
+        versions.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    # a --compression run without engines gets its own file (it does not overwrite the engines' results)
+    out = args.out / f"vlm_decode-{args.size}{'' if args.engines else '-compression'}.json"
+    write_json(out, {
+        "size": args.size, "model": "transformers PhiForCausalLM, random weights (normal std 0.02)",
+        "config": {**SIZES[args.size], **_PHI}, "params": n_params(args.size),
+        "prompt": {"image_tokens": args.image_tokens, "text_tokens": TEXT_TOKENS, "new_tokens": args.new_tokens,
+                   "stop_tokens": "ignored", "greedy": True},
+        "settings": {"runs": args.runs, "warmup_runs": 1, "threads": args.threads, "n_ctx_llama_cpp": n_ctx,
+                     "n_batch_llama_cpp": n_ctx, "flash_attn_llama_cpp": fa, "kv_cache_llama_cpp": "f16",
+                     "one_process_per_engine": True,
+                     "ttft": "prefill of the whole prompt + picking the first token",
+                     "decode_tok_s": "(new tokens - 1) / time after the first token"},
+        "cpu_busy_before_timing": busy, "bandwidth": bw, "rows": rows, "ratios": ratios, "targets": targets,
+        "skipped": skipped, "failed": failed, "compression": compression, "artifacts": arts,
+        "cache": str(cache), "machine": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+        "versions": versions, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    print(f"wrote {out}")
+    if any(r.get("decode_tok_s") for r in rows):
+        print(_plot(rows, out.with_suffix(".png"), title.split(";")[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
