@@ -216,7 +216,7 @@ def _cmd_train(args) -> int:
     if is_vlm(args.model):
         from .train.scenes_vlm import train_scenes_vlm
 
-        train_scenes_vlm(args.model, args.out, epochs=args.epochs or 4, seed=args.seed)
+        train_scenes_vlm(args.model, args.out, epochs=args.epochs or 3, seed=args.seed)
         return 0
     from .train.classifier import train_digits
 
@@ -318,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("train", help="reproduce shipped weights: a backbone on scikit-learn's digits, or "
-                       "edgevlm_scenes on the scenes task (--epochs 4)")
+                       "edgevlm_scenes on the scenes task (--epochs 3)")
     s.add_argument("--model", default="fastvit_t8")
-    s.add_argument("--epochs", type=int, help="default: 30 for digits backbones, 4 for edgevlm_scenes")
+    s.add_argument("--epochs", type=int, help="default: 30 for digits backbones, 3 for edgevlm_scenes")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path)
     s.set_defaults(func=_cmd_train)

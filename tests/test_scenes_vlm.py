@@ -1,6 +1,7 @@
 """edgevlm's default VLM: its family, training loop, saved format, and the scenes evaluation harness."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,16 +49,22 @@ def tiny_trained(tmp_path_factory):
     from edgevlm.train.scenes_vlm import train_scenes_vlm
 
     out = tmp_path_factory.mktemp("scenes") / "tiny.safetensors"
+    lines = []
     facts = train_scenes_vlm("edgevlm_scenes_tiny", out, epochs=1, images_per_step=8, train_images=32,
-                             val_images=2, log=lambda *_: None)
+                             val_images=2, log=lines.append, tower_steps=3)
+    facts["log"] = lines
     return out, facts
 
 
 def test_training_saves_weights_that_load_and_answer(tiny_trained):
     out, facts = tiny_trained
     assert facts["dataset"] == "scenes" and len(facts["history"]) == 1
+    # stage 1 (tower on the per-cell loss) ran and reported its validation cell accuracy; stage 2 kept it
+    assert any("tower step 3/3" in line and "validation cells" in line for line in facts["log"])
+    assert {"cell_shape", "cell_color"} <= set(facts["history"][0])
     vlm = load_vlm("edgevlm_scenes_tiny", weights=out)
-    assert vlm.facts["trained_with"]["train_images"] == 32
+    assert vlm.facts["trained_with"]["train_images"] == 32 and vlm.facts["trained_with"]["tower_steps"] == 3
+    assert not any(k.startswith("head") for k in vlm.state_dict())     # the dense head is training-only
     from edgevlm.data import scenes
 
     img = scenes.render(scenes.make_scene("test", 0))
@@ -109,3 +116,20 @@ def test_bad_weights_for_the_default_vlm(tmp_path):
         evaluate_vlm("edgevlm_scenes_tiny", weights="random", limit=1, quiet=True)
     assert main(["eval", "llava_tiny", "--weights", "random", "--limit", "1"]) == 2
     assert get_vlm_recipe("edgevlm_scenes").config["vision_tokens"] == 16
+
+
+def test_cell_targets_put_each_object_at_its_centre_cell():
+    from edgevlm.data import scenes
+    from edgevlm.train.scenes_vlm import NO_COLOR, NO_SHAPE, cell_targets
+
+    for i in range(20):
+        sc = scenes.make_scene("train", i)
+        t = cell_targets(sc, 6)
+        objs = t[t[:, 0] < NO_SHAPE]
+        assert (t[:, 0] < NO_SHAPE).sum() == (t[:, 1] < NO_COLOR).sum() <= len(sc.objects)
+        for o in sc.objects:
+            cell = min(int(o.center[1] * 6), 5) * 6 + min(int(o.center[0] * 6), 5)
+            if t[cell, 0] == scenes.SHAPES.index(o.shape):          # unless a larger object shares the cell
+                assert t[cell, 1] == list(scenes.COLORS).index(o.color)
+                np.testing.assert_allclose(t[cell, 2:4], o.center, atol=1e-6)
+        assert len(objs) >= 1
