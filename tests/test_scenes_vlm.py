@@ -133,3 +133,28 @@ def test_cell_targets_put_each_object_at_its_centre_cell():
                 assert t[cell, 1] == list(scenes.COLORS).index(o.color)
                 np.testing.assert_allclose(t[cell, 2:4], o.center, atol=1e-6)
         assert len(objs) >= 1
+
+
+def test_compression_report_runs_every_precision_and_backend(tiny_trained, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out, _ = tiny_trained
+    r = subprocess.run([sys.executable, "benchmarks/compression_report.py", "--variant", f"edgevlm_scenes_tiny={out}",
+                        "--limit", "1", "--precisions", "fp32", "int8", "--bench-runs", "1",
+                        "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "out" / "compression_report.json").read_text())
+    engines = {(row["engine"], row["precision"]) for row in data["rows"]}
+    assert ("eager PyTorch", "fp32") in engines and ("onnxruntime", "int8") in engines
+    for row in data["rows"]:
+        assert 0 <= row["qa_exact_match"] <= 100
+        if row["engine"] != "eager PyTorch":
+            assert row["size_mb"] > 0 and row["ttft_ms"] > 0 and "delta_points" in row
+    # FP32 bundles answer as the eager model does: same score
+    fp32 = [row for row in data["rows"] if row["precision"] == "fp32"]
+    assert len({row["qa_exact_match"] for row in fp32}) == 1
+    assert {t["precision"] for t in data["targets"]} == {"int8"}
+    assert (tmp_path / "out" / "compression_report.png").is_file()

@@ -236,9 +236,11 @@ def _byte_level_pre(pre: dict) -> str:
                 return _SPLIT_PRE[regex]
         if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
             return "smollm"
-    raise ExportError(f"the tokenizer's byte-level pre-tokenizer ({json.dumps(pre)[:160]}) is not one edgevlm can "
-                      "name for llama.cpp (gpt-2, llama-bpe, qwen2, smollm)",
-                      "use --decoder onnx for this model")
+    # A pre-tokenizer llama.cpp has no name for (edgevlm's scenes tokenizer keeps "0.37" whole with its own
+    # regex): llama.cpp's "default" split. edgevlm's runtime never lets llama.cpp tokenize (it feeds
+    # embeddings and token ids from tokenizer.json), so generation is unaffected; llama.cpp's own
+    # tokenization of raw text could split differently, which write_gguf records.
+    return "default"
 
 
 def _space_prefix(spec: dict) -> bool:
@@ -422,7 +424,11 @@ def write_gguf(language_model, tokenizer, path, ftype: str = "f32", name: str | 
             "context_length": hp["context_length"], "vocab_size": hp["vocab_size"],
             "hparams": {k: v for k, v in hp.items() if k not in ("context_length", "vocab_size")},
             "tokenizer": {"model": tok["model"], "pre": tok["pre"], "merges": len(tok["merges"]),
-                          "padded_tokens": tok["padded"], "bos_id": tok["bos_id"], "eos_id": tok["eos_id"]}}
+                          "padded_tokens": tok["padded"], "bos_id": tok["bos_id"], "eos_id": tok["eos_id"],
+                          **({"note": "custom pre-tokenizer written as llama.cpp's 'default': edgevlm tokenizes with "
+                              "tokenizer.json and feeds llama.cpp embeddings and ids, so generation is unaffected; "
+                              "llama.cpp's own tokenization of raw text may split differently"}
+                             if tok["pre"] == "default" else {})}}
 
 
 def gguf_tensor_types(path) -> dict[str, int]:

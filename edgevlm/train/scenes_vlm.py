@@ -232,7 +232,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             sched_t.step()
             if (i + 1) % 100 == 0 or i + 1 == tower_steps:
                 acc = val_dense()
-                log(f"  tower step {i + 1}/{tower_steps} dense loss {float(loss):.3f}, validation cells: shape "
+                log(f"  tower step {i + 1}/{tower_steps} dense loss {float(loss.detach()):.3f}, validation cells: shape "
                     f"{acc['cell_shape']:.3f}, colour {acc['cell_color']:.3f} ({time.time() - t_tower:.0f} s)")
 
     @torch.no_grad()

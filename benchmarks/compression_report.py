@@ -1,0 +1,169 @@
+"""What each compression step costs the default VLM, in one table and one plot.
+
+The scenes model (edgevlm_scenes) as eager FP32, then as bundles at FP32 / INT8 / INT4 on every decoder
+backend installed here (ONNX Runtime; llama.cpp when llama-cpp-python is present), and any other
+compressed-token variants passed with --variant: accuracy on the scenes task (exact match over the QA
+kinds, and per kind; detect IoU, point hits, caption F1), bundle size, time to first token and decode
+speed, each bundle run by the torch-free runtime.
+
+    python benchmarks/compression_report.py --split test --limit 200
+    python benchmarks/compression_report.py --variant edgevlm_scenes=models/weights/edgevlm_scenes.safetensors \
+        --variant edgevlm_scenes_4tok=path/to/4-token.safetensors
+
+Targets (from the project's issue): INT8 within 1 point of FP32, INT4 within 3 points.
+Writes benchmarks/results/compression_report.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def have_llama() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def summary(res: dict) -> dict:
+    k = res["kinds"]
+    out = {"qa_exact_match": round(100 * res["qa_exact_match"], 2)}
+    for kind in ("color", "shape", "count", "exists", "position"):
+        if kind in k:
+            out[kind] = round(100 * k[kind]["value"], 1)
+    for kind, name in (("detect", "detect_iou"), ("point", "point_hits"), ("caption", "caption_f1")):
+        if kind in k:
+            out[name] = round(100 * k[kind]["value"], 1)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=WEIGHTS: a scenes recipe and its weights (default: edgevlm_scenes with its shipped "
+                         "weights); repeat for other compressed-token counts")
+    ap.add_argument("--split", default="test", choices=["val", "test"])
+    ap.add_argument("--limit", type=int, default=200, help="scenes (every question of each)")
+    ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS))
+    ap.add_argument("--bench-runs", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=ROOT / "bundles" / "compression_report")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+
+    from edgevlm import runtime
+    from edgevlm.build_vlm import VLMExportConfig, export_vlm_bundle
+    from edgevlm.evaluate import evaluate_vlm, evaluate_vlm_bundle
+    from edgevlm.report import table, write_json
+    from edgevlm.runtime.bench import bench_vlm_bundle
+
+    variants = [v.split("=", 1) for v in args.variant] or [["edgevlm_scenes", None]]
+    backends = [("onnx", "onnxruntime")] + ([("gguf", "llama.cpp")] if have_llama() else [])
+    if not have_llama():
+        log("llama-cpp-python is not installed: llama.cpp rows skipped (pip install 'edgevlm[gguf]')")
+    rows = []
+    for name, weights in variants:
+        log(f"{name}: eager FP32 on {args.limit} {args.split} scenes")
+        res = evaluate_vlm(name, args.split, args.limit, weights, json_out=args.out / f"eval-{name}-eager.json",
+                           quiet=True)
+        tokens = None
+        rows.append({"variant": name, "engine": "eager PyTorch", "precision": "fp32", **summary(res)})
+        base = rows[-1]["qa_exact_match"]
+        for prec in args.precisions:
+            out = args.cache / f"{name}-cpu-{prec}-both"
+            if not (out / "manifest.json").is_file():
+                log(f"{name}: exporting {prec} bundle (ONNX{' + GGUF' if len(backends) > 1 else ''})")
+                export_vlm_bundle(VLMExportConfig(model=name, weights=weights, precision=prec,
+                                                  decoder="both" if len(backends) > 1 else "onnx", out=str(out),
+                                                  overwrite=True), quiet=True)
+            size_mb = {}
+            for _, backend in backends:
+                vlm = runtime.load(out, decoder=backend)
+                m = vlm.manifest
+                tokens = m["model"]["vision_tokens"]
+                parts = m["parts"]
+                keep = [k for k in parts if k != ("decoder_gguf" if backend == "onnxruntime" else "decoder")]
+                size_mb[backend] = sum(m["files"][parts[k]["path"]]["size"] for k in keep) / 1e6
+                log(f"{name}: {prec} on {backend}: accuracy")
+                r = evaluate_vlm_bundle(vlm, args.split, args.limit, json_out=args.out /
+                                        f"eval-{name}-{prec}-{backend.replace('.', '')}.json", quiet=True)
+                vlm.close()
+                log(f"{name}: {prec} on {backend}: speed")
+                b = bench_vlm_bundle(out, runs=args.bench_runs, new_tokens=32, decoder=backend, quiet=True,
+                                     json_out=args.out / f"bench-{name}-{prec}-{backend.replace('.', '')}.json")
+                s = summary(r)
+                rows.append({"variant": name, "engine": backend, "precision": prec, **s,
+                             "delta_points": round(s["qa_exact_match"] - base, 2), "vision_tokens": tokens,
+                             "size_mb": round(size_mb[backend], 2), "ttft_ms": round(b["ttft_ms_median"], 1),
+                             "decode_tok_s": round(b["decode_tok_s_median"], 1)})
+        rows[[r["variant"] for r in rows].index(name)]["vision_tokens"] = tokens
+
+    cols = ["variant", "engine", "precision", "vision_tokens", "qa_exact_match", "delta_points", "color", "shape",
+            "count", "exists", "position", "detect_iou", "point_hits", "caption_f1", "size_mb", "ttft_ms",
+            "decode_tok_s"]
+    print(table(rows, cols, title=f"compression report: scenes {args.split} split, {args.limit} scenes, every question "
+                                  "(scores in %; delta = points against eager FP32)"))
+    checks = []
+    for r in rows:
+        if r["precision"] in ("int8", "int4") and "delta_points" in r:
+            limit = 1.0 if r["precision"] == "int8" else 3.0
+            ok = r["delta_points"] >= -limit
+            checks.append({"variant": r["variant"], "engine": r["engine"], "precision": r["precision"],
+                           "target": f"within {limit:g} point(s) of FP32", "delta_points": r["delta_points"],
+                           "met": ok})
+            print(f"  target {r['variant']} {r['engine']} {r['precision']}: within {limit:g} of FP32 -> "
+                  f"{r['delta_points']:+.2f} points {'met' if ok else 'NOT met'}")
+    data = {"split": args.split, "scenes": args.limit, "rows": rows, "targets": checks}
+    path = write_json(args.out / "compression_report.json", data)
+    log(f"wrote {path}")
+    plot(rows, args.out / "compression_report.png")
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    marks = {"onnxruntime": "o", "llama.cpp": "s"}
+    for r in rows:
+        if "size_mb" not in r:
+            continue
+        label = f"{r['variant'].replace('edgevlm_scenes', 'scenes')} {r['precision']} {r['engine']}"
+        for ax, x in zip(axes, (r["ttft_ms"], r["size_mb"])):
+            ax.scatter(x, r["qa_exact_match"], marker=marks.get(r["engine"], "o"), s=50)
+            ax.annotate(label, (x, r["qa_exact_match"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for r in rows:
+        if r["engine"] == "eager PyTorch":
+            for ax in axes:
+                ax.axhline(r["qa_exact_match"], ls="--", lw=0.8, color="gray")
+    axes[0].set_xlabel("time to first token (ms, image encoding + prefill)")
+    axes[1].set_xlabel("bundle size (MB)")
+    for ax in axes:
+        ax.set_ylabel("exact match, QA kinds (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("edgevlm_scenes: accuracy against latency and size (dashed: eager FP32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
