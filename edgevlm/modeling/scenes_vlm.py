@@ -26,13 +26,16 @@ from .vlm import VisionLanguageModel
 class FastViTTower(nn.Module):
     """timm FastViT (RepMixer) stem + the first ``n_stages`` stages; output (V, H'·W', C) tokens."""
 
-    def __init__(self, layers, embed_dims, mlp_ratios, n_stages: int):
+    def __init__(self, layers, embed_dims, mlp_ratios, n_stages: int, layer_scale_init: float = 1e-5):
         super().__init__()
         from timm.models.fastvit import FastVit
 
+        # layer_scale_init: timm's 1e-5 starts every RepMixer/MLP block as the identity, which suits 300 ImageNet
+        # epochs; trained from scratch for minutes, only the stem and downsampling convs learn at first.
         with timm_without_drop_path("fastvit"):
             net = FastVit(layers=tuple(layers), embed_dims=tuple(embed_dims), mlp_ratios=tuple(mlp_ratios),
-                          token_mixers=("repmixer",) * len(layers), num_classes=0)
+                          token_mixers=("repmixer",) * len(layers), num_classes=0,
+                          layer_scale_init_value=layer_scale_init)
         self.stem, self.stages = net.stem, net.stages[:n_stages]
         self.out_dim = int(embed_dims[n_stages - 1])
 
@@ -50,7 +53,7 @@ class ScenesVLM(VisionLanguageModel):
 def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None) -> ScenesVLM:
     cfg = recipe.config
     v = cfg["vision"]
-    tower = FastViTTower(v["layers"], v["embed_dims"], v["mlp_ratios"], v["stages"])
+    tower = FastViTTower(v["layers"], v["embed_dims"], v["mlp_ratios"], v["stages"], v.get("layer_scale_init", 1e-5))
     lm = build_lm(dict(cfg["text"]))   # the vocabulary is fixed by the recipe; check_vocab guards tokenizers
     connector = CompressedProjector(tower.out_dim, lm.config.hidden_size, cfg["vision_tokens"],
                                     heads=cfg.get("compressor_heads", 4))
