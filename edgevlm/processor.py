@@ -239,3 +239,15 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         delta, self.text = text[len(self.text):], text
         return delta
+
+
+def stream_text(tokenizer: TextTokenizer, token_ids):
+    """Text pieces for a stream of token ids (eager models and bundles stream through this)."""
+    dec = StreamDecoder(tokenizer)
+    for tok in token_ids:
+        delta = dec.push(tok)
+        if delta:
+            yield delta
+    tail = dec.flush()
+    if tail:
+        yield tail

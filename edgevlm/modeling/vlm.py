@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop  # noqa: F401  (re-exported)
-from ..processor import (ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image,
+from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
 
 
@@ -183,12 +183,5 @@ class VisionLanguageModel(nn.Module):
         return Generation(self.require_tokenizer().decode(ids), ids, stats)
 
     def _stream(self, embeds, cfg, stats, prefix: int = 0) -> Iterator[str]:
-        dec = StreamDecoder(self.require_tokenizer())
-        for tok in self.decode_tokens(embeds, cfg, stats, prefix):
-            delta = dec.push(tok)
-            if delta:
-                yield delta
-        tail = dec.flush()
-        if tail:
-            yield tail
+        yield from stream_text(self.require_tokenizer(), self.decode_tokens(embeds, cfg, stats, prefix))
 

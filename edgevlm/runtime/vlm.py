@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import BundleError, ConfigError
 from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token_np
-from ..processor import ImageSpec, PromptPieces, PromptSpec, StreamDecoder, TextTokenizer, preprocess_image, tokenize_prompt
+from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
+                         tokenize_prompt)
 from ..exporters.vlm_onnx import attention_mask, merge_crops_numpy, splice_llava_mini   # numpy only
 from .backends import OrtSession, usable_cpus
 
@@ -246,16 +247,9 @@ class VLMPipeline:
         return Generation(self.tokenizer.decode(ids), ids, stats)
 
     def _stream(self, embeds, cfg, stats, prefix) -> Iterator[str]:
-        dec = StreamDecoder(self.tokenizer)
         self.last_stats = stats
         try:
-            for tok in self.decode_tokens(embeds, cfg, stats, prefix):
-                delta = dec.push(tok)
-                if delta:
-                    yield delta
-            tail = dec.flush()
-            if tail:
-                yield tail
+            yield from stream_text(self.tokenizer, self.decode_tokens(embeds, cfg, stats, prefix))
         finally:
             stats.time_to_first_token_s += stats.encode_s
             self.decoder.reset()        # an interrupted stream leaves no half-filled cache behind
