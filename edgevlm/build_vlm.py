@@ -11,7 +11,7 @@ import datetime as _dt
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,6 @@ class VLMExportConfig:
     block_size: int = 32
     parity_tokens: int = PARITY_TOKENS
     opset: int = 18
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.precision = Precision.parse(self.precision)
@@ -79,12 +78,9 @@ def parity_inputs(model) -> tuple[object, str]:
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(p || q) per row, from logits (float64)."""
-    p = p_logits.astype(np.float64)
-    q = q_logits.astype(np.float64)
-    lp = p - p.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q - q.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    from .exporters.vlm_onnx import _log_softmax
+
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
@@ -104,7 +100,8 @@ def eager_trace(model, image, prompt: str, n_tokens: int) -> dict:
         kw = {"attention_mask": mask} if mask is not None else {}
         logits = model.language_model(inputs_embeds=seq, use_cache=False, **kw).logits[0]
     n = embeds.shape[1]
-    return {"ids": ids, "logits": logits[n - 1:n - 1 + len(ids)].float().numpy(), "prompt_len": int(n)}
+    return {"ids": ids, "logits": logits[n - 1:n - 1 + len(ids)].float().numpy(), "prompt_len": int(n),
+            "image_tokens": int(n_img)}
 
 
 def runtime_trace(pipe, image, prompt: str, ref_ids: list[int]) -> dict:
@@ -196,7 +193,7 @@ def export_vlm_bundle(cfg: VLMExportConfig, quiet: bool = False, model=None) -> 
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "task": "vlm",
             "model": {"name": recipe.name, "family": model.family, "params": int(n_params),
-                      "vision_tokens": int(ref_image_tokens(model, image))},
+                      "vision_tokens": ref["image_tokens"]},
             "weights": {"source": str(cfg.weights or getattr(model, "weights_source", None) or recipe.default_weights
                                       or recipe.hub_id),
                         "revision": cfg.revision, "dataset": getattr(model, "facts", {}).get("dataset"),
@@ -218,13 +215,6 @@ def export_vlm_bundle(cfg: VLMExportConfig, quiet: bool = False, model=None) -> 
             manifest["versions"] = _versions()
             manifest = write_manifest(work, manifest)
     return out, manifest
-
-
-def ref_image_tokens(model, image) -> int:
-    import torch
-
-    with torch.inference_mode():
-        return int(model.prepare(image, "x")[2])
 
 
 def _reparameterize(model, log) -> dict:

@@ -31,18 +31,24 @@ def time_calls(fn, runs: int, warmup: int) -> np.ndarray:
     return out
 
 
-def bench_bundle(bundle, runs: int = 50, warmup: int = 5, batch: int = 8, json_out=None, backend=None,
-                 threads=None, quiet: bool = False) -> dict:
+def _timed_load(bundle, **kw):
+    """(loaded bundle, load seconds, RSS before loading): onnxruntime is imported before the baseline so its
+    own memory is not counted as the model's."""
     from . import load
 
     try:
-        import onnxruntime  # noqa: F401  (imported before the baseline so it is not counted as the model's)
+        import onnxruntime  # noqa: F401
     except ImportError:
         pass
     base_rss = _rss_mib()
     t = time.perf_counter()
-    clf = load(bundle, backend=backend, threads=threads)
-    load_s = time.perf_counter() - t
+    obj = load(bundle, **kw)
+    return obj, time.perf_counter() - t, base_rss
+
+
+def bench_bundle(bundle, runs: int = 50, warmup: int = 5, batch: int = 8, json_out=None, backend=None,
+                 threads=None, quiet: bool = False) -> dict:
+    clf, load_s, base_rss = _timed_load(bundle, backend=backend, threads=threads)
     size = clf.manifest["model"]["input_size"]
     rng = np.random.default_rng(0)
     x1 = rng.standard_normal((1, 3, size, size), dtype=np.float32)
@@ -80,16 +86,8 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
     Every run decodes exactly ``new_tokens`` tokens (stop tokens ignored) so runs are comparable.
     """
     from ..generation import GenerationConfig
-    from . import load
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        pass
-    base_rss = _rss_mib()
-    t = time.perf_counter()
-    vlm = load(bundle, decoder=decoder, threads=threads)
-    load_s = time.perf_counter() - t
+    vlm, load_s, base_rss = _timed_load(bundle, decoder=decoder, threads=threads)
     if image is None:
         from ..data import scenes
 

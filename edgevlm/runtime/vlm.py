@@ -36,7 +36,6 @@ class _Graph:
     def __init__(self, path: Path, providers: list[str], precision: str, threads: int | None):
         self.ort = OrtSession(path, providers, precision, threads)
         self.session = self.ort.session
-        self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, **feeds) -> list[np.ndarray]:
