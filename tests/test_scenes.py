@@ -291,3 +291,18 @@ def test_save_examples(tmp_path):
     assert np.array_equal(_pixels(Image.open(paths[0])), _pixels(S.render(first)))
     assert notes[0]["caption"] == S.caption(first)
     assert {"question", "answer", "kind"} <= set(notes[0])
+
+
+def test_shipped_sample_scenes_are_test_split_renders():
+    """models/samples/scene_i.png (the demo's and README's examples) are exactly test scene i, so their
+    questions and answers can be looked up with scenes.make_scene("test", i)."""
+    from PIL import Image
+
+    from edgevlm.resources import zoo_dir
+
+    files = sorted((zoo_dir() / "samples").glob("scene_*.png"))
+    assert len(files) >= 4
+    for f in files:
+        i = int(f.stem.split("_")[1])
+        shipped = np.asarray(Image.open(f).convert("RGB"))
+        assert np.array_equal(shipped, np.asarray(S.render(S.make_scene("test", i)).convert("RGB"))), f.name

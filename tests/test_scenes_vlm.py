@@ -158,3 +158,40 @@ def test_compression_report_runs_every_precision_and_backend(tiny_trained, tmp_p
     assert len({row["qa_exact_match"] for row in fp32}) == 1
     assert {t["precision"] for t in data["targets"]} == {"int8"}
     assert (tmp_path / "out" / "compression_report.png").is_file()
+
+
+
+def test_packed_questions_equal_separate_sequences():
+    """Questions packed into one row per image (shared BOS + vision prefix) give each answer exactly the
+    logits and loss it gets alone, so packing changes the speed of training, not what is learned."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgevlm.train.scenes_vlm import answer_mean_loss, pack_questions
+
+    torch.manual_seed(0)
+    from edgevlm.modeling.families import build_vlm
+
+    lm = build_vlm("edgevlm_scenes_tiny").eval().language_model
+    emb = lm.get_input_embeddings()
+    vis = torch.randn(2, 4, lm.config.hidden_size)
+    before, prefix = [5], 5
+    segs = [[([7, 8, 9], [11, 1]), ([12, 13], [14, 15, 16, 1])], [([20, 21, 22, 23], [24, 1])]]
+    ids, mask, pos, labels, answer = pack_questions(prefix, segs, pad=2)
+    assert ids.shape == (2, 11) and mask.shape == (2, 1, 16, 16)
+    x = torch.cat([emb(torch.tensor(before)).expand(2, -1, -1), vis, emb(ids)], 1)
+    k, lone_losses = 0, []
+    with torch.no_grad():
+        packed = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        loss = answer_mean_loss(packed, labels, answer)
+        for r, row in enumerate(segs):
+            for q, a in row:
+                alone = torch.cat([emb(torch.tensor(before)), vis[r], emb(torch.tensor(q + a))])[None]
+                logits = lm(inputs_embeds=alone, use_cache=False).logits[0]
+                start = prefix + len(q) - 1                    # the positions whose next token is the answer
+                at = (answer[r] == k).nonzero().flatten()
+                assert labels[r, at].tolist() == a
+                assert torch.allclose(packed[r, at], logits[start:start + len(a)], atol=1e-5)
+                lone_losses.append(F.cross_entropy(logits[start:start + len(a)], torch.tensor(a)))
+                k += 1
+    assert torch.allclose(loss, torch.stack(lone_losses).mean(), atol=1e-5)

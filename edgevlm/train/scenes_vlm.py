@@ -23,11 +23,22 @@ MARKUP = ["<box>", "</box>", "<point>", "</point>"]
 PRE_TOKEN = r" ?[01]\.\d\d| ?[a-z]+| ?\d+| ?[^\sa-z\d]+|\s+"
 
 
-def qa_pairs(split: str, index: int) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
-    """Every (kind, question, answer) of a scene, the caption included (kind "caption")."""
+def qa_pairs(split: str, index: int, draws: int = 1) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
+    """Every (kind, question, answer) of a scene, the caption included (kind "caption").
+
+    ``draws`` > 1 adds the questions of further seeded draws of the generator (duplicates dropped): the
+    evaluation asks draw 0's questions; training on several draws shows each image with more of the
+    questions one can ask about it (one "is there ...?" per draw, and so on)."""
     scene = scenes.make_scene(split, index)
     rng = np.random.default_rng([scenes.SPLIT_SEED[split], index, 7])
-    return scene, scenes.questions(scene, rng) + [("caption", CAPTION_PROMPT, scenes.caption(scene))]
+    qa = scenes.questions(scene, rng)
+    seen = {q for _, q, _ in qa}
+    for d in range(1, draws):
+        for kind, q, a in scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d])):
+            if q not in seen:
+                seen.add(q)
+                qa.append((kind, q, a))
+    return scene, qa + [("caption", CAPTION_PROMPT, scenes.caption(scene))]
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -67,7 +78,7 @@ def cell_targets(scene: scenes.Scene, grid: int) -> np.ndarray:
     return t
 
 
-def build_split(split: str, n: int, spec, log=print, grid: int = 0):
+def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1):
     """Images (n, H, W, 3) uint8, per image its (kind, question, answer) list, and (with ``grid``) the
     per-cell targets of the auxiliary dense loss, (n, grid*grid, 6)."""
     imgs = np.empty((n, spec.size, spec.size, 3), np.uint8)
@@ -75,7 +86,7 @@ def build_split(split: str, n: int, spec, log=print, grid: int = 0):
     qas = []
     t0 = time.time()
     for i in range(n):
-        scene, qa = qa_pairs(split, i)
+        scene, qa = qa_pairs(split, i, draws)
         imgs[i] = _pixels(scenes.render(scene), spec)
         qas.append(qa)
         if grid:
@@ -123,14 +134,72 @@ def dense_accuracy(out, target) -> dict:
             "cell_color": float((out[..., s:s + c].argmax(-1) == target[..., 1].long())[obj].float().mean())}
 
 
+def pack_questions(prefix: int, segments: list[list[tuple[list[int], list[int]]]], pad: int):
+    """Several questions about one image in one row, each seeing only the image prefix and itself.
+
+    ``segments[r]`` lists (question ids, answer ids) for row r; every row starts with ``prefix`` shared
+    positions (BOS + vision tokens). Returns the text ids after the prefix (R, T), the additive 4-D
+    attention mask (R, 1, prefix+T, prefix+T), position ids (R, prefix+T) that restart after the prefix
+    for each question (so a packed question sees exactly what a lone one would), labels (R, prefix+T)
+    already shifted (the label at i is the token at i+1; -100 elsewhere) and, for each label, the index
+    of its answer (-1 elsewhere). Sharing the prefix makes the language model read each image once per
+    step instead of once per question: on the default model about 2× the answers per second.
+    """
+    import torch
+
+    T = max(sum(len(q) + len(a) for q, a in segs) for segs in segments)
+    R, L = len(segments), prefix + T
+    ids = torch.full((R, T), pad, dtype=torch.long)
+    mask = torch.full((R, 1, L, L), float("-inf"))
+    pos = torch.zeros((R, L), dtype=torch.long)
+    labels = torch.full((R, L), -100, dtype=torch.long)
+    answer = torch.full((R, L), -1, dtype=torch.long)
+    causal = lambda n: torch.full((n, n), float("-inf")).triu(1)        # noqa: E731
+    k = 0
+    for r, segs in enumerate(segments):
+        mask[r, 0, :prefix, :prefix] = causal(prefix)
+        pos[r, :prefix] = torch.arange(prefix)
+        t = prefix
+        for q, a in segs:
+            n = len(q) + len(a)
+            mask[r, 0, t:t + n, :prefix] = 0.0
+            mask[r, 0, t:t + n, t:t + n] = causal(n)
+            pos[r, t:t + n] = torch.arange(prefix, prefix + n)
+            ids[r, t - prefix:t - prefix + n] = torch.tensor(q + a)
+            labels[r, t + len(q) - 1:t + n - 1] = torch.tensor(a)
+            answer[r, t + len(q) - 1:t + n - 1] = k
+            k, t = k + 1, t + n
+        for i in range(t, L):                       # padding attends to itself only (never read)
+            mask[r, 0, i, i] = 0.0
+    return ids, mask, pos, labels, answer
+
+
+def answer_mean_loss(logits, labels, answer):
+    """Cross-entropy averaged within each answer, then over answers: a 40-token list of boxes weighs
+    as much as a one-word answer."""
+    import torch
+    import torch.nn.functional as F
+
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                          reduction="none")
+    a = answer.reshape(-1)
+    keep = a >= 0
+    n = int(a.max()) + 1
+    per = torch.zeros(n).index_add(0, a[keep], tok[keep])
+    cnt = torch.zeros(n).index_add(0, a[keep], torch.ones_like(tok[keep]))
+    return (per / cnt.clamp(min=1)).mean()
+
+
 def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None, epochs: int = 3,
                      images_per_step: int = 32, questions_per_image: int = 4, lr: float = 2e-3,
                      train_images: int | None = None, val_images: int = 300, seed: int = 0, log=None,
-                     tower_steps: int = 600, dense_weight: float = 1.0) -> dict:
+                     tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (64 images a step),
-    then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``)."""
+    then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
+    ``question_draws``: training questions per image from that many draws of the generator (see
+    :func:`qa_pairs`); ``questions_per_image`` of them (0: all) are asked in each step, packed in one row.
+    The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
-    import torch.nn.functional as F
 
     from ..modeling.families import build_vlm
     from ..modeling.scenes_vlm import save
@@ -142,6 +211,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     recipe = get_vlm_recipe(model_name)
+    out = Path(out or Path("models/weights") / f"{model_name}.safetensors")
     spec_img = recipe.image
     n_train = train_images or scenes.SPLIT_SIZES["train"]
     n_val = min(val_images, scenes.SPLIT_SIZES["val"])
@@ -149,7 +219,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     log(f"rendering {n_train} train and {n_val} validation scenes at {ispec.size} px")
     # The tower's feature grid: FastViT's stem divides by 4, each stage after the first by 2.
     grid = ispec.size // (4 * 2 ** (recipe.config["vision"]["stages"] - 1)) if (dense_weight or tower_steps) else 0
-    tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid)
+    tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws)
     va_imgs, va_qa, va_cells = build_split("val", n_val, ispec, log, grid)
 
     texts = [f"{q} {a}" for qa in tr_qa for _, q, a in qa]
@@ -178,34 +248,25 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     head = dense_head(model.vision.out_dim) if grid else None
 
     def step_loss(img_u8, picks, cells=None):
-        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss)."""
+        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss).
+        The questions about one image share one packed row (:func:`pack_questions`)."""
         feats = model.vision(pixels(img_u8))                                        # (B, M, C)
         dense = dense_loss(head, feats, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
         vis = model.connector(feats)                                                # (B, N, D)
-        seqs, labels = [], []
+        per_row: dict[int, list] = {}
+        before = None
         for row, (_, q, a) in picks:
-            before, after = prompt_ids(q)
-            ans = tokenizer.encode(" " + a) + [eos]
-            seqs.append((row, before, after, ans))
-        L = max(len(b) + vis.shape[1] + len(af) + len(an) for _, b, af, an in seqs)
-        rows = []
-        for row, before, after, ans in seqs:
-            ids_b = torch.tensor(before)
-            ids_a = torch.tensor(after + ans + [pad] * (L - len(before) - vis.shape[1] - len(after) - len(ans)))
-            rows.append(torch.cat([emb(ids_b), vis[row], emb(ids_a)], 0))
-            lab = [-100] * (len(before) + vis.shape[1] + len(after)) + ans
-            labels.append(lab + [-100] * (L - len(lab)))
-        x = torch.stack(rows)                                                          # (S, L, D)
-        lab = torch.tensor(labels)
-        mask = (lab != -100) | (torch.arange(L)[None] < torch.tensor(
-            [len(b) + vis.shape[1] + len(af) for _, b, af, _ in seqs])[:, None])
-        logits = model.language_model(inputs_embeds=x, attention_mask=mask.long(), use_cache=False).logits
-        tgt = lab[:, 1:]
-        tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                              reduction="none").view(tgt.shape)                           # (S, L-1)
-        # Each answer weighs the same: a per-token mean would let 40-token box lists drown one-word answers.
-        n = (tgt != -100).sum(1).clamp(min=1)
-        return (tok.sum(1) / n).mean(), dense
+            b, after = prompt_ids(q)
+            if before is not None and b != before:
+                raise ValueError("packing needs the same prompt ids before the image for every question")
+            before = b
+            per_row.setdefault(row, []).append((after, tokenizer.encode(" " + a) + [eos]))
+        rows = sorted(per_row)
+        prefix = len(before) + vis.shape[1]
+        ids, mask, pos, labels, answer = pack_questions(prefix, [per_row[r] for r in rows], pad)
+        x = torch.cat([emb(torch.tensor(before)).expand(len(rows), -1, -1), vis[rows], emb(ids)], 1)
+        logits = model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        return answer_mean_loss(logits, labels, answer), dense
 
     @torch.no_grad()
     def val_dense() -> dict:
@@ -291,14 +352,18 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         if em > best:
             best = em
             best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            facts = {"model": model_name, "dataset": "scenes", "trained_with": {
+                "command": f"edgevlm train --model {model_name} --epochs {epochs}", "seed": seed, "epochs": epochs,
+                "train_images": n_train, "images_per_step": images_per_step,
+                "questions_per_image": questions_per_image, "question_draws": question_draws, "lr": lr,
+                "tower_steps": tower_steps, "dense_weight": dense_weight, "best_epoch": epoch + 1,
+                "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
+                "history": list(history)}
+            save(model, out, facts)               # an interrupted run keeps its best epoch so far
     model.load_state_dict(best_sd)
     model.eval()
-    facts = {"model": model_name, "dataset": "scenes", "trained_with": {
-        "command": f"edgevlm train --model {model_name} --epochs {epochs}", "seed": seed, "epochs": epochs,
-        "train_images": n_train, "images_per_step": images_per_step, "questions_per_image": questions_per_image,
-        "lr": lr, "tower_steps": tower_steps, "dense_weight": dense_weight, "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
-        "history": history}
-    out = Path(out or Path("models/weights") / f"{model_name}.safetensors")
+    facts["trained_with"]["minutes"] = round((time.time() - t0) / 60, 1)
+    facts["history"] = history
     save(model, out, facts)
     log(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB); best validation exact match {best:.3f}")
     return facts
