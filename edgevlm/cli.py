@@ -225,6 +225,138 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _demo_app():
+    """The demo module: ``edgevlm._demo.app`` (apps/gradio, shipped in the wheel), or the checkout's
+    apps/gradio/app.py when the installed package predates it (an older editable install)."""
+    from .errors import BackendUnavailableError, ConfigError
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError("the demo needs gradio, which is not installed",
+                                      "pip install 'edgevlm[demo]'") from None
+    try:
+        from ._demo import app
+        return app
+    except ModuleNotFoundError as e:
+        if e.name not in ("edgevlm._demo", "edgevlm._demo.app"):
+            raise
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "apps" / "gradio" / "app.py"
+    if not path.is_file():
+        raise ConfigError("this installation of edgevlm has no demo app", "reinstall it: pip install 'edgevlm[demo]'")
+    spec = importlib.util.spec_from_file_location("edgevlm_demo_app", path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    return app
+
+
+def _cmd_demo(args) -> int:
+    from .bundle import read_manifest
+
+    for b in args.bundles:          # a bad path fails here, before gradio is imported
+        read_manifest(b)
+    app = _demo_app()
+    app.launch(args.bundles or None, port=args.port, decoder=args.decoder_backend, max_upload_mb=args.max_upload_mb,
+               concurrency=args.concurrency, queue_size=args.queue_size, open_browser=args.open)
+    return 0
+
+
+def _train_config(args, default_epochs: int):
+    """The one place CLI arguments become a TrainConfig (shared by distill and finetune)."""
+    from .train.loop import TrainConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return TrainConfig(out=args.out, epochs=args.epochs or default_epochs, max_steps=args.steps,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
+                       seed=args.seed, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                       quiet=args.quiet)
+
+
+def _finish(args, summary: dict) -> int:
+    from .report import write_json
+    from .train.loop import is_main_process
+
+    if is_main_process():                # under `accelerate launch` every process runs the command
+        write_json(Path(args.out) / "summary.json", summary)
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .compress.distill import KDConfig
+    from .errors import ConfigError
+    from .zoo import is_vlm
+
+    if args.attach_compressor:
+        from .train.distill import AttachConfig, attach_and_distill
+
+        if not args.teacher:
+            raise ConfigError("--attach-compressor needs the model to attach to", "pass --teacher NAME (and --teacher-weights)")
+        cfg = AttachConfig(model=args.teacher, train=_train_config(args, 1), weights=args.teacher_weights,
+                           n_tokens=args.attach_compressor, prefusion_layers=args.prefusion_layers, data=args.data or "scenes",
+                           limit=args.limit, val_limit=args.val_limit, questions_per_image=args.questions_per_image,
+                           alpha=1.0 if args.alpha is None else args.alpha, temperature=args.temperature or 1.0)
+        return _finish(args, attach_and_distill(cfg))
+    if not args.student:
+        raise ConfigError("distill needs a student", "pass --student NAME (see `edgevlm list`)")
+    if is_vlm(args.student) or (args.teacher and is_vlm(args.teacher)):
+        from .train.distill import VLMDistillConfig, distill_vlm
+
+        if not args.teacher:
+            raise ConfigError("VLM distillation needs a teacher", "pass --teacher NAME --teacher-weights FILE")
+        cfg = VLMDistillConfig(teacher=args.teacher, train=_train_config(args, 1), teacher_weights=args.teacher_weights,
+                               student=args.student, vision_tokens=args.vision_tokens, text_layers=args.text_layers,
+                               init_from_teacher=args.init_from_teacher, data=args.data or "scenes", limit=args.limit,
+                               val_limit=args.val_limit, questions_per_image=args.questions_per_image,
+                               alpha=0.5 if args.alpha is None else args.alpha, temperature=args.temperature or 1.0)
+        return _finish(args, distill_vlm(cfg))
+    from .train.distill import BackboneDistillConfig, distill_backbone
+
+    kd = KDConfig(args.kd, alpha=0.5 if args.alpha is None else args.alpha, temperature=args.temperature or 2.0)
+    cfg = BackboneDistillConfig(student=args.student, train=_train_config(args, 10), teacher=args.teacher,
+                                teacher_weights=args.teacher_weights, student_weights=args.student_weights,
+                                data=args.data or "digits", kd=kd, store=args.store, top_k=args.top_k,
+                                store_dtype=args.store_dtype, augment=not args.no_augment, img_size=args.img_size)
+    return _finish(args, distill_backbone(cfg))
+
+
+def _cmd_finetune(args) -> int:
+    from .compress.lora import LoraSpec
+    from .train.finetune import FinetuneConfig, finetune
+
+    lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets or ()),
+                    quantize="nf4" if args.qlora else None)
+    cfg = FinetuneConfig(model=args.model, mode=args.mode, train=_train_config(args, 1), weights=args.weights,
+                         data=args.data, limit=args.limit, val_limit=args.val_limit,
+                         questions_per_image=args.questions_per_image, lora=lora)
+    return _finish(args, finetune(cfg))
+
+
+def _add_training_args(s) -> None:
+    g = s.add_argument_group("training (the same under `accelerate launch -m edgevlm ...` on many GPUs/machines)")
+    g.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, weights, summary.json")
+    g.add_argument("--epochs", type=int, help="default: 10 for backbones, 1 for VLMs")
+    g.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch (over processes and accumulation; "
+                   "VLMs: images)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step in each process")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--warmup", type=int, default=0, help="warmup steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: each epoch end)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true", help="discard --out's checkpoints and start over")
+    g.add_argument("--limit", type=int, help="VLMs: training images (scenes: the first N)")
+    g.add_argument("--val-limit", type=int, default=50, help="VLMs: validation scenes scored per epoch")
+    g.add_argument("--questions-per-image", type=int, default=4)
+    g.add_argument("--threads", type=int, help="torch intra-op threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgevlm", description="Take small vision and vision-language models onto "
                                 "edge devices: export, quantize, validate, run.")
@@ -317,6 +449,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, help="also write the figures as JSON here")
     s.set_defaults(func=_cmd_info)
 
+    s = sub.add_parser("demo", help="try bundles in a local web app (Gradio on 127.0.0.1): chat with a VLM bundle, "
+                       "classify with a backbone, compare bundles; each answer shows its cost",
+                       description="Serve bundles in a local Gradio app, run by edgevlm.runtime (what the device "
+                       "runs). It listens on 127.0.0.1 only and is never shared; uploads are size-limited, must be "
+                       "images, and decompression bombs are refused.")
+    s.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE",
+                   help="bundle directories (default: the default model's cpu INT8 bundle, exported on first use "
+                   "into $EDGEVLM_CACHE or ~/.cache/edgevlm)")
+    s.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the first free one from 7860)")
+    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"],
+                   help="VLM bundles carrying both decoders: which one answers first (switchable in the app)")
+    s.add_argument("--max-upload-mb", type=float, default=10, help="largest image upload in MiB (default 10)")
+    s.add_argument("--concurrency", type=int, default=1, help="model calls running at once (default 1)")
+    s.add_argument("--queue-size", type=int, default=16, help="requests waiting at most; more are refused (default 16)")
+    s.add_argument("--open", action="store_true", help="open the app in a browser")
+    s.set_defaults(func=_cmd_demo)
+
     s = sub.add_parser("train", help="reproduce shipped weights: a backbone on scikit-learn's digits, or "
                        "edgevlm_scenes on the scenes task (--epochs 3)")
     s.add_argument("--model", default="fastvit_t8")
@@ -324,6 +473,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path)
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("distill", help="train a small model from a large one: backbones (soft/hard KD, DeiT token, "
+                       "stored sparse teacher logits), VLMs (answer-token KD), or attach a token compressor")
+    s.add_argument("--teacher", help="zoo name of the teacher (VLMs: also the model --attach-compressor works on)")
+    s.add_argument("--teacher-weights", help="default: the teacher's shipped weights")
+    s.add_argument("--student", help="zoo name of the student (a backbone or a VLM)")
+    s.add_argument("--student-weights", default="random", help="backbones: initial weights (default random)")
+    s.add_argument("--data", help="digits | scenes | DIR (class subfolders, or qa.jsonl for VLMs)")
+    s.add_argument("--kd", default="soft", help="backbones: none | soft | hard | deit (default soft)")
+    s.add_argument("--alpha", type=float, help="weight of the KD term (default 0.5; 1.0 with --attach-compressor)")
+    s.add_argument("--temperature", type=float, help="KD temperature (default 2 for backbones, 1 for VLMs)")
+    s.add_argument("--store", type=Path, help="backbones: sparse teacher-logit store (written once if absent, "
+                   "then replayed without the teacher)")
+    s.add_argument("--top-k", type=int, default=10, help="logits kept per sample in the store (default 10)")
+    s.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
+    s.add_argument("--no-augment", action="store_true", help="backbones: no seeded affine augmentation")
+    s.add_argument("--img-size", type=int, help="image folders: input side in pixels (default 64)")
+    s.add_argument("--vision-tokens", type=int, help="VLM student: this many vision tokens")
+    s.add_argument("--text-layers", type=int, help="VLM student: this many language-model layers")
+    s.add_argument("--init-from-teacher", action="store_true", help="VLM student: copy the teacher's tensors that fit")
+    s.add_argument("--attach-compressor", type=int, metavar="N", help="attach an N-token compressor to --teacher "
+                   "and train only it (and pre-fusion layers) from the uncompressed model")
+    s.add_argument("--prefusion-layers", type=int, default=4, help="with --attach-compressor on LLaVA models (default 4)")
+    _add_training_args(s)
+    s.set_defaults(func=_cmd_distill)
+
+    s = sub.add_parser("finetune", help="fine-tune one part of a VLM: vision | decoder | connector | lora")
+    s.add_argument("--model", required=True, help="zoo VLM name")
+    s.add_argument("--weights", help="its weights (default: shipped or hub)")
+    s.add_argument("--mode", required=True, choices=["vision", "decoder", "connector", "lora"])
+    s.add_argument("--data", default="scenes", help="scenes | DIR with qa.jsonl")
+    s.add_argument("--lora-r", type=int, default=8)
+    s.add_argument("--lora-alpha", type=float, default=16.0)
+    s.add_argument("--lora-dropout", type=float, default=0.0)
+    s.add_argument("--lora-targets", nargs="+", help="module names (default: the attention and MLP projections)")
+    s.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit NF4 base (bitsandbytes)")
+    _add_training_args(s)
+    s.set_defaults(func=_cmd_finetune)
     return p
 
 

@@ -19,6 +19,16 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB (Linux)."""
+    return _rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB: the figure `edgevlm bench` reports."""
+    return _peak_mib()
+
+
 def time_calls(fn, runs: int, warmup: int) -> np.ndarray:
     """Seconds per call over ``runs`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
