@@ -144,14 +144,13 @@ def torch_nn_identity():
     return torch.nn.Identity()
 
 
-def tower_stage(vlm, args) -> None:
+def tower_stage(vlm, args, steps: int | None = None) -> None:
     """edgevlm_scenes' own first stage (edgevlm/train/scenes_vlm.py): the tower alone learns what sits in each
     cell of its feature grid (shape, colour, box), 64 images a step; the teacher sees before it answers."""
     import numpy as np
-    import torch
 
     from edgevlm.processor import ImageSpec
-    from edgevlm.train.scenes_vlm import build_split, dense_accuracy, dense_head, dense_loss
+    from edgevlm.train.scenes_vlm import build_split, cell_head, pixel_normalizer, train_tower
     from edgevlm.zoo import get_vlm_recipe
 
     recipe = get_vlm_recipe("edgevlm_scenes")
@@ -159,30 +158,10 @@ def tower_stage(vlm, args) -> None:
     grid = spec.size // (4 * 2 ** (recipe.config["vision"]["stages"] - 1))
     imgs, _, cells = build_split("train", args.limit, spec, log=lambda m: None, grid=grid)
     vimgs, _, vcells = build_split("val", 100, spec, log=lambda m: None, grid=grid)
-    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-
-    def pixels(u8):
-        return (torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous().float() / 255.0 - mean) / std
-
-    head = dense_head(vlm.vision.out_dim)
-    params = list(vlm.vision.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.vlm_lr, weight_decay=0.05)
-    rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    for i in range(args.tower_steps):
-        for g in opt.param_groups:
-            g["lr"] = args.vlm_lr * min(1.0, (i + 1) / 50) * 0.5 * (1 + np.cos(np.pi * i / args.tower_steps))
-        idx = rng.integers(0, len(imgs), 64)
-        loss = dense_loss(head, vlm.vision(pixels(imgs[idx])), torch.from_numpy(cells[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    vlm.eval()
-    with torch.no_grad():
-        acc = dense_accuracy(head(vlm.vision(pixels(vimgs))), torch.from_numpy(vcells))
-    vlm.train()
-    print(f"tower stage: {args.tower_steps} steps in {time.time() - t0:.0f} s; validation cells {acc}", flush=True)
+    acc = train_tower(vlm.vision, cell_head(vlm.vision), imgs, cells, vimgs, vcells, pixel_normalizer(spec),
+                      steps or args.tower_steps, args.vlm_lr, np.random.default_rng(args.seed), log=lambda m: None)
+    print(f"tower stage: {steps or args.tower_steps} steps in {time.time() - t0:.0f} s; validation cells {acc}", flush=True)
 
 
 def vlm_section(args) -> dict:
@@ -192,7 +171,8 @@ def vlm_section(args) -> dict:
     from edgevlm.modeling.families import build_vlm, load_vlm
     from edgevlm.processor import TextTokenizer
     from edgevlm.train.data import SHORT_KINDS, load_vqa
-    from edgevlm.train.distill import AttachConfig, VLMDistillConfig, attach_and_distill, distill_vlm, student_recipe
+    from edgevlm.train.distill import (AttachConfig, VLMDistillConfig, attach_and_distill, build_student, distill_vlm,
+                                       student_recipe)
     from edgevlm.train.loop import TrainConfig, fit
     from edgevlm.train.scenes_vlm import MARKUP, train_tokenizer
     from edgevlm.train.vqa import VQATask, exact_match
@@ -244,15 +224,29 @@ def vlm_section(args) -> dict:
 
     score("teacher", teacher, teacher.connector.n_tokens, sum(p.numel() for p in teacher.parameters()), teacher_s,
           teacher_how)
+    init, init_how = None, ""
+    if args.student_tower_steps:
+        # Both students start from one label-only stage 1 (the recipe's dense tower stage): from random
+        # weights, no teacher; only stage 2 differs (answers alone, or answers + the teacher's).
+        scfg = VLMDistillConfig("edgevlm_scenes", tc("student-init", 1), vision_tokens=1)
+        student, _, _, _ = build_student(scfg, teacher)
+        t1 = time.time()
+        tower_stage(student, args, steps=args.student_tower_steps)
+        init = work / "student-init.safetensors"
+        init.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()}, str(init))
+        init_how = f"{args.student_tower_steps} label-only tower steps ({time.time() - t1:.0f} s), then "
     for name, alpha in (("1-token student, scratch", 0.0), ("1-token student, distilled", args.vlm_alpha)):
         cfg = VLMDistillConfig("edgevlm_scenes", tc(name.split(", ")[1], args.steps), vision_tokens=1, alpha=alpha,
                                temperature=args.vlm_temperature, limit=args.limit, val_limit=args.eval_limit,
-                               kinds=kinds)
+                               kinds=kinds, init_weights=init)
         r = distill_vlm(cfg, teacher=teacher, log=print if not args.quiet else (lambda m: None))
         from edgevlm.train.distill import load_distilled_vlm
 
         score(name, load_distilled_vlm(r["weights"]), 1, r["trainable_params"], r["seconds"],
-              f"{r['steps']} steps, all parameters" + (f", KD alpha {alpha}" if alpha else ", no teacher"))
+              init_how + f"{r['steps']} steps, all parameters" + (f", KD alpha {alpha}" if alpha else ", no teacher"))
     cfg = AttachConfig("edgevlm_scenes", tc("attach", args.steps), n_tokens=1, prefusion_layers=0, limit=args.limit,
                        val_limit=args.eval_limit, alpha=1.0, temperature=args.vlm_temperature, kinds=kinds)
     r = attach_and_distill(cfg, base=teacher, log=print if not args.quiet else (lambda m: None))
@@ -264,6 +258,7 @@ def vlm_section(args) -> dict:
                 f"student, batch {args.vlm_batch_size} images x 4 questions; exact match on {len(test)} test scenes"))
     return {"kinds": list(kinds), "train_scenes": len(data), "eval_scenes": args.eval_limit, "steps": args.steps,
             "tower_steps": 0 if args.teacher_vlm_weights else args.tower_steps,
+            "student_tower_steps": args.student_tower_steps,
             "teacher_steps": args.teacher_steps or 2 * args.steps, "batch_images": args.vlm_batch_size,
             "lr": args.vlm_lr, "alpha": args.vlm_alpha, "temperature": args.vlm_temperature, "rows": rows, "runs": runs}
 
@@ -297,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--vlm-temperature", type=float, default=1.0)
     p.add_argument("--teacher-steps", type=int, help="VLM: teacher training steps (default 2 x --steps)")
     p.add_argument("--tower-steps", type=int, default=600, help="VLM: the teacher's dense tower stage first (0: none)")
+    p.add_argument("--student-tower-steps", type=int, default=600, help="VLM: the students' shared label-only dense "
+                   "tower stage before their answer training (0: none, students start from random weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/edgevlm-distill-report")

@@ -215,8 +215,13 @@ def _cmd_train(args) -> int:
 
     if is_vlm(args.model):
         from .train.scenes_vlm import train_scenes_vlm
+        from .zoo import get_vlm_recipe
 
-        train_scenes_vlm(args.model, args.out, epochs=args.epochs or 3, seed=args.seed)
+        # The recipe's `training:` block is how the shipped weights were made; --epochs overrides it.
+        kw = dict(get_vlm_recipe(args.model).training)
+        if args.epochs:
+            kw["epochs"] = args.epochs
+        train_scenes_vlm(args.model, args.out, seed=args.seed, **kw)
         return 0
     from .train.classifier import train_digits
 
@@ -467,9 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("train", help="reproduce shipped weights: a backbone on scikit-learn's digits, or "
-                       "edgevlm_scenes on the scenes task (--epochs 3)")
+                       "edgevlm_scenes on the scenes task (the settings of its recipe's `training:` block)")
     s.add_argument("--model", default="fastvit_t8")
-    s.add_argument("--epochs", type=int, help="default: 30 for digits backbones, 3 for edgevlm_scenes")
+    s.add_argument("--epochs", type=int, help="default: 30 for digits backbones; a VLM's recipe sets its own")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path)
     s.set_defaults(func=_cmd_train)

@@ -94,6 +94,7 @@ class VLMRecipe:
     card: str | None = None
     source: Path | None = None
     task: str = "vlm"
+    training: dict = field(default_factory=dict)   # how the shipped weights were trained (`edgevlm train`)
 
     def shipped_weights(self, tag: str) -> Path:
         return zoo_dir() / self.weights[tag]
@@ -116,7 +117,7 @@ def _vlm_recipe(name: str, d: dict, path: Path) -> VLMRecipe:
                      published_params=float(d["published_params"]) if d.get("published_params") else None,
                      published_parts=tuple(d.get("published_parts", ())),
                      weights=dict(d.get("weights", {})), default_weights=d.get("default_weights"),
-                     card=d.get("card"), source=path)
+                     card=d.get("card"), source=path, training=dict(d.get("training", {})))
 
 
 def _recipes_from(path: Path) -> list:

@@ -3,6 +3,7 @@ teacher), DeiT's distillation token, answer-token KD for VLMs, and bad input ref
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import subprocess
 import sys
@@ -211,6 +212,37 @@ def test_one_token_student_distils_from_a_many_token_teacher(tmp_path):
     assert res["changes"] == {"vision_tokens": 1} and res["copied_from_teacher"] > 0 and res["steps"] == 2
     student = load_distilled_vlm(res["weights"])
     assert student.connector.n_tokens == 1 and teacher.connector.n_tokens == 4
+    # the reductions travel in the file: the student loads and exports under its base recipe's name
+    assert load_vlm("edgevlm_scenes_tiny", weights=res["weights"]).connector.n_tokens == 1
+    from edgevlm.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", "edgevlm_scenes_tiny", "--weights", str(res["weights"]), "--quant", "fp32",
+                 "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["vision_tokens"] == 1
+
+
+def test_student_starts_from_given_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from edgevlm.modeling.families import load_vlm
+    from edgevlm.train.distill import VLMDistillConfig, build_student
+    from edgevlm.train.loop import TrainConfig
+
+    teacher = load_vlm("edgevlm_scenes_tiny", weights="random")
+    cfg = VLMDistillConfig("edgevlm_scenes_tiny", TrainConfig(tmp_path), vision_tokens=1)
+    first, _, _, _ = build_student(cfg, teacher)
+    with torch.no_grad():                   # a fresh build has the same seed: make the saved weights differ
+        for p in first.parameters():
+            p.add_(0.5)
+    save_file({k: v.clone().contiguous() for k, v in first.state_dict().items()}, str(tmp_path / "init.safetensors"))
+    again, _, _, _ = build_student(replace(cfg, init_weights=tmp_path / "init.safetensors"), teacher)
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    save_file({"nothing.fits": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="has no tensor that fits"):
+        build_student(replace(cfg, init_weights=tmp_path / "other.safetensors"), teacher)
 
 
 def test_label_set_mismatch_fails_before_any_step(tmp_path):

@@ -180,13 +180,13 @@ def _check(sc: S.Scene, kind: str, q: str, a: str) -> None:
             assert sign * (ranked[-1].center[axis] - ranked[-2].center[axis]) >= S.POSITION_MARGIN
             assert a == ranked[-1].shape
         else:
-            m = re.fullmatch(r"is (the [\w ]+?) (left of|right of|above|below) (the [\w ]+)\?", q)
-            p, r = _referent(sc, m[1]), _referent(sc, m[3])
-            assert p is not r
-            axis = 0 if m[2] in ("left of", "right of") else 1
-            d = p.center[axis] - r.center[axis]
-            assert abs(d) >= S.POSITION_MARGIN
-            assert a == ("yes" if (d < 0) == (m[2] in ("left of", "above")) else "no")
+            m = re.fullmatch(r"which shape is (left of|right of|above|below) (the [\w ]+)\?", q)
+            anchor = _referent(sc, m[2])
+            axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[m[1]]
+            d = {o: sign * (o.center[axis] - anchor.center[axis]) for o in sc.objects if o is not anchor}
+            hits = [o for o, v in d.items() if v >= S.POSITION_MARGIN]
+            assert len(hits) == 1 and a == hits[0].shape
+            assert all(v <= -S.POSITION_MARGIN for o, v in d.items() if o is not hits[0])   # no near call
     elif kind in ("detect", "point"):
         m = re.fullmatch(r"detect ([\w ]+)" if kind == "detect" else r"point to the ([\w ]+)", q)
         hits = sorted(_find(sc, m[1]), key=lambda o: o.center)
@@ -203,7 +203,7 @@ def _check(sc: S.Scene, kind: str, q: str, a: str) -> None:
 
 
 def test_questions_are_true_of_their_scene():
-    kinds, yes_no = Counter(), Counter()
+    kinds, yes_no, position_qs = Counter(), Counter(), []
     for i in range(300):
         sc = S.make_scene("train", i)
         for r in range(2):
@@ -213,6 +213,8 @@ def test_questions_are_true_of_their_scene():
                 assert a == a.lower() and a.strip() == a
                 if a in ("yes", "no"):
                     yes_no[kind, a] += 1
+                if kind == "position":
+                    position_qs.append(q)
         # A colour question exists exactly when some shape is unique (likewise shape / colour).
         got = {k for k, _, _ in S.questions(sc, np.random.default_rng(i))}
         shapes, colors = [o.shape for o in sc.objects], [o.color for o in sc.objects]
@@ -220,9 +222,11 @@ def test_questions_are_true_of_their_scene():
         assert ("shape" in got) == any(colors.count(c) == 1 for c in colors)
         assert {"count", "exists", "detect", "point"} <= got
     assert set(kinds) == set(S.KINDS)
-    for kind in ("exists", "position"):
-        yes, no = yes_no[kind, "yes"], yes_no[kind, "no"]
-        assert 0.35 <= yes / (yes + no) <= 0.65, (kind, yes, no)
+    yes, no = yes_no["exists", "yes"], yes_no["exists", "no"]
+    assert 0.35 <= yes / (yes + no) <= 0.65, (yes, no)
+    assert not yes_no["position", "yes"] + yes_no["position", "no"]     # position questions name a shape
+    relative = [q for q in position_qs if " of " in q or "above " in q or "below " in q]
+    assert 0.3 * len(position_qs) <= len(relative) <= 0.8 * len(position_qs)
 
 
 def test_boxes_and_points_round_trip():

@@ -44,6 +44,38 @@ def test_tokenizer_keeps_coordinates_whole_and_round_trips():
     assert all(tok.token_to_id(m) is not None for m in MARKUP)
 
 
+def test_kind_weights_steer_which_questions_are_asked():
+    from edgevlm.train.scenes_vlm import kind_weight_table, pick_questions, qa_pairs
+
+    qa = qa_pairs("train", 0, draws=4)[1]
+    kinds = {k for k, _, _ in qa}
+    assert {"position", "color", "caption"} <= kinds
+    rng = np.random.default_rng(0)
+    w = kind_weight_table({"position": 8.0, "caption": 0})
+    drawn = [k for _ in range(300) for k, _, _ in pick_questions(rng, qa, 4, w)]
+    assert "caption" not in drawn                                   # weight 0: never asked
+    n_pos = sum(k == "position" for k, _, _ in qa)
+    share = drawn.count("position") / len(drawn)
+    assert share > 2 * n_pos / len(qa)                              # weighted up well past its share of the pool
+    assert len(pick_questions(rng, qa, 0, w)) == len(qa) - 1        # 0 = every question with a weight
+    for bad in ({"colour": 1.0}, {"count": -1.0}, {k: 0 for k in kind_weight_table(None)}):
+        with pytest.raises(ValueError, match="kind_weights"):
+            kind_weight_table(bad)
+
+
+def test_train_command_runs_the_recipes_training_block(monkeypatch, tmp_path):
+    import edgevlm.train.scenes_vlm as sv
+
+    seen = {}
+    monkeypatch.setattr(sv, "train_scenes_vlm", lambda name, out, **kw: seen.update(name=name, out=out, **kw))
+    assert main(["train", "--model", "edgevlm_scenes", "--out", str(tmp_path / "w.safetensors")]) == 0
+    block = get_vlm_recipe("edgevlm_scenes").training
+    assert seen["name"] == "edgevlm_scenes" and seen["seed"] == 0
+    assert {k: seen[k] for k in block} == block and block["question_draws"] > 1
+    assert main(["train", "--model", "edgevlm_scenes", "--epochs", "1", "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert seen["epochs"] == 1                                          # --epochs overrides the recipe
+
+
 @pytest.fixture(scope="module")
 def tiny_trained(tmp_path_factory):
     from edgevlm.train.scenes_vlm import train_scenes_vlm
@@ -64,7 +96,10 @@ def test_training_saves_weights_that_load_and_answer(tiny_trained):
     assert {"cell_shape", "cell_color"} <= set(facts["history"][0])
     vlm = load_vlm("edgevlm_scenes_tiny", weights=out)
     assert vlm.facts["trained_with"]["train_images"] == 32 and vlm.facts["trained_with"]["tower_steps"] == 3
-    assert not any(k.startswith("head") for k in vlm.state_dict())     # the dense head is training-only
+    assert not any(k.startswith("head") for k in vlm.state_dict())     # no separate training-only head
+    # the recipe's cell head is part of the tower: trained by the dense loss, saved, shown to the decoder
+    assert "vision.cells.linear.weight" in vlm.state_dict()
+    assert vlm.vision.out_dim == vlm.vision.feat_dim + vlm.vision.cells.width
     from edgevlm.data import scenes
 
     img = scenes.render(scenes.make_scene("test", 0))

@@ -387,31 +387,37 @@ _EXTREMES = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bott
 
 
 def _position(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
+    """A "which shape is ...?" question, answered with a shape: relative to a named object ("which shape
+    is left of the red star?", asked only when exactly one object lies that way, every other one clearly
+    the other way) or an extreme ("which shape is leftmost?"); every comparison clears POSITION_MARGIN.
+
+    Yes/no relations between two named objects ("is the star left of the circle?") were asked before
+    and dropped: answering them needs the question's word order bound to two looked-up objects, which a
+    4-layer decoder trained for minutes does not learn -- at chance after 400 steps even when handed the
+    true objects as tokens, while these which-questions reached 99% in the same probe.
+    """
     objs = scene.objects
     if len(objs) < 2:
         return None
     relations = []
-    for a in objs:
-        for b in objs:
-            if a is b:
-                continue
-            for rel, (axis, sign) in _RELATIONS.items():
-                if abs(a.center[axis] - b.center[axis]) >= POSITION_MARGIN:
-                    relations.append((a, b, rel, sign * (a.center[axis] - b.center[axis]) > 0))
+    for anchor in objs:
+        others = [o for o in objs if o is not anchor]
+        for rel, (axis, sign) in _RELATIONS.items():
+            d = [sign * (o.center[axis] - anchor.center[axis]) for o in others]
+            hits = [o for o, v in zip(others, d) if v >= POSITION_MARGIN]
+            if len(hits) == 1 and sum(v > -POSITION_MARGIN for v in d) == 1:
+                relations.append((anchor, rel, hits[0]))
     extremes = []
     for word, (axis, sign) in _EXTREMES.items():
         vals = sorted((sign * o.center[axis], i) for i, o in enumerate(objs))
         if vals[-1][0] - vals[-2][0] >= POSITION_MARGIN:
             extremes.append((word, objs[vals[-1][1]].shape))
     if relations and (not extremes or rng.random() < 0.6):
-        # Balance yes and no: pick the answer first, then a relation that has it.
-        want = bool(rng.random() < 0.5)
-        pool = [r for r in relations if r[3] == want] or relations
-        rng.shuffle(pool)
-        for a, b, rel, truth in pool:
-            ra, rb = _referent(a, objs, rng), _referent(b, objs, rng)
-            if ra and rb:
-                return f"is {ra} {rel} {rb}?", "yes" if truth else "no"
+        for k in rng.permutation(len(relations)):
+            anchor, rel, hit = relations[k]
+            name = _referent(anchor, objs, rng)
+            if name:
+                return f"which shape is {rel} {name}?", hit.shape
     if extremes:
         word, shape = _pick(rng, extremes)
         return f"which shape is {word}?", shape

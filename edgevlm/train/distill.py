@@ -261,6 +261,7 @@ class VLMDistillConfig:
     vision_tokens: int | None = None          # student: fewer vision tokens (edgevlm's own family)
     text_layers: int | None = None            # student: fewer language-model layers
     init_from_teacher: bool = False           # copy every teacher tensor whose name and shape fit
+    init_weights: Path | None = None          # start from these weights (safetensors; tensors that fit)
     data: str = "scenes"
     limit: int | None = None
     val_limit: int = 50
@@ -321,6 +322,15 @@ def build_student(cfg: VLMDistillConfig, teacher):
     student = build_vlm(recipe, tokenizer=teacher.tokenizer)
     check_same_vocabulary(teacher, student)
     copied = _copy_matching(teacher, student) if cfg.init_from_teacher else 0
+    if cfg.init_weights is not None:
+        from ..modeling.checkpoint import load_state_dict
+
+        own = student.state_dict()
+        sd = {k: v for k, v in load_state_dict(Path(cfg.init_weights)).items() if k in own and own[k].shape == v.shape}
+        if not sd:
+            raise ConfigError(f"{cfg.init_weights} has no tensor that fits {recipe.name}",
+                              "pass weights saved from the same student recipe")
+        student.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
     student.facts = {"config_overrides": changes}
     return student, recipe, changes, copied
 
@@ -374,7 +384,8 @@ def distill_vlm(cfg: VLMDistillConfig, log=None, teacher=None) -> dict:
 
 
 def load_distilled_vlm(path: Path):
-    """A student written by :func:`distill_vlm` for edgevlm's own family (its recipe's overrides are in the file)."""
+    """A student written by :func:`distill_vlm` for edgevlm's own family: its base recipe and reductions
+    are in the file (``load_vlm(base, weights=path)`` applies the reductions too)."""
     from dataclasses import replace
 
     from ..modeling.checkpoint import read_metadata
@@ -383,13 +394,7 @@ def load_distilled_vlm(path: Path):
 
     facts = read_metadata(Path(path))
     recipe = get_vlm_recipe(facts.get("base_recipe", "edgevlm_scenes"))
-    conf = dict(recipe.config)
-    ov = facts.get("config_overrides", {})
-    if "vision_tokens" in ov:
-        conf["vision_tokens"] = ov["vision_tokens"]
-    if "text_layers" in ov:
-        conf["text"] = dict(conf["text"], num_hidden_layers=ov["text_layers"])
-    return load(replace(recipe, config=conf, name=facts.get("model", recipe.name)), Path(path))
+    return load(replace(recipe, name=facts.get("model", recipe.name)), Path(path))
 
 
 # -- attaching a token compressor (deploy-time) ----------------------------------------------------------------

@@ -41,6 +41,28 @@ def qa_pairs(split: str, index: int, draws: int = 1) -> tuple[scenes.Scene, list
     return scene, qa + [("caption", CAPTION_PROMPT, scenes.caption(scene))]
 
 
+def kind_weight_table(kind_weights: dict | None) -> dict:
+    """Every question kind (and "caption") with its sampling weight: 1 unless ``kind_weights`` says otherwise."""
+    kinds = scenes.KINDS + ("caption",)
+    weights = {**{k: 1.0 for k in kinds}, **(kind_weights or {})}
+    bad = sorted(set(weights) - set(kinds))
+    if bad or any(float(w) < 0 for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"kind_weights {kind_weights}: give non-negative weights, not all zero, to kinds of {kinds}"
+                         + (f"; unknown kinds {bad}" if bad else ""))
+    return {k: float(w) for k, w in weights.items()}
+
+
+def pick_questions(rng: np.random.Generator, qa: list, k: int, weights: dict) -> list:
+    """``k`` distinct questions of ``qa`` (0: all), drawn with probability proportional to their kind's weight;
+    zero-weight kinds are never drawn."""
+    p = np.array([weights[kind] for kind, _, _ in qa], np.float64)
+    n = int((p > 0).sum())
+    k = n if k <= 0 else min(k, n)
+    if k == 0:
+        return []
+    return [qa[j] for j in rng.choice(len(qa), size=k, replace=False, p=p / p.sum())]
+
+
 def train_tokenizer(texts, vocab_size: int):
     """A byte-level BPE (`tokenizers`) whose pre-tokenizer keeps coordinates like 0.37 in one piece."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,6 +156,68 @@ def dense_accuracy(out, target) -> dict:
             "cell_color": float((out[..., s:s + c].argmax(-1) == target[..., 1].long())[obj].float().mean())}
 
 
+def pixel_normalizer(spec):
+    """uint8 (B, H, W, 3) -> the processor's normalized float (B, 3, H, W) tensor."""
+    import torch
+
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+
+    def pixels(batch_u8):
+        x = torch.from_numpy(batch_u8).permute(0, 3, 1, 2).contiguous().float() / 255.0
+        return (x - mean) / std
+    return pixels
+
+
+def tower_features(vision, px):
+    """The tower's raw per-cell features, the ones the dense loss supervises (before any cell head)."""
+    return vision.features(px) if hasattr(vision, "features") else vision(px)
+
+
+def cell_head(vision):
+    """The tower's own :class:`CellHead` when it has one (it is then part of the model), else a fresh
+    training-only head on its features."""
+    own = getattr(vision, "cells", None)
+    return own if own is not None else dense_head(getattr(vision, "feat_dim", vision.out_dim))
+
+
+def train_tower(vision, head, imgs, cells, val_imgs, val_cells, pixels, steps: int, lr: float,
+                rng: np.random.Generator, log, batch: int = 64) -> dict:
+    """Stage 1: the tower alone learns what sits in each cell of its grid (shape, colour, box) with
+    :func:`dense_loss`; fast, since no language model runs in the step. Warm-up then cosine; validation
+    cell accuracy logged every 100 steps and returned."""
+    import torch
+
+    params = list(vision.parameters()) + [p for p in head.parameters()
+                                          if not any(p is q for q in vision.parameters())]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    w = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / w if i < w else
+                                              0.5 * (1 + math.cos(math.pi * (i - w) / max(1, steps - w))))
+
+    @torch.no_grad()
+    def val() -> dict:
+        vision.eval()
+        out = torch.cat([head(tower_features(vision, pixels(val_imgs[i:i + 100]))) for i in range(0, len(val_imgs), 100)])
+        vision.train()
+        return dense_accuracy(out, torch.from_numpy(val_cells))
+
+    acc, t0 = {}, time.time()
+    for i in range(steps):
+        idx = rng.integers(0, len(imgs), batch)
+        loss = dense_loss(head, tower_features(vision, pixels(imgs[idx])), torch.from_numpy(cells[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (i + 1) % 100 == 0 or i + 1 == steps:
+            acc = val()
+            log(f"  tower step {i + 1}/{steps} dense loss {float(loss.detach()):.3f}, validation cells: shape "
+                f"{acc['cell_shape']:.3f}, colour {acc['cell_color']:.3f} ({time.time() - t0:.0f} s)")
+    return acc
+
+
 def pack_questions(prefix: int, segments: list[list[tuple[list[int], list[int]]]], pad: int):
     """Several questions about one image in one row, each seeing only the image prefix and itself.
 
@@ -193,11 +277,13 @@ def answer_mean_loss(logits, labels, answer):
 def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None, epochs: int = 3,
                      images_per_step: int = 32, questions_per_image: int = 4, lr: float = 2e-3,
                      train_images: int | None = None, val_images: int = 300, seed: int = 0, log=None,
-                     tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1) -> dict:
+                     tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1,
+                     kind_weights: dict | None = None) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (64 images a step),
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
     ``question_draws``: training questions per image from that many draws of the generator (see
-    :func:`qa_pairs`); ``questions_per_image`` of them (0: all) are asked in each step, packed in one row.
+    :func:`qa_pairs`); ``questions_per_image`` of them (0: all) are asked in each step, packed in one row,
+    drawn with probability proportional to ``kind_weights[kind]`` (default 1; e.g. more position questions).
     The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
 
@@ -208,6 +294,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     from ..zoo import get_vlm_recipe
 
     log = log or (lambda msg: print(msg, flush=True))
+    weights = kind_weight_table(kind_weights)            # bad weights fail before minutes of rendering
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     recipe = get_vlm_recipe(model_name)
@@ -236,23 +323,22 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         p = tokenize_prompt(tokenizer, pspec, question)
         return p.before, p.after
 
-    mean = torch.tensor(ispec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(ispec.std).view(1, 3, 1, 1)
-
-    def pixels(batch_u8):
-        x = torch.from_numpy(batch_u8).permute(0, 3, 1, 2).contiguous().float() / 255.0
-        return (x - mean) / std
+    pixels = pixel_normalizer(ispec)
 
     emb = model.language_model.get_input_embeddings()
 
-    head = dense_head(model.vision.out_dim) if grid else None
+    head = cell_head(model.vision) if grid else None
 
     def step_loss(img_u8, picks, cells=None):
         """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss).
         The questions about one image share one packed row (:func:`pack_questions`)."""
-        feats = model.vision(pixels(img_u8))                                        # (B, M, C)
-        dense = dense_loss(head, feats, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
-        vis = model.connector(feats)                                                # (B, N, D)
+        px = pixels(img_u8)
+        if hasattr(model.vision, "forward_with_cells"):
+            tokens, raw, _ = model.vision.forward_with_cells(px)                    # one pass for both losses
+        else:
+            tokens = raw = model.vision(px)                                         # (B, M, C)
+        dense = dense_loss(head, raw, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
+        vis = model.connector(tokens)                                               # (B, N, D)
         per_row: dict[int, list] = {}
         before = None
         for row, (_, q, a) in picks:
@@ -271,30 +357,13 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     @torch.no_grad()
     def val_dense() -> dict:
         model.eval()
-        out = torch.cat([head(model.vision(pixels(va_imgs[i:i + 100]))) for i in range(0, n_val, 100)])
+        out = torch.cat([head(tower_features(model.vision, pixels(va_imgs[i:i + 100]))) for i in range(0, n_val, 100)])
         model.train()
         return dense_accuracy(out, torch.from_numpy(va_cells))
 
     if head is not None and tower_steps > 0:
         # Stage 1: the tower alone learns what sits in each cell (fast: no language model in the step).
-        t_params = list(model.vision.parameters()) + list(head.parameters())
-        opt_t = torch.optim.AdamW(t_params, lr=lr, weight_decay=0.05)
-        w = max(1, tower_steps // 10)
-        sched_t = torch.optim.lr_scheduler.LambdaLR(opt_t, lambda i: (i + 1) / w if i < w else
-                                                    0.5 * (1 + math.cos(math.pi * (i - w) / max(1, tower_steps - w))))
-        t_tower = time.time()
-        for i in range(tower_steps):
-            idx = rng.integers(0, n_train, 64)
-            loss = dense_loss(head, model.vision(pixels(tr_imgs[idx])), torch.from_numpy(tr_cells[idx]))
-            opt_t.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(t_params, 1.0)
-            opt_t.step()
-            sched_t.step()
-            if (i + 1) % 100 == 0 or i + 1 == tower_steps:
-                acc = val_dense()
-                log(f"  tower step {i + 1}/{tower_steps} dense loss {float(loss.detach()):.3f}, validation cells: shape "
-                    f"{acc['cell_shape']:.3f}, colour {acc['cell_color']:.3f} ({time.time() - t_tower:.0f} s)")
+        train_tower(model.vision, head, tr_imgs, tr_cells, va_imgs, va_cells, pixels, tower_steps, lr, rng, log)
 
     @torch.no_grad()
     def val_exact_match() -> float:
@@ -313,7 +382,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         model.train()
         return hits / max(total, 1)
 
-    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for p in (head.parameters() if head is not None else ()) if not any(p is q for q in params)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(n_train / images_per_step)
     total_steps, warm = epochs * steps_per_epoch, min(300, steps_per_epoch)
@@ -328,10 +398,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             idx = np.sort(order[s * images_per_step:(s + 1) * images_per_step])
             picks = []
             for row, i in enumerate(idx):
-                qa = tr_qa[i]
-                k = len(qa) if questions_per_image <= 0 else min(questions_per_image, len(qa))
-                for j in rng.choice(len(qa), size=k, replace=False):
-                    picks.append((row, qa[j]))
+                picks += [(row, q) for q in pick_questions(rng, tr_qa[i], questions_per_image, weights)]
             lm_loss, dense = step_loss(tr_imgs[idx], picks, tr_cells[idx] if head is not None else None)
             loss = lm_loss + dense_weight * dense
             opt.zero_grad(set_to_none=True)
@@ -353,10 +420,12 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             best = em
             best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
             facts = {"model": model_name, "dataset": "scenes", "trained_with": {
-                "command": f"edgevlm train --model {model_name} --epochs {epochs}", "seed": seed, "epochs": epochs,
+                "command": f"edgevlm train --model {model_name} --epochs {epochs} --seed {seed}", "seed": seed,
+                "epochs": epochs,
                 "train_images": n_train, "images_per_step": images_per_step,
                 "questions_per_image": questions_per_image, "question_draws": question_draws, "lr": lr,
-                "tower_steps": tower_steps, "dense_weight": dense_weight, "best_epoch": epoch + 1,
+                "tower_steps": tower_steps, "dense_weight": dense_weight, "kind_weights": weights,
+                "best_epoch": epoch + 1,
                 "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
                 "history": list(history)}
             save(model, out, facts)               # an interrupted run keeps its best epoch so far
