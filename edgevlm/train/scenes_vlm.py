@@ -171,7 +171,7 @@ def pixel_normalizer(spec):
 
 def tower_features(vision, px):
     """The tower's raw per-cell features, the ones the dense loss supervises (before any cell head)."""
-    return vision.features(px) if hasattr(vision, "features") else vision(px)
+    return vision.features(px)
 
 
 def cell_head(vision):
@@ -181,6 +181,18 @@ def cell_head(vision):
     return own if own is not None else dense_head(getattr(vision, "feat_dim", vision.out_dim))
 
 
+def cell_accuracy(vision, head, imgs, cells, pixels) -> dict:
+    """:func:`dense_accuracy` of ``head`` on the tower's features of ``imgs`` (eval mode, 100 at a time)."""
+    import torch
+
+    was = vision.training
+    vision.eval()
+    with torch.no_grad():
+        out = torch.cat([head(tower_features(vision, pixels(imgs[i:i + 100]))) for i in range(0, len(imgs), 100)])
+    vision.train(was)
+    return dense_accuracy(out, torch.from_numpy(cells))
+
+
 def train_tower(vision, head, imgs, cells, val_imgs, val_cells, pixels, steps: int, lr: float,
                 rng: np.random.Generator, log, batch: int = 64) -> dict:
     """Stage 1: the tower alone learns what sits in each cell of its grid (shape, colour, box) with
@@ -188,19 +200,12 @@ def train_tower(vision, head, imgs, cells, val_imgs, val_cells, pixels, steps: i
     cell accuracy logged every 100 steps and returned."""
     import torch
 
-    params = list(vision.parameters()) + [p for p in head.parameters()
-                                          if not any(p is q for q in vision.parameters())]
+    params = list(vision.parameters())
+    params += [p for p in head.parameters() if id(p) not in {id(q) for q in params}]   # an own head is in both
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     w = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / w if i < w else
                                               0.5 * (1 + math.cos(math.pi * (i - w) / max(1, steps - w))))
-
-    @torch.no_grad()
-    def val() -> dict:
-        vision.eval()
-        out = torch.cat([head(tower_features(vision, pixels(val_imgs[i:i + 100]))) for i in range(0, len(val_imgs), 100)])
-        vision.train()
-        return dense_accuracy(out, torch.from_numpy(val_cells))
 
     acc, t0 = {}, time.time()
     for i in range(steps):
@@ -212,7 +217,7 @@ def train_tower(vision, head, imgs, cells, val_imgs, val_cells, pixels, steps: i
         opt.step()
         sched.step()
         if (i + 1) % 100 == 0 or i + 1 == steps:
-            acc = val()
+            acc = cell_accuracy(vision, head, val_imgs, val_cells, pixels)
             log(f"  tower step {i + 1}/{steps} dense loss {float(loss.detach()):.3f}, validation cells: shape "
                 f"{acc['cell_shape']:.3f}, colour {acc['cell_color']:.3f} ({time.time() - t0:.0f} s)")
     return acc
@@ -333,10 +338,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss).
         The questions about one image share one packed row (:func:`pack_questions`)."""
         px = pixels(img_u8)
-        if hasattr(model.vision, "forward_with_cells"):
-            tokens, raw, _ = model.vision.forward_with_cells(px)                    # one pass for both losses
-        else:
-            tokens = raw = model.vision(px)                                         # (B, M, C)
+        tokens, raw, _ = model.vision.forward_with_cells(px)                        # one pass for both losses
         dense = dense_loss(head, raw, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
         vis = model.connector(tokens)                                               # (B, N, D)
         per_row: dict[int, list] = {}
@@ -353,13 +355,6 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         x = torch.cat([emb(torch.tensor(before)).expand(len(rows), -1, -1), vis[rows], emb(ids)], 1)
         logits = model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
         return answer_mean_loss(logits, labels, answer), dense
-
-    @torch.no_grad()
-    def val_dense() -> dict:
-        model.eval()
-        out = torch.cat([head(tower_features(model.vision, pixels(va_imgs[i:i + 100]))) for i in range(0, n_val, 100)])
-        model.train()
-        return dense_accuracy(out, torch.from_numpy(va_cells))
 
     if head is not None and tower_steps > 0:
         # Stage 1: the tower alone learns what sits in each cell (fast: no language model in the step).
@@ -383,7 +378,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         return hits / max(total, 1)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    params += [p for p in (head.parameters() if head is not None else ()) if not any(p is q for q in params)]
+    params += [p for p in (head.parameters() if head is not None else ()) if id(p) not in {id(q) for q in params}]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(n_train / images_per_step)
     total_steps, warm = epochs * steps_per_epoch, min(300, steps_per_epoch)
@@ -411,7 +406,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                 log(f"  epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {run_loss / (s + 1):.4f} "
                     f"({time.time() - t_ep:.0f} s)")
         em = val_exact_match()
-        cells = val_dense() if head is not None else {}
+        cells = cell_accuracy(model.vision, head, va_imgs, va_cells, pixels) if head is not None else {}
         history.append({"epoch": epoch + 1, "loss": run_loss / steps_per_epoch, "val_exact_match": em,
                         **cells, "seconds": round(time.time() - t_ep, 1)})
         log(f"epoch {epoch + 1}: loss {run_loss / steps_per_epoch:.4f}, validation exact match {em:.3f} "
