@@ -8,7 +8,7 @@ speed, each bundle run by the torch-free runtime.
 
     python benchmarks/compression_report.py --split test --limit 200
     python benchmarks/compression_report.py --variant edgevlm_scenes=models/weights/edgevlm_scenes.safetensors \
-        --variant edgevlm_scenes_4tok=path/to/4-token.safetensors
+        --variant edgevlm_scenes=runs/s16/student.safetensors      # a student from `edgevlm distill --vision-tokens 16`
 
 Targets (from the project's issue): INT8 within 1 point of FP32, INT4 within 3 points.
 Writes benchmarks/results/compression_report.{json,png}.
@@ -50,6 +50,17 @@ def summary(res: dict) -> dict:
     return out
 
 
+def variant_label(recipe: str, weights: str | None) -> str:
+    """The row label: the recipe's name, plus ``-Ntok`` for a distilled student whose weights carry fewer
+    vision tokens (``edgevlm distill --vision-tokens N`` stores it; the student loads under the base name)."""
+    if not weights:
+        return recipe
+    from edgevlm.modeling.checkpoint import read_metadata
+
+    n = ((read_metadata(Path(weights)) or {}).get("config_overrides") or {}).get("vision_tokens")
+    return f"{recipe}-{n}tok" if n else recipe
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", action="append", default=[],
@@ -70,13 +81,16 @@ def main(argv=None) -> int:
     from edgevlm.runtime.bench import bench_vlm_bundle
 
     variants = [v.split("=", 1) for v in args.variant] or [["edgevlm_scenes", None]]
+    labels = [variant_label(name, weights) for name, weights in variants]
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"variants {labels} repeat: pass each compressed-token count once")
     backends = [("onnx", "onnxruntime")] + ([("gguf", "llama.cpp")] if have_llama() else [])
     if not have_llama():
         log("llama-cpp-python is not installed: llama.cpp rows skipped (pip install 'edgevlm[gguf]')")
     rows = []
-    for name, weights in variants:
+    for (recipe, weights), name in zip(variants, labels):
         log(f"{name}: eager FP32 on {args.limit} {args.split} scenes")
-        res = evaluate_vlm(name, args.split, args.limit, weights, json_out=args.out / f"eval-{name}-eager.json",
+        res = evaluate_vlm(recipe, args.split, args.limit, weights, json_out=args.out / f"eval-{name}-eager.json",
                            quiet=True)
         tokens = None
         rows.append({"variant": name, "engine": "eager PyTorch", "precision": "fp32", **summary(res)})
@@ -85,7 +99,7 @@ def main(argv=None) -> int:
             out = args.cache / f"{name}-cpu-{prec}-both"
             if not (out / "manifest.json").is_file():
                 log(f"{name}: exporting {prec} bundle (ONNX{' + GGUF' if len(backends) > 1 else ''})")
-                export_vlm_bundle(VLMExportConfig(model=name, weights=weights, precision=prec,
+                export_vlm_bundle(VLMExportConfig(model=recipe, weights=weights, precision=prec,
                                                   decoder="both" if len(backends) > 1 else "onnx", out=str(out),
                                                   overwrite=True), quiet=True)
             size_mb = {}

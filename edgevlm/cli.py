@@ -20,12 +20,12 @@ def _cmd_list(args) -> int:
     targets = list_targets()
     rows = []
     for r in list_models():
-        rows.append({"model": r.name + (" *" if r.name == DEFAULT_MODEL else ""), "family": r.family,
+        rows.append({"model": r.name, "family": r.family,
                      "task": r.task, "params (M)": round(r.params / 1e6, 2), "input": r.input_size,
                      "reparam": "yes" if r.reparameterizable else "no",
                      "targets": {t.name: [p.value for p in t.precisions] for t in targets},
                      "shipped weights": sorted(r.weights), "hub tags": [f"{r.name}.{t}" for t in r.hub_tags]})
-    vlms = [{"model": r.name, "family": r.family, "task": "vlm", "params (M)": round(r.params / 1e6, 1),
+    vlms = [{"model": r.name + (" *" if r.name == DEFAULT_MODEL else ""), "family": r.family, "task": "vlm", "params (M)": round(r.params / 1e6, 1),
              "image": r.image["size"], "hub id": r.hub_id or "-", "revisions": list(r.revisions),
              "kind": "test-size" if r.tiny else "released"} for r in list_vlms()]
     if args.json:
@@ -34,10 +34,10 @@ def _cmd_list(args) -> int:
     cols = ["model", "family", "params (M)", "input", "reparam", "shipped weights", "hub tags"]
     shown = [{**row, "shipped weights": ", ".join(row["shipped weights"]) or "-",
               "hub tags": ", ".join(t.split(".", 1)[1] for t in row["hub tags"])} for row in rows]
-    print(table(shown, cols, title="edgevlm model zoo (* = default model; params with a 1000-class head)"))
+    print(table(shown, cols, title="vision backbones (params with a 1000-class head)"))
     print("\n" + table([{**v, "revisions": ", ".join(v["revisions"]) or "-"} for v in vlms],
                         ["model", "family", "kind", "params (M)", "image", "hub id", "revisions"],
-                        title="vision-language models (`edgevlm info --model NAME` for parts and FLOPs)"))
+                        title="vision-language models (* = the default model; `edgevlm info --model NAME` for parts and FLOPs)"))
     print("\n" + table([{"target": t.name, "runs on": t.description, "format": t.format,
                          "precisions": " ".join(p.value for p in t.precisions),
                          "default": t.default_precision.value} for t in targets], title="targets"))
@@ -80,7 +80,10 @@ def _cmd_export(args) -> int:
     from .report import table
     from .zoo import is_vlm
 
-    if args.model and is_vlm(args.model):
+    from .zoo import DEFAULT_MODEL
+
+    args.model = args.model or DEFAULT_MODEL
+    if is_vlm(args.model):
         return _cmd_export_vlm(args)
 
     out, m = export_bundle(_export_config(args), quiet=args.quiet)

@@ -178,5 +178,7 @@ def list_models() -> list[ModelRecipe]:
     return [reg.get(n) for n in reg.names()]
 
 
-# The model `edgevlm export` uses when no --model is given (until the default VLM ships).
-DEFAULT_MODEL = "fastvit_t8"
+# The model `edgevlm export` (and the demo) use when no --model is given: edgevlm's own VLM, trained here
+# and shipped in models/weights. DEFAULT_BACKBONE is the default image classifier (`edgevlm eval`, docs).
+DEFAULT_MODEL = "edgevlm_scenes"
+DEFAULT_BACKBONE = "fastvit_t8"

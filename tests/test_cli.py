@@ -35,8 +35,9 @@ def test_list_shows_every_variant_as_json():
     (["export", "--target", "iphone"], "unknown target"),
     (["export", "--quant", "int3"], "choose one of"),
     (["export", "--model", "fastvit_sa12"], "--weights"),
+    (["export", "--model", "fastvit_t8", "--weights", "/nonexistent/w.safetensors"], "no checkpoint"),
+    (["export", "--model", "fastvit_t8", "--img-size", "100"], "multiple of 32"),
     (["export", "--weights", "/nonexistent/w.safetensors"], "no checkpoint"),
-    (["export", "--img-size", "100"], "multiple of 32"),
     (["run", "/nonexistent-bundle", "--image", "x.png"], "no bundle"),
 ])
 def test_bad_input_gets_one_line_error(args, needle, tmp_path):
@@ -63,7 +64,7 @@ def test_run_rejects_non_image(tmp_path):
 def test_export_run_bench_eval_round_trip(tmp_path):
     """The CLI path a user takes: export, run, bench (JSON), eval (same accuracy as the manifest)."""
     out = tmp_path / "b"
-    r = edgevlm("export", "--quant", "fp32", "--out", out, "--quiet")
+    r = edgevlm("export", "--model", "fastvit_t8", "--quant", "fp32", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     from edgevlm.resources import zoo_dir

@@ -33,5 +33,10 @@ def test_main_command_works(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     r = subprocess.run(" && ".join(run), shell=True, cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    first = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("1 ")]
-    assert first and first[-1].split()[1] == "3", r.stdout  # the sample is a handwritten 3
+    # the sample is test scene 2 (tests/test_scenes.py checks the file): the answer is its cross's colour
+    from edgevlm.data import scenes
+
+    image = next(s for s in run if s.startswith("edgevlm run")).split("--image")[1].split()[0]
+    assert image == "models/samples/scene_2.png" and "what color is the cross?" in block("main-command")
+    truth = [o.color for o in scenes.make_scene("test", 2).objects if o.shape == "cross"]
+    assert len(truth) == 1 and r.stdout.strip().splitlines()[-1].strip() == truth[0], r.stdout

@@ -104,9 +104,26 @@ def test_training_saves_weights_that_load_and_answer(tiny_trained):
 
     img = scenes.render(scenes.make_scene("test", 0))
     a = vlm.generate(img, "how many shapes are there?", max_new_tokens=6)
-    assert a.stats.image_tokens == 4 and len(a.token_ids) <= 6
+    assert a.stats.image_tokens == 36 and len(a.token_ids) <= 6
     # FP16 storage: the loaded weights are the saved ones to FP16 precision, and the file is small
     assert out.stat().st_size < 2 * sum(p.numel() for p in vlm.parameters()) + 200_000
+
+
+def test_frozen_tower_trains_only_connector_and_decoder(tmp_path):
+    from edgevlm.modeling.families import build_vlm
+    from edgevlm.train.scenes_vlm import train_scenes_vlm
+
+    lines = []
+    out = tmp_path / "frozen.safetensors"
+    train_scenes_vlm("edgevlm_scenes_tiny", out, epochs=1, images_per_step=8, train_images=16, val_images=2,
+                     log=lines.append, tower_steps=0, freeze_tower=True)
+    assert any("tower frozen" in line and "(36, " in line for line in lines)
+    torch.manual_seed(0)                                  # the training run's seed: the same fresh weights
+    fresh = build_vlm("edgevlm_scenes_tiny").state_dict()
+    got = load_vlm("edgevlm_scenes_tiny", weights=out).state_dict()
+    tower = [k for k in fresh if k.startswith("vision.") and fresh[k].is_floating_point()]
+    assert tower and all(torch.allclose(got[k], fresh[k], atol=2e-3) for k in tower)
+    assert not torch.allclose(got["connector.pos"], fresh["connector.pos"], atol=2e-3)   # the rest trained
 
 
 def test_eval_harness_scores_every_kind(tiny_trained, tmp_path):
@@ -150,7 +167,33 @@ def test_bad_weights_for_the_default_vlm(tmp_path):
 
         evaluate_vlm("edgevlm_scenes_tiny", weights="random", limit=1, quiet=True)
     assert main(["eval", "llava_tiny", "--weights", "random", "--limit", "1"]) == 2
-    assert get_vlm_recipe("edgevlm_scenes").config["vision_tokens"] == 16
+
+
+def test_every_cell_is_a_vision_token_and_a_compressor_attaches():
+    """The default model shows the decoder each of its 6x6 cells (a learned position each); compression
+    is attached afterwards on the same projector."""
+    from edgevlm.modeling.families import build_vlm
+    from edgevlm.modeling.scenes_vlm import CellProjector
+    from edgevlm.train.distill import attach
+
+    torch.manual_seed(0)
+    vlm = build_vlm("edgevlm_scenes_tiny").eval()
+    assert get_vlm_recipe("edgevlm_scenes").config["vision_tokens"] == 0
+    assert isinstance(vlm.connector, CellProjector) and vlm.connector.n_tokens == 36
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        tokens = vlm.vision(x)
+        out = vlm.connector(tokens)
+        # the same content in another cell gives another token: the position is part of it
+        swapped = vlm.connector(tokens[:, [1, 0] + list(range(2, 36))])
+    assert out.shape == (2, 36, vlm.hidden_size)
+    assert not torch.allclose(swapped[:, 0], out[:, 1], atol=1e-4)
+    with pytest.raises(ValueError, match="image size"):
+        vlm.connector(tokens[:, :16])
+    mini, parts = attach(vlm, 4, prefusion_layers=0)
+    assert parts == ["connector.compressor"] and mini.connector.projector is vlm.connector.projector
+    with torch.no_grad():
+        assert mini.connector(mini.vision(x)).shape == (2, 4, vlm.hidden_size)
 
 
 def test_cell_targets_put_each_object_at_its_centre_cell():
@@ -230,3 +273,18 @@ def test_packed_questions_equal_separate_sequences():
                 lone_losses.append(F.cross_entropy(logits[start:start + len(a)], torch.tensor(a)))
                 k += 1
     assert torch.allclose(loss, torch.stack(lone_losses).mean(), atol=1e-5)
+
+
+def test_shipped_weights_were_made_by_the_recipes_training_block():
+    """The default model's file records how it was trained; that must be the recipe's `training:` block
+    (what `edgevlm train --model edgevlm_scenes` runs), and it must stay within the 30 MB budget."""
+    from edgevlm.modeling.checkpoint import read_metadata
+
+    recipe = get_vlm_recipe("edgevlm_scenes")
+    path = recipe.shipped_weights(recipe.default_weights)
+    trained = read_metadata(path)["trained_with"]
+    assert recipe.training and {k: trained[k] for k in recipe.training} == recipe.training
+    assert trained["seed"] == 0 and trained["train_images"] == 20_000
+    assert path.stat().st_size <= 30e6
+    vlm = load_vlm("edgevlm_scenes")                       # no --weights: the shipped file
+    assert vlm.connector.n_tokens == 36 and sum(p.numel() for p in vlm.parameters()) == recipe.params

@@ -406,8 +406,8 @@ def attach_scenes_compressor(model, n_tokens: int, heads: int | None = None):
     from ..modeling.scenes_vlm import ScenesVLM
 
     old = model.connector
-    dim = old.compressor.query.shape[1]
-    heads = heads or old.compressor.attn.num_heads
+    dim = old.projector.linear_1.in_features
+    heads = heads or (old.compressor.attn.num_heads if hasattr(old, "compressor") else 4)
     conn = CompressedProjector(dim, model.hidden_size, n_tokens, heads)
     conn.projector = old.projector                       # shared, frozen: only the compressor is new
     mini = ScenesVLM(model.vision, conn, model.language_model, image_spec=model.image_spec,
