@@ -149,19 +149,21 @@ def tower_stage(vlm, args, steps: int | None = None) -> None:
     cell of its feature grid (shape, colour, box), 64 images a step; the teacher sees before it answers."""
     import numpy as np
 
+    from edgevlm.modeling.scenes_vlm import grid_side
     from edgevlm.processor import ImageSpec
     from edgevlm.train.scenes_vlm import build_split, cell_head, pixel_normalizer, train_tower
     from edgevlm.zoo import get_vlm_recipe
 
     recipe = get_vlm_recipe("edgevlm_scenes")
     spec = ImageSpec(**recipe.image)
-    grid = spec.size // (4 * 2 ** (recipe.config["vision"]["stages"] - 1))
+    grid = grid_side(recipe)
     imgs, _, cells = build_split("train", args.limit, spec, log=lambda m: None, grid=grid)
     vimgs, _, vcells = build_split("val", 100, spec, log=lambda m: None, grid=grid)
     t0 = time.time()
+    steps = steps or args.tower_steps
     acc = train_tower(vlm.vision, cell_head(vlm.vision), imgs, cells, vimgs, vcells, pixel_normalizer(spec),
-                      steps or args.tower_steps, args.vlm_lr, np.random.default_rng(args.seed), log=lambda m: None)
-    print(f"tower stage: {steps or args.tower_steps} steps in {time.time() - t0:.0f} s; validation cells {acc}", flush=True)
+                      steps, args.vlm_lr, np.random.default_rng(args.seed), log=lambda m: None)
+    print(f"tower stage: {steps} steps in {time.time() - t0:.0f} s; validation cells {acc}", flush=True)
 
 
 def vlm_section(args) -> dict:

@@ -25,7 +25,8 @@ def _cmd_list(args) -> int:
                      "reparam": "yes" if r.reparameterizable else "no",
                      "targets": {t.name: [p.value for p in t.precisions] for t in targets},
                      "shipped weights": sorted(r.weights), "hub tags": [f"{r.name}.{t}" for t in r.hub_tags]})
-    vlms = [{"model": r.name + (" *" if r.name == DEFAULT_MODEL else ""), "family": r.family, "task": "vlm", "params (M)": round(r.params / 1e6, 1),
+    vlms = [{"model": r.name + (" *" if r.name == DEFAULT_MODEL else ""), "family": r.family, "task": "vlm",
+             "params (M)": round(r.params / 1e6, 1),
              "image": r.image["size"], "hub id": r.hub_id or "-", "revisions": list(r.revisions),
              "kind": "test-size" if r.tiny else "released"} for r in list_vlms()]
     if args.json:
@@ -37,7 +38,8 @@ def _cmd_list(args) -> int:
     print(table(shown, cols, title="vision backbones (params with a 1000-class head)"))
     print("\n" + table([{**v, "revisions": ", ".join(v["revisions"]) or "-"} for v in vlms],
                         ["model", "family", "kind", "params (M)", "image", "hub id", "revisions"],
-                        title="vision-language models (* = the default model; `edgevlm info --model NAME` for parts and FLOPs)"))
+                        title="vision-language models (* = the default model; `edgevlm info --model NAME` for parts "
+                              "and FLOPs)"))
     print("\n" + table([{"target": t.name, "runs on": t.description, "format": t.format,
                          "precisions": " ".join(p.value for p in t.precisions),
                          "default": t.default_precision.value} for t in targets], title="targets"))
@@ -78,9 +80,7 @@ def _cmd_export_vlm(args) -> int:
 def _cmd_export(args) -> int:
     from .build import export_bundle
     from .report import table
-    from .zoo import is_vlm
-
-    from .zoo import DEFAULT_MODEL
+    from .zoo import DEFAULT_MODEL, is_vlm
 
     args.model = args.model or DEFAULT_MODEL
     if is_vlm(args.model):

@@ -397,7 +397,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         return hits / max(total, 1)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    params += [p for p in (head.parameters() if head is not None and not freeze_tower else ()) if id(p) not in {id(q) for q in params}]
+    if head is not None:                # a training-only head is not in the model; the tower's own one is
+        params += [p for p in head.parameters() if p.requires_grad and id(p) not in {id(q) for q in params}]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(n_train / images_per_step)
     total_steps, warm = epochs * steps_per_epoch, min(300, steps_per_epoch)
