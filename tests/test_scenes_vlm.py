@@ -196,6 +196,46 @@ def test_every_cell_is_a_vision_token_and_a_compressor_attaches():
         assert mini.connector(mini.vision(x)).shape == (2, 4, vlm.hidden_size)
 
 
+def test_cells_are_said_in_the_decoders_words_and_empty_cells_are_gated():
+    """With ``cell_words`` a cell's token adds the decoder's own embedding of the shape and colour its head
+    sees (shared with the decoder, trained by it); with ``gate`` a cell where the head sees no object passes
+    its features on scaled by the head's objectness."""
+    from edgevlm.data import scenes
+    from edgevlm.modeling.families import build_vlm
+    from edgevlm.modeling.scenes_vlm import PROB_SCALE, CellWords
+
+    recipe = get_vlm_recipe("edgevlm_scenes_tiny")        # the tiny recipe switches both on, so every test uses them
+    assert recipe.config["cell_words"] and recipe.config["vision"]["gate"]
+    torch.manual_seed(0)
+    vlm = build_vlm("edgevlm_scenes_tiny").eval()
+    words, tower = vlm.connector.words, vlm.vision
+    assert isinstance(words, CellWords) and tower.gate
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        tokens, raw, logits = tower.forward_with_cells(x)
+    feat = torch.nn.functional.layer_norm(raw, raw.shape[-1:])
+    assert torch.allclose(tokens[..., :tower.feat_dim], feat * tower.cells.objectness(logits), atol=1e-5)
+    assert not torch.allclose(tokens[..., :tower.feat_dim], feat, atol=1e-3)
+
+    # cell 5 made certainly red, then certainly blue: its word part moves by scale * (E[blue] - E[red])
+    off, s = tower.feat_dim, len(scenes.SHAPES) + 1
+    red, blue = (s + list(scenes.COLORS).index(c) for c in ("red", "blue"))
+    a, b = tokens.clone(), tokens.clone()
+    for t, c in ((a, red), (b, blue)):
+        t[:, 5, off + s:off + s + len(scenes.COLORS) + 1] = 0
+        t[:, 5, off + c] = PROB_SCALE
+    emb = vlm.language_model.get_input_embeddings()
+    say = lambda w: emb(torch.tensor(vlm.tokenizer.encode(" " + w))).mean(0)          # noqa: E731
+    with torch.no_grad():
+        d = words(b) - words(a)
+    assert torch.allclose(d[:, 5], (words.scale * (say("blue") - say("red"))).expand(2, -1), atol=1e-5)
+    assert torch.allclose(d[:, :5], torch.zeros_like(d[:, :5])) and d[:, 5].abs().max() > 0
+    # one table, the decoder's: trained through the cells, and not stored twice
+    vlm.connector(tokens).sum().backward()
+    assert emb.weight.grad[words.ids[words.mask > 0]].abs().sum() > 0
+    assert [k for k in vlm.state_dict() if k.startswith("connector.words")] == ["connector.words.scale"]
+
+
 def test_cell_targets_put_each_object_at_its_centre_cell():
     from edgevlm.data import scenes
     from edgevlm.train.scenes_vlm import NO_COLOR, NO_SHAPE, cell_targets
