@@ -66,11 +66,12 @@ class FastViTTower(nn.Module):
     The first full training run with it (run 6 in models/edgevlm_scenes.md) did not confirm the gain on
     colour and exists questions; ``cells`` is a recipe switch so that runs can compare.
 
-    ``gate`` (recipe v6) scales the features of each cell by the head's objectness (detached: the dense loss alone
-    decides where objects are), so a cell next to the red star no longer looks red to the decoder. Probe on run
-    8's frozen tower (fresh connector and decoder, 16 scenes x 16 questions a step, about 670 steps, teacher-forced
-    exact match on 300 validation scenes): 79.1% gated against 66.6% ungated. Off in the shipped recipe: run 9
-    (gate with cell words) trained worse, run 10 (the gate alone) is the open question.
+    ``gate`` (recipe switch ``vision.gate``) scales the features of each cell by the head's objectness
+    (detached: the dense loss alone decides where objects are), so a cell next to the red star no longer looks
+    red to the decoder. Probe on run 8's frozen tower (fresh connector and decoder, 16 scenes x 16 questions a
+    step, about 670 steps, teacher-forced exact match on 300 validation scenes): 79.1% gated against 66.6%
+    ungated. Off in the shipped recipe: run 9 (gate with cell words) trained worse, run 10 (the gate alone) is
+    the open question.
     """
 
     def __init__(self, layers, embed_dims, mlp_ratios, n_stages: int, layer_scale_init: float = 1e-5,
