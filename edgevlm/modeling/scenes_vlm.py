@@ -70,8 +70,8 @@ class FastViTTower(nn.Module):
     (detached: the dense loss alone decides where objects are), so a cell next to the red star no longer looks
     red to the decoder. Probe on run 8's frozen tower (fresh connector and decoder, 16 scenes x 16 questions a
     step, about 670 steps, teacher-forced exact match on 300 validation scenes): 79.1% gated against 66.6%
-    ungated. Off in the shipped recipe: run 9 (gate with cell words) trained worse, run 10 (the gate alone) is
-    the open question.
+    ungated. Off in the shipped recipe: trained jointly, run 9 (gate with cell words) reached 65.0% and run 10
+    (the gate alone) 80.6% validation exact match, against 82.0% without (run 8).
     """
 
     def __init__(self, layers, embed_dims, mlp_ratios, n_stages: int, layer_scale_init: float = 1e-5,
