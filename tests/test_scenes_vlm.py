@@ -63,6 +63,36 @@ def test_kind_weights_steer_which_questions_are_asked():
             kind_weight_table(bad)
 
 
+def test_color_lookups_ask_every_colour_in_the_generators_words_for_training_only():
+    from edgevlm.data import scenes
+    from edgevlm.train.scenes_vlm import qa_pairs
+
+    # scenes whose colours repeat and whose generator draws leave some colour lookups unasked
+    seen_gap = False
+    for i in range(40):
+        plain = qa_pairs("train", i, draws=4)[1]
+        more = qa_pairs("train", i, draws=4, color_lookups=True)[1]
+        scene = scenes.make_scene("train", i)
+        colors = [o.color for o in scene.objects]
+        asked = {q: (k, a) for k, q, a in more}
+        assert set(plain) <= set(more) and len(asked) == len(more)          # a superset, no question twice
+        for o in scene.objects:
+            q = f"what shape is {o.color}?"
+            assert (q in asked) == (colors.count(o.color) == 1)              # only when the colour names one object
+            if q in asked:
+                assert asked[q] == ("shape", o.shape)
+        for c in set(colors):
+            assert asked[f"how many {c} shapes are there?"] == ("count", str(colors.count(c)))
+        absent = [c for c in scenes.COLORS if c not in colors]
+        assert not any(f"how many {c} shapes" in q for c in absent for q in asked)
+        seen_gap |= len(more) > len(plain)
+    assert seen_gap
+    # the generator's own questions use the same words (what the evaluation asks)
+    gen = [q for i in range(200) for k, q, _ in qa_pairs("val", i)[1] if k == "shape"]
+    assert gen and all(q.startswith("what shape is ") and q.endswith("?") for q in gen)
+    assert qa_pairs("val", 3)[1] == qa_pairs("val", 3, color_lookups=False)[1]
+
+
 def test_train_command_runs_the_recipes_training_block(monkeypatch, tmp_path):
     import edgevlm.train.scenes_vlm as sv
 

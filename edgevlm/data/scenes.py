@@ -424,6 +424,19 @@ def _position(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
     return None
 
 
+SHAPE_OF_COLOR = "what shape is {}?"
+COUNT_OF_COLOR = "how many {} shapes are there?"
+
+
+def color_lookups(scene: Scene) -> list[tuple[str, str, str]]:
+    """Every question of :func:`questions`' forms that finds objects by their colour: "what shape is C?" for
+    each colour held by exactly one object, "how many C shapes are there?" for each colour present (as
+    :func:`questions` asks it). :func:`questions` asks one of each at most; training can ask them all."""
+    colors = [o.color for o in scene.objects]
+    out = [("shape", SHAPE_OF_COLOR.format(o.color), o.shape) for o in scene.objects if colors.count(o.color) == 1]
+    return out + [("count", COUNT_OF_COLOR.format(c), str(colors.count(c))) for c in sorted(set(colors))]
+
+
 def questions(scene: Scene, rng: np.random.Generator, config: SceneConfig = SceneConfig()
               ) -> list[tuple[str, str, str]]:
     """One (kind, question, answer) per kind this scene supports, in ``KINDS`` order."""
@@ -440,14 +453,14 @@ def questions(scene: Scene, rng: np.random.Generator, config: SceneConfig = Scen
     unique_colors = sorted(c for c in set(colors) if colors.count(c) == 1)
     if unique_colors:
         c = _pick(rng, unique_colors)
-        out.append(("shape", f"what shape is {c}?", shapes[colors.index(c)]))
+        out.append(("shape", SHAPE_OF_COLOR.format(c), shapes[colors.index(c)]))
 
     u = rng.random()
     if u < 0.25:
         out.append(("count", "how many shapes are there?", str(len(objs))))
     elif u < 0.45:
         c = _pick(rng, sorted(set(colors)))
-        out.append(("count", f"how many {c} shapes are there?", str(colors.count(c))))
+        out.append(("count", COUNT_OF_COLOR.format(c), str(colors.count(c))))
     else:
         s = _pick(rng, sorted(set(shapes))) if rng.random() < 0.8 else _pick(rng, config.shapes)
         out.append(("count", f"how many {PLURALS[s]} are there?", str(shapes.count(s))))

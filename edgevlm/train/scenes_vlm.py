@@ -23,7 +23,8 @@ MARKUP = ["<box>", "</box>", "<point>", "</point>"]
 PRE_TOKEN = r" ?[01]\.\d\d| ?[a-z]+| ?\d+| ?[^\sa-z\d]+|\s+"
 
 
-def qa_pairs(split: str, index: int, draws: int = 1) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
+def qa_pairs(split: str, index: int, draws: int = 1, color_lookups: bool = False
+             ) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
     """Every (kind, question, answer) of a scene, the caption included (kind "caption").
 
     ``draws`` > 1 adds the questions of further seeded draws of the generator (duplicates dropped): the
@@ -33,8 +34,10 @@ def qa_pairs(split: str, index: int, draws: int = 1) -> tuple[scenes.Scene, list
     rng = np.random.default_rng([scenes.SPLIT_SEED[split], index, 7])
     qa = scenes.questions(scene, rng)
     seen = {q for _, q, _ in qa}
-    for d in range(1, draws):
-        for kind, q, a in scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d])):
+    more = [scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d]))
+            for d in range(1, draws)]
+    for extra in more + ([scenes.color_lookups(scene)] if color_lookups else []):
+        for kind, q, a in extra:
             if q not in seen:
                 seen.add(q)
                 qa.append((kind, q, a))
@@ -100,7 +103,7 @@ def cell_targets(scene: scenes.Scene, grid: int) -> np.ndarray:
     return t
 
 
-def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1):
+def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1, color_lookups: bool = False):
     """Images (n, H, W, 3) uint8, per image its (kind, question, answer) list, and (with ``grid``) the
     per-cell targets of the auxiliary dense loss, (n, grid*grid, 6)."""
     imgs = np.empty((n, spec.size, spec.size, 3), np.uint8)
@@ -108,7 +111,7 @@ def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int =
     qas = []
     t0 = time.time()
     for i in range(n):
-        scene, qa = qa_pairs(split, i, draws)
+        scene, qa = qa_pairs(split, i, draws, color_lookups)
         imgs[i] = _pixels(scenes.render(scene), spec)
         qas.append(qa)
         if grid:
@@ -284,7 +287,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                      train_images: int | None = None, val_images: int = 300, seed: int = 0, log=None,
                      tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1,
                      kind_weights: dict | None = None, freeze_tower: bool = False,
-                     tower_batch: int = 64) -> dict:
+                     tower_batch: int = 64, color_lookups: bool = False) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (``tower_batch`` images
     a step; a step's time is proportional to its images, and the shapes are learned per update, not per image),
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
@@ -315,7 +318,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     ispec = ImageSpec(**spec_img)
     log(f"rendering {n_train} train and {n_val} validation scenes at {ispec.size} px")
     grid = grid_side(recipe) if (dense_weight or tower_steps) else 0
-    tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws)
+    tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws, color_lookups)
     va_imgs, va_qa, va_cells = build_split("val", n_val, ispec, log, grid)
 
     texts = [f"{q} {a}" for qa in tr_qa for _, q, a in qa]
@@ -440,7 +443,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                 "train_images": n_train, "images_per_step": images_per_step,
                 "questions_per_image": questions_per_image, "question_draws": question_draws, "lr": lr,
                 "tower_steps": tower_steps, "dense_weight": dense_weight, "kind_weights": weights,
-                "freeze_tower": freeze_tower, "tower_batch": tower_batch,
+                "freeze_tower": freeze_tower, "tower_batch": tower_batch, "color_lookups": color_lookups,
                 "best_epoch": epoch + 1,
                 "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
                 "history": list(history)}
