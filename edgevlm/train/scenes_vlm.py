@@ -29,7 +29,8 @@ def qa_pairs(split: str, index: int, draws: int = 1, color_lookups: bool = False
 
     ``draws`` > 1 adds the questions of further seeded draws of the generator (duplicates dropped): the
     evaluation asks draw 0's questions; training on several draws shows each image with more of the
-    questions one can ask about it (one "is there ...?" per draw, and so on)."""
+    questions one can ask about it (one "is there ...?" per draw, and so on). ``color_lookups`` adds every
+    question that finds objects by their colour (:func:`scenes.color_lookups`); training only, off in the recipe."""
     scene = scenes.make_scene(split, index)
     rng = np.random.default_rng([scenes.SPLIT_SEED[split], index, 7])
     qa = scenes.questions(scene, rng)
@@ -293,7 +294,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
     ``question_draws``: training questions per image from that many draws of the generator (see
     :func:`qa_pairs`); ``questions_per_image`` of them (0: all) are asked in each step, packed in one row,
-    drawn with probability proportional to ``kind_weights[kind]`` (default 1; e.g. more position questions).
+    drawn with probability proportional to ``kind_weights[kind]`` (default 1; e.g. more position questions);
+    ``color_lookups`` adds every colour lookup of each training image to its pool (:func:`qa_pairs`).
     ``freeze_tower``: after stage 1 the tower is frozen (eval mode, as LLaVA trains with a frozen vision
     encoder) and its tokens of every training image are computed once; stage 2 then trains connector and
     decoder on them (no dense loss, about a quarter less time a step).
