@@ -1,6 +1,8 @@
 """edgevlm's default VLM: its family, training loop, saved format, and the scenes evaluation harness."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -281,6 +283,86 @@ def test_cell_targets_put_each_object_at_its_centre_cell():
                 assert t[cell, 1] == list(scenes.COLORS).index(o.color)
                 np.testing.assert_allclose(t[cell, 2:4], o.center, atol=1e-6)
         assert len(objs) >= 1
+
+
+def test_look_cells_are_the_centre_cells_of_the_objects_a_question_names():
+    from edgevlm.data import scenes
+    from edgevlm.train.scenes_vlm import look_cells, qa_pairs
+
+    def cell(o):
+        return min(int(o.center[1] * 6), 5) * 6 + min(int(o.center[0] * 6), 5)
+
+    kinds_seen = set()
+    for i in range(60):
+        scene, qa = qa_pairs("train", i, draws=2)
+        objs = scene.objects
+        for kind, q, a in qa:
+            got = sorted(look_cells(scene, kind, q, 6))
+            if kind == "shape":                                  # "what shape is red?": the red object
+                want = [cell(o) for o in objs if f" {o.color}?" in q]
+                assert len(want) == 1 and got == want and objs[[cell(o) for o in objs].index(got[0])].shape == a
+            elif kind == "color":
+                assert got == [cell(o) for o in objs if f" {o.shape}?" in q]
+            elif kind == "count" and q == "how many shapes are there?":
+                assert got == sorted(cell(o) for o in objs)
+            elif kind == "count":                                # as many named cells as the answer says
+                assert len(got) == int(a)
+            elif kind == "exists":
+                assert bool(got) == (a == "yes")
+            elif kind in ("position", "caption"):
+                assert got == []
+            kinds_seen.add(kind)
+    assert {"shape", "color", "count", "exists", "position"} <= kinds_seen
+
+
+def test_look_loss_reads_the_attention_the_layer_computes():
+    """The look loss recomputes one layer's attention at the answer positions (the forward pass stays on
+    SDPA); it must equal what the eager implementation returns, packed rows and masks included."""
+    import math
+
+    from edgevlm.modeling.families import build_vlm
+    from edgevlm.train.scenes_vlm import look_loss, pack_questions
+
+    torch.manual_seed(0)
+    lm = build_vlm("edgevlm_scenes_tiny").eval().language_model
+    attn, seen = lm.model.layers[1].self_attn, {}
+    hook = attn.register_forward_pre_hook(lambda mod, args, kw: seen.update(kw) and None, with_kwargs=True)
+    segs = [[([5, 6, 7], [8, 9]), ([10, 11], [12])], [([13, 14, 15, 16], [17, 18, 19])]]
+    prefix = 1 + 36
+    ids, mask, pos, labels, answer = pack_questions(prefix, segs, 0)
+    x = torch.cat([torch.randn(2, prefix, lm.config.hidden_size), lm.get_input_embeddings()(ids)], 1)
+    lm.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            weights = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False,
+                         output_attentions=True).attentions[1]
+            got = look_loss(attn, seen, mask, answer, [[[3, 4], []], [[0]]], image_start=1)
+    finally:
+        lm.config._attn_implementation = "sdpa"
+        hook.remove()
+    # answer 0 starts at row 0, position prefix + 3 - 1; answer 2 at row 1, position prefix + 4 - 1
+    want = (-math.log(float(weights[0, :, prefix + 2, [4, 5]].sum(-1).mean()))
+            - math.log(float(weights[1, :, prefix + 3, [1]].sum(-1).mean()))) / 2
+    assert abs(float(got) - want) < 1e-4
+    assert float(look_loss(attn, seen, mask, answer, [[[], []], [[]]], image_start=1)) == 0.0
+
+
+def test_look_weight_trains_and_is_recorded(tmp_path):
+    from edgevlm.modeling.checkpoint import read_metadata
+    from edgevlm.train.scenes_vlm import train_scenes_vlm
+
+    lines = []
+    out = tmp_path / "look.safetensors"
+    facts = train_scenes_vlm("edgevlm_scenes_tiny", out, epochs=1, images_per_step=4, train_images=200,
+                             val_images=2, log=lines.append, tower_steps=0, look_weight=1.0, questions_per_image=8)
+    assert facts["trained_with"]["look_weight"] == 1.0
+    looks = [float(line.split(" look ")[1].split()[0]) for line in lines if " look " in line]
+    assert looks and all(math.isfinite(v) and v > 0 for v in looks)       # the loss was computed and logged
+    assert read_metadata(out)["trained_with"]["look_layer"] == 1
+    assert load_vlm("edgevlm_scenes_tiny", weights=out).language_model.config._attn_implementation != "eager"
+    with pytest.raises(ValueError, match="look_layer"):
+        train_scenes_vlm("edgevlm_scenes_tiny", tmp_path / "x.safetensors", train_images=4, val_images=1,
+                         tower_steps=0, look_weight=1.0, look_layer=9)
 
 
 def test_compression_report_runs_every_precision_and_backend(tiny_trained, tmp_path):

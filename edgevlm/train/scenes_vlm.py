@@ -8,6 +8,7 @@ Seeded; the validation split picks the best epoch; the test split is never looke
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -102,6 +103,26 @@ def cell_targets(scene: scenes.Scene, grid: int) -> np.ndarray:
         x0, y0, x1, y1 = o.bbox
         t[cell] = (scenes.SHAPES.index(o.shape), list(scenes.COLORS).index(o.color), cx, cy, x1 - x0, y1 - y0)
     return t
+
+
+LOOK_KINDS = ("color", "shape", "count", "exists", "detect", "point")
+
+
+def look_cells(scene: scenes.Scene, kind: str, question: str, grid: int) -> list[int]:
+    """The feature-grid cells (object centres, as :func:`cell_targets` places them) of the objects a question
+    names: "what shape is red?" -> the red object's cell, "how many stars are there?" -> every star's,
+    "how many shapes are there?" -> every object's. Empty for objects that are absent ("is there a red star?"
+    with none), for position questions (they name the reference, not the object to look at) and captions."""
+    if kind not in LOOK_KINDS:
+        return []
+    words = re.findall(r"[a-z]+", question)
+    singular = {v: k for k, v in scenes.PLURALS.items()}
+    color = next((w for w in words if w in scenes.COLORS), None)
+    shape = next((singular.get(w, w) for w in words if w in scenes.SHAPES or w in singular), None)
+    if color is None and shape is None and not (kind == "count" and "shapes" in words):
+        return []
+    return [min(int(o.center[1] * grid), grid - 1) * grid + min(int(o.center[0] * grid), grid - 1)
+            for o in scene.objects if color in (None, o.color) and shape in (None, o.shape)]
 
 
 def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1, color_lookups: bool = False):
@@ -283,12 +304,53 @@ def answer_mean_loss(logits, labels, answer):
     return (per / cnt.clamp(min=1)).mean()
 
 
+def look_loss(attn, seen: dict, mask, answer, looks, image_start: int):
+    """-log of the attention mass (mean over heads) that each answer's first prediction puts on the cells its
+    question names, averaged over the answers that name any.
+
+    ``attn`` is one decoder layer's Llama attention module and ``seen`` what a forward pre-hook on it kept of
+    its last call (``hidden_states``, ``position_embeddings``): the weights are recomputed at the few query
+    positions needed, so the forward pass itself stays on SDPA. ``mask`` (R, 1, L, L) and ``answer`` (R, L)
+    come from :func:`pack_questions` (answers numbered row after row); ``looks[r][j]`` lists the cells of row
+    r's j-th question; image cell m sits at position ``image_start + m``."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    first: dict[int, tuple[int, int]] = {}
+    for r, t in torch.nonzero(answer >= 0).tolist():        # row-major: the first hit is the answer's start
+        first.setdefault(int(answer[r, t]), (r, t))
+    points, targets, k = [], [], 0
+    for row in looks:
+        for cells in row:
+            if cells:
+                points.append(first[k])
+                targets.append([image_start + c for c in cells])
+            k += 1
+    if not points:
+        return mask.new_zeros(())
+    h = seen["hidden_states"]                                        # (R, L, D), after the input norm
+    cos, sin = seen["position_embeddings"]
+    R, L, _ = h.shape
+    d = attn.head_dim
+    q = attn.q_proj(h).view(R, L, -1, d).transpose(1, 2)
+    key = attn.k_proj(h).view(R, L, -1, d).transpose(1, 2)
+    q, key = apply_rotary_pos_emb(q, key, cos, sin)
+    key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)   # grouped-query attention
+    rows = torch.tensor([r for r, _ in points])
+    cols = torch.tensor([t for _, t in points])
+    scores = torch.einsum("phd,phld->phl", q[rows, :, cols], key[rows]) * attn.scaling + mask[rows, 0, cols][:, None]
+    probs = scores.softmax(-1)                                       # (P, H, L)
+    losses = [-torch.log(probs[i, :, t].sum(-1).mean().clamp(min=1e-6)) for i, t in enumerate(targets)]
+    return torch.stack(losses).mean()
+
+
 def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None, epochs: int = 3,
                      images_per_step: int = 32, questions_per_image: int = 4, lr: float = 2e-3,
                      train_images: int | None = None, val_images: int = 300, seed: int = 0, log=None,
                      tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1,
                      kind_weights: dict | None = None, freeze_tower: bool = False,
-                     tower_batch: int = 64, color_lookups: bool = False) -> dict:
+                     tower_batch: int = 64, color_lookups: bool = False, look_weight: float = 0.0,
+                     look_layer: int = 1) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (``tower_batch`` images
     a step; a step's time is proportional to its images, and the shapes are learned per update, not per image),
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
@@ -299,6 +361,9 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     ``freeze_tower``: after stage 1 the tower is frozen (eval mode, as LLaVA trains with a frozen vision
     encoder) and its tokens of every training image are computed once; stage 2 then trains connector and
     decoder on them (no dense loss, about a quarter less time a step).
+    ``look_weight`` > 0 adds a training-only loss on where the decoder looks: at the position that predicts an
+    answer's first token, the attention of layer ``look_layer`` (mean over its heads) should fall on the cells
+    of the objects the question names (:func:`look_cells`): -log of that attention mass, times the weight.
     The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
 
@@ -322,11 +387,28 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     grid = grid_side(recipe) if (dense_weight or tower_steps) else 0
     tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws, color_lookups)
     va_imgs, va_qa, va_cells = build_split("val", n_val, ispec, log, grid)
+    tr_look = None
+    if not 0 <= look_layer < recipe.config["text"]["num_hidden_layers"]:
+        raise ValueError(f"look_layer {look_layer} is not a layer of the decoder")
+    if look_weight:
+        if not grid:
+            raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
+        tr_look = []
+        for i in range(n_train):
+            scene = scenes.make_scene("train", i)
+            tr_look.append({q: look_cells(scene, kind, q, grid) for kind, q, _ in tr_qa[i]})
 
     texts = [f"{q} {a}" for qa in tr_qa for _, q, a in qa]
     hf_tok = train_tokenizer(texts, recipe.config["text"]["vocab_size"] - len(MARKUP))
     tokenizer = TextTokenizer(hf_tok, hf_tok.token_to_id("<s>"), (hf_tok.token_to_id("</s>"),), "trained")
     model = build_vlm(recipe, tokenizer=tokenizer).train()
+    seen: dict = {}
+    look_attn = model.language_model.model.layers[look_layer].self_attn
+    if look_weight and model.connector.n_tokens != grid * grid:
+        raise ValueError(f"look_weight needs one vision token per cell ({grid * grid}); {model_name} has "
+                         f"{model.connector.n_tokens}: set vision_tokens: 0")
+    if look_weight:                         # keep what the looked-at layer's attention is called with
+        hook = look_attn.register_forward_pre_hook(lambda mod, args, kw: seen.update(kw) and None, with_kwargs=True)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tokenizer: {tokenizer.vocab_size} tokens; model: {n_params / 1e6:.2f}M parameters, "
         f"{model.connector.n_tokens} vision tokens")
@@ -345,8 +427,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
 
     frozen_tokens = None
 
-    def step_loss(img_u8, picks, cells=None, idx=None):
-        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss).
+    def step_loss(img_u8, picks, cells=None, idx=None, looks=None):
+        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss, look loss).
         The questions about one image share one packed row (:func:`pack_questions`). With a frozen tower
         the tokens of training images ``idx`` come from the cache."""
         if frozen_tokens is not None:
@@ -356,6 +438,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             dense = dense_loss(head, raw, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
         vis = model.connector(tokens)                                               # (B, N, D)
         per_row: dict[int, list] = {}
+        look_row: dict[int, list] = {}
         before = None
         for row, (_, q, a) in picks:
             b, after = prompt_ids(q)
@@ -363,12 +446,16 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                 raise ValueError("packing needs the same prompt ids before the image for every question")
             before = b
             per_row.setdefault(row, []).append((after, tokenizer.encode(" " + a) + [eos]))
+            look_row.setdefault(row, []).append(looks[row].get(q, []) if looks is not None else [])
         rows = sorted(per_row)
         prefix = len(before) + vis.shape[1]
         ids, mask, pos, labels, answer = pack_questions(prefix, [per_row[r] for r in rows], pad)
         x = torch.cat([emb(torch.tensor(before)).expand(len(rows), -1, -1), vis[rows], emb(ids)], 1)
         logits = model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        return answer_mean_loss(logits, labels, answer), dense
+        look = torch.zeros(())
+        if looks is not None:
+            look = look_loss(look_attn, seen, mask, answer, [look_row[r] for r in rows], len(before))
+        return answer_mean_loss(logits, labels, answer), dense, look
 
     if head is not None and tower_steps > 0:
         # Stage 1: the tower alone learns what sits in each cell (fast: no language model in the step).
@@ -413,14 +500,16 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     t0 = time.time()
     for epoch in range(epochs):
         order = rng.permutation(n_train)
-        run_loss, t_ep = 0.0, time.time()
+        run_loss, run_look, t_ep = 0.0, 0.0, time.time()
         for s in range(steps_per_epoch):
             idx = np.sort(order[s * images_per_step:(s + 1) * images_per_step])
             picks = []
             for row, i in enumerate(idx):
                 picks += [(row, q) for q in pick_questions(rng, tr_qa[i], questions_per_image, weights)]
-            lm_loss, dense = step_loss(tr_imgs[idx], picks, tr_cells[idx] if head is not None else None, idx)
-            loss = lm_loss + dense_weight * dense
+            lm_loss, dense, look = step_loss(tr_imgs[idx], picks, tr_cells[idx] if head is not None else None, idx,
+                                             [tr_look[i] for i in idx] if tr_look is not None else None)
+            loss = lm_loss + dense_weight * dense + look_weight * look
+            run_look += float(look.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -429,7 +518,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             run_loss += float(lm_loss.detach())
             if (s + 1) % 50 == 0:
                 log(f"  epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {run_loss / (s + 1):.4f} "
-                    f"({time.time() - t_ep:.0f} s)")
+                    + (f"look {run_look / (s + 1):.3f} " if look_weight else "") + f"({time.time() - t_ep:.0f} s)")
         em = val_exact_match()
         cells = cell_accuracy(model.vision, head, va_imgs, va_cells, pixels) if head is not None else {}
         history.append({"epoch": epoch + 1, "loss": run_loss / steps_per_epoch, "val_exact_match": em,
@@ -446,12 +535,15 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                 "questions_per_image": questions_per_image, "question_draws": question_draws, "lr": lr,
                 "tower_steps": tower_steps, "dense_weight": dense_weight, "kind_weights": weights,
                 "freeze_tower": freeze_tower, "tower_batch": tower_batch, "color_lookups": color_lookups,
+                "look_weight": look_weight, "look_layer": look_layer,
                 "best_epoch": epoch + 1,
                 "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
                 "history": list(history)}
             save(model, out, facts)               # an interrupted run keeps its best epoch so far
     model.load_state_dict(best_sd)
     model.eval()
+    if look_weight:
+        hook.remove()
     facts["trained_with"]["minutes"] = round((time.time() - t0) / 60, 1)
     facts["history"] = history
     save(model, out, facts)
