@@ -286,7 +286,6 @@ def test_cell_targets_put_each_object_at_its_centre_cell():
 
 
 def test_look_cells_are_the_centre_cells_of_the_objects_a_question_names():
-    from edgevlm.data import scenes
     from edgevlm.train.scenes_vlm import look_cells, qa_pairs
 
     def cell(o):
