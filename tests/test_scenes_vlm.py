@@ -314,13 +314,31 @@ def test_look_cells_are_the_centre_cells_of_the_objects_a_question_names():
     assert {"shape", "color", "count", "exists", "position"} <= kinds_seen
 
 
+def test_word_tokens_find_the_words_a_question_looks_up_by():
+    from edgevlm.processor import TextTokenizer
+    from edgevlm.train.scenes_vlm import named, train_tokenizer, word_tokens
+
+    hf = train_tokenizer(["what shape is red? how many stars are there? is there a red star? how many shapes"] * 5,
+                         300)
+    tok = TextTokenizer(hf, hf.token_to_id("<s>"), (hf.token_to_id("</s>"),), "t")
+    for kind, q, want in (("shape", "what shape is red?", {" red"}), ("count", "how many stars are there?", {" stars"}),
+                          ("exists", "is there a red star?", {" red", " star"}),
+                          ("count", "how many shapes are there?", {" shapes"})):
+        ids = tok.encode(q + "\n")
+        got = word_tokens(tok, ids, named(kind, q)[2])
+        assert got and "".join(tok.decode([ids[j]]) for j in got).split() == [w.strip() for w in
+                                                                              sorted(want, key=q.index)]
+    assert named("position", "which shape is left of the red star?") is None
+    assert named("count", "how many shapes are there?") == (None, None, ["shapes"])
+
+
 def test_look_loss_reads_the_attention_the_layer_computes():
     """The look loss recomputes one layer's attention at the answer positions (the forward pass stays on
     SDPA); it must equal what the eager implementation returns, packed rows and masks included."""
     import math
 
     from edgevlm.modeling.families import build_vlm
-    from edgevlm.train.scenes_vlm import look_loss, pack_questions
+    from edgevlm.train.scenes_vlm import answer_starts, look_loss, pack_questions
 
     torch.manual_seed(0)
     lm = build_vlm("edgevlm_scenes_tiny").eval().language_model
@@ -335,15 +353,17 @@ def test_look_loss_reads_the_attention_the_layer_computes():
         with torch.no_grad():
             weights = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False,
                          output_attentions=True).attentions[1]
-            got = look_loss(attn, seen, mask, answer, [[[3, 4], []], [[0]]], image_start=1)
+            first = answer_starts(answer)
+            got = look_loss(attn, seen, mask, [first[0], first[2]], [[4, 5], [1]])
     finally:
         lm.config._attn_implementation = "sdpa"
         hook.remove()
     # answer 0 starts at row 0, position prefix + 3 - 1; answer 2 at row 1, position prefix + 4 - 1
+    assert first == {0: (0, prefix + 2), 1: (0, prefix + 6), 2: (1, prefix + 3)}
     want = (-math.log(float(weights[0, :, prefix + 2, [4, 5]].sum(-1).mean()))
             - math.log(float(weights[1, :, prefix + 3, [1]].sum(-1).mean()))) / 2
     assert abs(float(got) - want) < 1e-4
-    assert float(look_loss(attn, seen, mask, answer, [[[], []], [[]]], image_start=1)) == 0.0
+    assert float(look_loss(attn, seen, mask, [], [])) == 0.0
 
 
 def test_look_weight_trains_and_is_recorded(tmp_path):
@@ -353,10 +373,12 @@ def test_look_weight_trains_and_is_recorded(tmp_path):
     lines = []
     out = tmp_path / "look.safetensors"
     facts = train_scenes_vlm("edgevlm_scenes_tiny", out, epochs=1, images_per_step=4, train_images=200,
-                             val_images=2, log=lines.append, tower_steps=0, look_weight=1.0, questions_per_image=8)
-    assert facts["trained_with"]["look_weight"] == 1.0
-    looks = [float(line.split(" look ")[1].split()[0]) for line in lines if " look " in line]
-    assert looks and all(math.isfinite(v) and v > 0 for v in looks)       # the loss was computed and logged
+                             val_images=2, log=lines.append, tower_steps=0, look_weight=1.0, look_words=0.5,
+                             questions_per_image=8)
+    assert facts["trained_with"]["look_weight"] == 1.0 and facts["trained_with"]["look_words"] == 0.5
+    for part in (" look ", " words "):
+        got = [float(line.split(part)[1].split()[0]) for line in lines if part in line]
+        assert got and all(math.isfinite(v) and v > 0 for v in got)       # each loss was computed and logged
     assert read_metadata(out)["trained_with"]["look_layer"] == 1
     assert load_vlm("edgevlm_scenes_tiny", weights=out).language_model.config._attn_implementation != "eager"
     with pytest.raises(ValueError, match="look_layer"):

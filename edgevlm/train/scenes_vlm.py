@@ -108,21 +108,45 @@ def cell_targets(scene: scenes.Scene, grid: int) -> np.ndarray:
 LOOK_KINDS = ("color", "shape", "count", "exists", "detect", "point")
 
 
-def look_cells(scene: scenes.Scene, kind: str, question: str, grid: int) -> list[int]:
-    """The feature-grid cells (object centres, as :func:`cell_targets` places them) of the objects a question
-    names: "what shape is red?" -> the red object's cell, "how many stars are there?" -> every star's,
-    "how many shapes are there?" -> every object's. Empty for objects that are absent ("is there a red star?"
-    with none), for position questions (they name the reference, not the object to look at) and captions."""
+def named(kind: str, question: str) -> tuple[str | None, str | None, list[str]] | None:
+    """What a question looks objects up by: (colour, shape, the words that say so), e.g. "how many red shapes
+    are there?" -> ("red", None, ["red"]), "how many stars are there?" -> (None, "star", ["stars"]); "how many
+    shapes are there?" -> (None, None, ["shapes"]). None for kinds that do not look an object up by name
+    (position questions name the reference, not the object to look at; captions name nothing)."""
     if kind not in LOOK_KINDS:
-        return []
+        return None
     words = re.findall(r"[a-z]+", question)
     singular = {v: k for k, v in scenes.PLURALS.items()}
     color = next((w for w in words if w in scenes.COLORS), None)
-    shape = next((singular.get(w, w) for w in words if w in scenes.SHAPES or w in singular), None)
-    if color is None and shape is None and not (kind == "count" and "shapes" in words):
+    shape_word = next((w for w in words if w in scenes.SHAPES or w in singular), None)
+    said = [w for w in (color, shape_word) if w]
+    if not said:
+        return (None, None, ["shapes"]) if kind == "count" and "shapes" in words else None
+    return color, singular.get(shape_word, shape_word), said
+
+
+def look_cells(scene: scenes.Scene, kind: str, question: str, grid: int) -> list[int]:
+    """The feature-grid cells (object centres, as :func:`cell_targets` places them) of the objects a question
+    names (:func:`named`): "what shape is red?" -> the red object's cell, "how many stars are there?" -> every
+    star's, "how many shapes are there?" -> every object's. Empty when none is present ("is there a red star?"
+    with none) and for kinds that name no object to look at."""
+    what = named(kind, question)
+    if what is None:
         return []
+    color, shape, _ = what
     return [min(int(o.center[1] * grid), grid - 1) * grid + min(int(o.center[0] * grid), grid - 1)
             for o in scene.objects if color in (None, o.color) and shape in (None, o.shape)]
+
+
+def word_tokens(tokenizer, ids: list[int], words: list[str]) -> list[int]:
+    """Indices of the tokens of ``ids`` that spell any of ``words`` (whole words, by character span)."""
+    ends, text = [], ""
+    for i in ids:
+        text += tokenizer.decode([i])
+        ends.append(len(text))
+    spans = [m.span() for w in words for m in re.finditer(rf"\b{w}\b", text)]
+    starts = [0] + ends[:-1]
+    return [j for j, (a, b) in enumerate(zip(starts, ends)) if any(a < e and s < b for s, e in spans)]
 
 
 def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1, color_lookups: bool = False):
@@ -304,28 +328,27 @@ def answer_mean_loss(logits, labels, answer):
     return (per / cnt.clamp(min=1)).mean()
 
 
-def look_loss(attn, seen: dict, mask, answer, looks, image_start: int):
-    """-log of the attention mass (mean over heads) that each answer's first prediction puts on the cells its
-    question names, averaged over the answers that name any.
-
-    ``attn`` is one decoder layer's Llama attention module and ``seen`` what a forward pre-hook on it kept of
-    its last call (``hidden_states``, ``position_embeddings``): the weights are recomputed at the few query
-    positions needed, so the forward pass itself stays on SDPA. ``mask`` (R, 1, L, L) and ``answer`` (R, L)
-    come from :func:`pack_questions` (answers numbered row after row); ``looks[r][j]`` lists the cells of row
-    r's j-th question; image cell m sits at position ``image_start + m``."""
+def answer_starts(answer) -> dict[int, tuple[int, int]]:
+    """Answer k -> (row, position) of its first prediction, from :func:`pack_questions`' ``answer``."""
     import torch
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     first: dict[int, tuple[int, int]] = {}
     for r, t in torch.nonzero(answer >= 0).tolist():        # row-major: the first hit is the answer's start
         first.setdefault(int(answer[r, t]), (r, t))
-    points, targets, k = [], [], 0
-    for row in looks:
-        for cells in row:
-            if cells:
-                points.append(first[k])
-                targets.append([image_start + c for c in cells])
-            k += 1
+    return first
+
+
+def look_loss(attn, seen: dict, mask, points: list[tuple[int, int]], targets: list[list[int]]):
+    """-log of the attention mass (mean over heads) that query position ``points[i]`` = (row, position) puts
+    on the key positions ``targets[i]``, averaged over the points.
+
+    ``attn`` is one decoder layer's Llama attention module and ``seen`` what a forward pre-hook on it kept of
+    its last call (``hidden_states``, ``position_embeddings``): the weights are recomputed at the few query
+    positions needed, so the forward pass itself stays on SDPA. ``mask`` (R, 1, L, L) is the additive mask the
+    forward pass used (:func:`pack_questions`)."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     if not points:
         return mask.new_zeros(())
     h = seen["hidden_states"]                                        # (R, L, D), after the input norm
@@ -350,7 +373,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                      tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1,
                      kind_weights: dict | None = None, freeze_tower: bool = False,
                      tower_batch: int = 64, color_lookups: bool = False, look_weight: float = 0.0,
-                     look_layer: int = 1) -> dict:
+                     look_layer: int = 1, look_words: float = 0.0) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (``tower_batch`` images
     a step; a step's time is proportional to its images, and the shapes are learned per update, not per image),
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
@@ -364,6 +387,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     ``look_weight`` > 0 adds a training-only loss on where the decoder looks: at the position that predicts an
     answer's first token, the attention of layer ``look_layer`` (mean over its heads) should fall on the cells
     of the objects the question names (:func:`look_cells`): -log of that attention mass, times the weight.
+    ``look_words`` > 0 does the same one layer earlier on the question's own words that name them
+    (:func:`named`: " red" in "what shape is red?"), so the answer position holds what it must look for.
     The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
 
@@ -388,9 +413,10 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws, color_lookups)
     va_imgs, va_qa, va_cells = build_split("val", n_val, ispec, log, grid)
     tr_look = None
-    if not 0 <= look_layer < recipe.config["text"]["num_hidden_layers"]:
-        raise ValueError(f"look_layer {look_layer} is not a layer of the decoder")
-    if look_weight:
+    if not (1 if look_words else 0) <= look_layer < recipe.config["text"]["num_hidden_layers"]:
+        raise ValueError(f"look_layer {look_layer} is not a layer of the decoder"
+                         + (" after its first (look_words looks one layer earlier)" if look_words else ""))
+    if look_weight or look_words:
         if not grid:
             raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
         tr_look = []
@@ -402,13 +428,16 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     hf_tok = train_tokenizer(texts, recipe.config["text"]["vocab_size"] - len(MARKUP))
     tokenizer = TextTokenizer(hf_tok, hf_tok.token_to_id("<s>"), (hf_tok.token_to_id("</s>"),), "trained")
     model = build_vlm(recipe, tokenizer=tokenizer).train()
-    seen: dict = {}
-    look_attn = model.language_model.model.layers[look_layer].self_attn
-    if look_weight and model.connector.n_tokens != grid * grid:
+    if tr_look is not None and model.connector.n_tokens != grid * grid:
         raise ValueError(f"look_weight needs one vision token per cell ({grid * grid}); {model_name} has "
                          f"{model.connector.n_tokens}: set vision_tokens: 0")
-    if look_weight:                         # keep what the looked-at layer's attention is called with
-        hook = look_attn.register_forward_pre_hook(lambda mod, args, kw: seen.update(kw) and None, with_kwargs=True)
+    layers = model.language_model.model.layers
+    looked = {"cells": (look_layer, look_weight), "words": (look_layer - 1, look_words)}
+    seen = {part: {} for part in looked}
+    hooks = [layers[i].self_attn.register_forward_pre_hook(lambda mod, args, kw, d=seen[part]: d.update(kw) and None,
+                                                           with_kwargs=True)
+             for part, (i, w) in looked.items() if w]        # what the looked-at layers' attention is called with
+    said: dict[tuple[str, str], list[int]] = {}              # (kind, question) -> its naming words' token indices
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tokenizer: {tokenizer.vocab_size} tokens; model: {n_params / 1e6:.2f}M parameters, "
         f"{model.connector.n_tokens} vision tokens")
@@ -440,21 +469,37 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
         per_row: dict[int, list] = {}
         look_row: dict[int, list] = {}
         before = None
-        for row, (_, q, a) in picks:
+        for row, (kind, q, a) in picks:
             b, after = prompt_ids(q)
             if before is not None and b != before:
                 raise ValueError("packing needs the same prompt ids before the image for every question")
             before = b
             per_row.setdefault(row, []).append((after, tokenizer.encode(" " + a) + [eos]))
-            look_row.setdefault(row, []).append(looks[row].get(q, []) if looks is not None else [])
+            if looks is not None:
+                if (kind, q) not in said:
+                    what = named(kind, q)
+                    said[kind, q] = word_tokens(tokenizer, after, what[2]) if what else []
+                look_row.setdefault(row, []).append((looks[row].get(q, []), said[kind, q], len(after)))
         rows = sorted(per_row)
         prefix = len(before) + vis.shape[1]
         ids, mask, pos, labels, answer = pack_questions(prefix, [per_row[r] for r in rows], pad)
         x = torch.cat([emb(torch.tensor(before)).expand(len(rows), -1, -1), vis[rows], emb(ids)], 1)
         logits = model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        look = torch.zeros(())
+        look = {part: torch.zeros(()) for part in looked}
         if looks is not None:
-            look = look_loss(look_attn, seen, mask, answer, [look_row[r] for r in rows], len(before))
+            first, k = answer_starts(answer), 0
+            at = {part: ([], []) for part in looked}
+            for r in rows:
+                for cells, words, n_after in look_row[r]:
+                    row_t = first[k]
+                    for part, keys in (("cells", [len(before) + c for c in cells]),
+                                       ("words", [row_t[1] - n_after + 1 + j for j in words])):
+                        if keys and looked[part][1]:
+                            at[part][0].append(row_t)
+                            at[part][1].append(keys)
+                    k += 1
+            look = {part: look_loss(layers[looked[part][0]].self_attn, seen[part], mask, *at[part])
+                    for part in looked}
         return answer_mean_loss(logits, labels, answer), dense, look
 
     if head is not None and tower_steps > 0:
@@ -500,7 +545,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     t0 = time.time()
     for epoch in range(epochs):
         order = rng.permutation(n_train)
-        run_loss, run_look, t_ep = 0.0, 0.0, time.time()
+        run_loss, run_look, run_words, t_ep = 0.0, 0.0, 0.0, time.time()
         for s in range(steps_per_epoch):
             idx = np.sort(order[s * images_per_step:(s + 1) * images_per_step])
             picks = []
@@ -508,8 +553,9 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                 picks += [(row, q) for q in pick_questions(rng, tr_qa[i], questions_per_image, weights)]
             lm_loss, dense, look = step_loss(tr_imgs[idx], picks, tr_cells[idx] if head is not None else None, idx,
                                              [tr_look[i] for i in idx] if tr_look is not None else None)
-            loss = lm_loss + dense_weight * dense + look_weight * look
-            run_look += float(look.detach())
+            loss = lm_loss + dense_weight * dense + look_weight * look["cells"] + look_words * look["words"]
+            run_look += float(look["cells"].detach())
+            run_words += float(look["words"].detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -518,7 +564,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
             run_loss += float(lm_loss.detach())
             if (s + 1) % 50 == 0:
                 log(f"  epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {run_loss / (s + 1):.4f} "
-                    + (f"look {run_look / (s + 1):.3f} " if look_weight else "") + f"({time.time() - t_ep:.0f} s)")
+                    + (f"look {run_look / (s + 1):.3f} " if look_weight else "")
+                    + (f"words {run_words / (s + 1):.3f} " if look_words else "") + f"({time.time() - t_ep:.0f} s)")
         em = val_exact_match()
         cells = cell_accuracy(model.vision, head, va_imgs, va_cells, pixels) if head is not None else {}
         history.append({"epoch": epoch + 1, "loss": run_loss / steps_per_epoch, "val_exact_match": em,
@@ -535,14 +582,14 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                 "questions_per_image": questions_per_image, "question_draws": question_draws, "lr": lr,
                 "tower_steps": tower_steps, "dense_weight": dense_weight, "kind_weights": weights,
                 "freeze_tower": freeze_tower, "tower_batch": tower_batch, "color_lookups": color_lookups,
-                "look_weight": look_weight, "look_layer": look_layer,
+                "look_weight": look_weight, "look_layer": look_layer, "look_words": look_words,
                 "best_epoch": epoch + 1,
                 "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
                 "history": list(history)}
             save(model, out, facts)               # an interrupted run keeps its best epoch so far
     model.load_state_dict(best_sd)
     model.eval()
-    if look_weight:
+    for hook in hooks:
         hook.remove()
     facts["trained_with"]["minutes"] = round((time.time() - t0) / 60, 1)
     facts["history"] = history
