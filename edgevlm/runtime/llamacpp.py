@@ -167,6 +167,10 @@ class LlamaCppDecoder:
         with LOG.capture() as lines:
             mp = llama_cpp.llama_model_default_params()
             mp.n_gpu_layers = 0
+            # No repacked weight buffers: on AVX-512 CPUs llama.cpp's CPU repack path crashed decoding our Q8_0
+            # GGUFs (SIGSEGV in libggml-cpu during prefill from embeddings, llama-cpp-python 0.3.36 built
+            # natively); with plain CPU buffers the same files run (seen here, 2026-11-24).
+            mp.use_extra_bufts = False
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
             if self._model:
                 cp = llama_cpp.llama_context_default_params()
