@@ -401,10 +401,24 @@ class _LlamaOwn:
 
     def __init__(self, cache: Path, artifact: str, threads: int, n_ctx: int, flash_attn: bool):
         import llama_cpp
+        import llama_cpp.llama_cpp as low
 
-        self.llm = llama_cpp.Llama(str(cache / ARTIFACTS[artifact][0]), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                   n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
-                                   flash_attn=flash_attn, logits_all=False, verbose=False)
+        # The same weight buffers as edgevlm's runtime (no CPU repacking, see edgevlm/runtime/llamacpp.py): the
+        # high-level API has no switch for it, so its default model parameters are adjusted while it loads.
+        default = low.llama_model_default_params
+
+        def no_repack():
+            mp = default()
+            mp.use_extra_bufts = False
+            return mp
+
+        low.llama_model_default_params = no_repack
+        try:
+            self.llm = llama_cpp.Llama(str(cache / ARTIFACTS[artifact][0]), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                       n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
+                                       flash_attn=flash_attn, logits_all=False, verbose=False)
+        finally:
+            low.llama_model_default_params = default
 
     def run(self, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         self.llm.reset()                   # no KV-cache prefix reuse between runs: every run prefills everything

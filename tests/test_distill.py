@@ -136,7 +136,7 @@ def test_stored_teacher_gives_the_live_teachers_gradient_when_k_is_all_classes(t
         loss.backward()
         grads.append((float(loss.detach()), [p.grad.clone() for p in student.parameters()]))
     (l1, g1), (l2, g2) = grads
-    assert l1 == pytest.approx(l2, rel=1e-6)
+    assert l1 == pytest.approx(l2, rel=1e-5)             # float32 sums in another order: a few ulps
     assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(g1, g2))
     # and a top-3 store is not the same objective (the test can fail)
     write_teacher_store(teacher, "tiny", data, tmp_path / "s3", epochs=2, k=3, temperature=3.0, seed=0, aug=aug,
