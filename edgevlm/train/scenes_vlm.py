@@ -408,14 +408,14 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     n_train = train_images or scenes.SPLIT_SIZES["train"]
     n_val = min(val_images, scenes.SPLIT_SIZES["val"])
     ispec = ImageSpec(**spec_img)
+    if not (1 if look_words else 0) <= look_layer < recipe.config["text"]["num_hidden_layers"]:
+        raise ValueError(f"look_layer {look_layer} is not a layer of the decoder"
+                         + (" after its first (look_words looks one layer earlier)" if look_words else ""))
     log(f"rendering {n_train} train and {n_val} validation scenes at {ispec.size} px")
     grid = grid_side(recipe) if (dense_weight or tower_steps) else 0
     tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws, color_lookups)
     va_imgs, va_qa, va_cells = build_split("val", n_val, ispec, log, grid)
     tr_look = None
-    if not (1 if look_words else 0) <= look_layer < recipe.config["text"]["num_hidden_layers"]:
-        raise ValueError(f"look_layer {look_layer} is not a layer of the decoder"
-                         + (" after its first (look_words looks one layer earlier)" if look_words else ""))
     if look_weight or look_words:
         if not grid:
             raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
@@ -457,7 +457,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     frozen_tokens = None
 
     def step_loss(img_u8, picks, cells=None, idx=None, looks=None):
-        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss, look loss).
+        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss,
+        {"cells": look loss, "words": look loss}).
         The questions about one image share one packed row (:func:`pack_questions`). With a frozen tower
         the tokens of training images ``idx`` come from the cache."""
         if frozen_tokens is not None:
