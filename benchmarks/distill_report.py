@@ -146,7 +146,8 @@ def torch_nn_identity():
 
 def tower_stage(vlm, args, steps: int | None = None) -> None:
     """edgevlm_scenes' own first stage (edgevlm/train/scenes_vlm.py): the tower alone learns what sits in each
-    cell of its feature grid (shape, colour, box), 64 images a step; the teacher sees before it answers."""
+    cell of its feature grid (shape, colour, box), ``--tower-batch`` images a step (default: the recipe's
+    ``tower_batch``; the shapes are learned per update, so small batches and many steps learn them sooner)."""
     import numpy as np
 
     from edgevlm.modeling.scenes_vlm import grid_side
@@ -161,9 +162,12 @@ def tower_stage(vlm, args, steps: int | None = None) -> None:
     vimgs, _, vcells = build_split("val", 100, spec, log=lambda m: None, grid=grid)
     t0 = time.time()
     steps = steps or args.tower_steps
+    batch = args.tower_batch or recipe.training.get("tower_batch", 64)
     acc = train_tower(vlm.vision, cell_head(vlm.vision), imgs, cells, vimgs, vcells, pixel_normalizer(spec),
-                      steps, args.vlm_lr, np.random.default_rng(args.seed), log=lambda m: None)
-    print(f"tower stage: {steps} steps in {time.time() - t0:.0f} s; validation cells {acc}", flush=True)
+                      steps, args.vlm_lr, np.random.default_rng(args.seed), log=lambda m: None, batch=batch)
+    print(f"tower stage: {steps} steps of {batch} images in {time.time() - t0:.0f} s; validation cells {acc}",
+          flush=True)
+    return batch
 
 
 def vlm_section(args) -> dict:
@@ -233,13 +237,13 @@ def vlm_section(args) -> dict:
         scfg = VLMDistillConfig("edgevlm_scenes", tc("student-init", 1), vision_tokens=1)
         student, _, _, _ = build_student(scfg, teacher)
         t1 = time.time()
-        tower_stage(student, args, steps=args.student_tower_steps)
+        batch = tower_stage(student, args, steps=args.student_tower_steps)
         init = work / "student-init.safetensors"
         init.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
         save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()}, str(init))
-        init_how = f"{args.student_tower_steps} label-only tower steps ({time.time() - t1:.0f} s), then "
+        init_how = f"{args.student_tower_steps} label-only tower steps of {batch} images ({time.time() - t1:.0f} s), then "
     for name, alpha in (("1-token student, scratch", 0.0), ("1-token student, distilled", args.vlm_alpha)):
         cfg = VLMDistillConfig("edgevlm_scenes", tc(name.split(", ")[1], args.steps), vision_tokens=1, alpha=alpha,
                                temperature=args.vlm_temperature, limit=args.limit, val_limit=args.eval_limit,
@@ -294,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--vlm-temperature", type=float, default=1.0)
     p.add_argument("--teacher-steps", type=int, help="VLM: teacher training steps (default 2 x --steps)")
     p.add_argument("--tower-steps", type=int, default=600, help="VLM: the teacher's dense tower stage first (0: none)")
+    p.add_argument("--tower-batch", type=int, help="VLM: images per tower-stage step (default: the recipe's)")
     p.add_argument("--student-tower-steps", type=int, default=600, help="VLM: the students' shared label-only dense "
                    "tower stage before their answer training (0: none, students start from random weights)")
     p.add_argument("--seed", type=int, default=0)
