@@ -144,10 +144,11 @@ def torch_nn_identity():
     return torch.nn.Identity()
 
 
-def tower_stage(vlm, args, steps: int | None = None) -> None:
+def tower_stage(vlm, args, steps: int | None = None) -> int:
     """edgevlm_scenes' own first stage (edgevlm/train/scenes_vlm.py): the tower alone learns what sits in each
     cell of its feature grid (shape, colour, box), ``--tower-batch`` images a step (default: the recipe's
-    ``tower_batch``; the shapes are learned per update, so small batches and many steps learn them sooner)."""
+    ``tower_batch``; the shapes are learned per update, so small batches and many steps learn them sooner).
+    Returns the batch it used."""
     import numpy as np
 
     from edgevlm.modeling.scenes_vlm import grid_side
