@@ -79,6 +79,7 @@ ENGINES = {
     "ort-fp32": ("edgevlm ORT FP32", "ort", "onnx_fp32"),
     "ort-int8": ("edgevlm ORT INT8", "ort", "onnx_int8"),
     "ort-int4": ("edgevlm ORT INT4", "ort", "onnx_int4"),
+    "ort-int4-b128": ("edgevlm ORT INT4 block 128", "ort", "onnx_int4_b128"),
     "edgevlm-q8_0": ("edgevlm llama.cpp Q8_0", "edgellama", "gguf_q8_0"),
     "edgevlm-q4_k_m": ("edgevlm llama.cpp Q4_K_M", "edgellama", "gguf_q4_k_m"),
     "llamacpp-q8_0": ("llama.cpp own Q8_0", "llama", "gguf_q8_0"),
@@ -91,9 +92,13 @@ ARTIFACTS = {               # name -> (file, build stage, prerequisites)
     "gguf_f16": ("decoder.f16.gguf", "torch", ()),
     "onnx_int8": ("decoder.int8.onnx", "int8", ("onnx_fp32",)),
     "onnx_int4": ("decoder.int4.onnx", "int4", ("onnx_fp32",)),
+    "onnx_int4_b128": ("decoder.int4-b128.onnx", "int4_b128", ("onnx_fp32",)),
     "gguf_q8_0": ("decoder.q8_0.gguf", "q8_0", ("gguf_f16",)),
     "gguf_q4_k_m": ("decoder.q4_k_m.gguf", "q4_k_m", ("gguf_f16",)),
 }
+# Cached artifacts made by another version of the exporters are rebuilt (2: decoder.onnx traced with eager
+# attention, see edgevlm.exporters.vlm_onnx.export_decoder).
+EXPORT_FORMAT = 2
 TARGET_INT4_VS_EAGER, TARGET_VS_LLAMACPP, TARGET_PCT_LIMIT = 4.0, 0.9, 50.0
 _T0 = float(os.environ.get("VLM_DECODE_T0") or time.time())       # the parent's start: one clock for all stages
 
@@ -166,11 +171,13 @@ def prepare_stage(stage: str, size: str, cache: Path) -> dict:
             out["gguf_f16"] = {"error": f"{type(e).__name__}: {e}"}
         del lm
         gc.collect()
-    elif stage in ("int8", "int4"):
+    elif stage in ("int8", "int4", "int4_b128"):
         from edgevlm.exporters.vlm_onnx import quantize_decoder
 
-        say(f"quantizing decoder.onnx to {stage.upper()} (onnxruntime)")
-        f = quantize_decoder(cache / ARTIFACTS["onnx_fp32"][0], cache / ARTIFACTS[f"onnx_{stage}"][0], stage)
+        prec, block = stage.split("_b")[0], int(stage.split("_b")[1]) if "_b" in stage else 32
+        say(f"quantizing decoder.onnx to {prec.upper()}{f' (block {block})' if prec == 'int4' else ''} (onnxruntime)")
+        f = quantize_decoder(cache / ARTIFACTS["onnx_fp32"][0], cache / ARTIFACTS[f"onnx_{stage}"][0], prec,
+                             block_size=block)
         out[f"onnx_{stage}"] = {"file_bytes": f["file_bytes"], "method": f["method"],
                                 "weight_coverage": f["weight_coverage"]}
     elif stage in ("q8_0", "q4_k_m"):
@@ -204,8 +211,8 @@ def ensure_artifacts(size: str, cache: Path, wanted: set[str], threads: int) -> 
     meta_path = cache / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     shape = {**SIZES[size], **_PHI}
-    if meta.get("config") != shape:
-        meta = {"config": shape, "artifacts": {}}
+    if meta.get("config") != shape or meta.get("export") != EXPORT_FORMAT:
+        meta = {"config": shape, "export": EXPORT_FORMAT, "artifacts": {}}
     arts = meta["artifacts"]
     need, stack = set(), list(wanted)
     while stack:
@@ -218,7 +225,7 @@ def ensure_artifacts(size: str, cache: Path, wanted: set[str], threads: int) -> 
     def have(a: str) -> bool:
         return a in arts and "error" not in arts[a] and (cache / ARTIFACTS[a][0]).is_file()
 
-    for stage in ("torch", "int8", "int4", "q8_0", "q4_k_m"):
+    for stage in ("torch", "int8", "int4", "int4_b128", "q8_0", "q4_k_m"):
         todo = [a for a in need if ARTIFACTS[a][1] == stage and not have(a)]
         if not todo:
             continue
@@ -403,16 +410,20 @@ class _LlamaOwn:
         import llama_cpp
         import llama_cpp.llama_cpp as low
 
-        # The same weight buffers as edgevlm's runtime (no CPU repacking, see edgevlm/runtime/llamacpp.py): the
-        # high-level API has no switch for it, so its default model parameters are adjusted while it loads.
-        default = low.llama_model_default_params
+        from edgevlm.runtime.llamacpp import extra_buffers_choice
 
-        def no_repack():
+        # The same weight buffers as edgevlm's runtime: repacked unless llama.cpp would use its AMX buffers, which
+        # crash (see edgevlm/runtime/llamacpp.py). The high-level API has no switch for it, so its default model
+        # parameters are adjusted while it loads.
+        default = low.llama_model_default_params
+        self.extra_buffers, _ = extra_buffers_choice()
+
+        def same_buffers():
             mp = default()
-            mp.use_extra_bufts = False
+            mp.use_extra_bufts = self.extra_buffers
             return mp
 
-        low.llama_model_default_params = no_repack
+        low.llama_model_default_params = same_buffers
         try:
             self.llm = llama_cpp.Llama(str(cache / ARTIFACTS[artifact][0]), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                        n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
@@ -475,6 +486,11 @@ def measure(key: str, size: str, cache: Path, prompt_path: str, runs: int, n_new
         res.update(weight_bytes=engine.weight_bytes, read_bytes=engine.read_bytes, attention=engine.attn)
     if isinstance(engine, _Ort):
         res["providers"] = engine.providers
+    if isinstance(engine, _EdgeLlama):
+        res.update(extra_buffers=engine.dec.extra_buffers, weight_buffers=engine.dec.weight_buffers,
+                   extra_buffers_why=engine.dec.extra_buffers_why)
+    if isinstance(engine, _LlamaOwn):
+        res["extra_buffers"] = engine.extra_buffers
     return res
 
 
@@ -658,6 +674,11 @@ def main(argv=None) -> int:
             r = results[k]
             say(f"  ttft {1000 * np.median(r['ttft_s']):.0f} ms, {np.median(r['tok_s']):.2f} tok/s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+            if "extra_buffers" in r:
+                bufs = ", ".join(f"{n} {mib:.0f} MiB" for n, mib in r.get("weight_buffers", {}).items())
+                say(f"  llama.cpp extra (repacked) weight buffers {'on' if r['extra_buffers'] else 'off'}"
+                    + (f": {bufs}" if bufs else "") + (f" ({r['extra_buffers_why']})" if "extra_buffers_why" in r
+                                                       else ""))
         except RuntimeError as e:
             failed[k] = str(e)
             say(f"  FAILED: {e}")
@@ -689,7 +710,8 @@ def main(argv=None) -> int:
             row.update(ttft_ms=1000 * ttft, decode_tok_s=tps, pct_of_limit=100 * tps / limit,
                        peak_rss_mib=r["peak_rss_mib"], load_s=r["load_s"], runs=len(r["tok_s"]),
                        ttft_ms_all=[1000 * t for t in r["ttft_s"]], tok_s_all=r["tok_s"],
-                       first_tokens=r["first_tokens"], **({"attention": r["attention"]} if "attention" in r else {}))
+                       first_tokens=r["first_tokens"],
+                       **{x: r[x] for x in ("attention", "extra_buffers", "weight_buffers") if x in r})
         rows.append(row)
     by = {r["key"]: r for r in rows}
     ref = by.get("eager", {}).get("first_tokens")
@@ -709,6 +731,7 @@ def main(argv=None) -> int:
 
     ratios = {
         "ort_int4_vs_eager_decode": _ratio(tps("ort-int4"), eager),
+        "ort_int4_b128_vs_eager_decode": _ratio(tps("ort-int4-b128"), eager),
         "edgevlm_q4_k_m_vs_eager_decode": _ratio(tps("edgevlm-q4_k_m"), eager),
         "edgevlm_vs_llamacpp_q8_0_decode": _ratio(tps("edgevlm-q8_0"), tps("llamacpp-q8_0")),
         "edgevlm_vs_llamacpp_q4_k_m_decode": _ratio(tps("edgevlm-q4_k_m"), tps("llamacpp-q4_k_m")),
@@ -721,6 +744,8 @@ def main(argv=None) -> int:
     targets = [
         _target("edgevlm ONNX INT4 decode / eager FP32 decode >= 4x", ratios["ort_int4_vs_eager_decode"],
                 TARGET_INT4_VS_EAGER),
+        _target("edgevlm ONNX INT4 block 128 decode / eager FP32 decode >= 4x",
+                ratios["ort_int4_b128_vs_eager_decode"], TARGET_INT4_VS_EAGER),
         _target("edgevlm llama.cpp Q4_K_M decode / eager FP32 decode >= 4x", ratios["edgevlm_q4_k_m_vs_eager_decode"],
                 TARGET_INT4_VS_EAGER),
         _target("edgevlm llama.cpp / llama.cpp own, Q8_0 decode >= 0.9x", ratios["edgevlm_vs_llamacpp_q8_0_decode"],

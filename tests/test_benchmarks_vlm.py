@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vlm_decode.py"
 NEW_TOKENS = 8
-ORT_ENGINES = ("eager", "ort-fp32", "ort-int8", "ort-int4")
+ORT_ENGINES = ("eager", "ort-fp32", "ort-int8", "ort-int4", "ort-int4-b128")
 LLAMA_ENGINES = ("edgevlm-q8_0", "edgevlm-q4_k_m", "llamacpp-q8_0", "llamacpp-q4_k_m")
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("gguf") is not None
 NO_LLAMA = "llama-cpp-python / gguf are not installed: the llama.cpp engines are skipped (pip install 'edgevlm[gguf]')"
@@ -85,7 +85,7 @@ def test_same_model_in_every_engine(run):
 def test_ratios_and_targets(run):
     res = run["json"]
     ratios = res["ratios"]
-    assert _positive(ratios["ort_int4_vs_eager_decode"])
+    assert _positive(ratios["ort_int4_vs_eager_decode"]) and _positive(ratios["ort_int4_b128_vs_eager_decode"])
     names = ["edgevlm_q4_k_m_vs_eager_decode", "edgevlm_vs_llamacpp_q8_0_decode", "edgevlm_vs_llamacpp_q4_k_m_decode",
              "ort_int4_vs_llamacpp_q4_k_m_decode", "edgevlm_vs_llamacpp_q4_k_m_ttft_speed"]
     for name in names:

@@ -6,6 +6,8 @@ and logits within ``F32_ATOL`` (Llama) / ``PHI_ATOL`` (Phi: ggml's GELU reads an
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -348,6 +350,62 @@ def test_quantized_files_load_and_agree(tmp_path, bpe_tokenizer):
     # 64-wide rows are not a multiple of 256: llama.cpp falls back (e.g. to q5_0/q8_0) and says so
     assert report["q4_k_m"][2] > 0 and "Q4_K" not in report["q4_k_m"][1]
     assert gguf_tensor_types(tmp_path / "f16.gguf") == {"F32": 5, "F16": 16}       # norms stay F32
+
+
+def test_weight_buffer_choice_keeps_the_crashing_amx_buffers_off(monkeypatch):
+    """llama.cpp's AMX weight buffers crash (issue 20824); repacking stays on wherever they are not in play."""
+    needs_llama()
+    import platform
+
+    from edgevlm.runtime import llamacpp as lc
+
+    names = lc.cpu_extra_buffer_types()
+    assert names is not None and all(isinstance(n, str) and n for n in names), names
+    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+        assert "CPU_REPACK" in names, names             # llama-cpp-python builds ggml's repack buffers by default
+    if "AMX" in names and sys.platform == "linux":
+        assert lc._cpu_has_amx()                         # ggml offers AMX only where the CPU has it
+    monkeypatch.delenv(lc.REPACK_ENV, raising=False)
+    on, why = lc.extra_buffers_choice()
+    assert on == ("AMX" not in names), why
+    assert ("20824" in why) == (not on), why
+    for value in ("0", "1"):
+        monkeypatch.setenv(lc.REPACK_ENV, value)
+        assert lc.extra_buffers_choice() == (value == "1", f"{lc.REPACK_ENV}={value}")
+    monkeypatch.setenv(lc.REPACK_ENV, "yes")
+    with pytest.raises(ConfigError, match="0 or 1"):
+        lc.extra_buffers_choice()
+
+
+def test_repacked_weights_decode_like_plain_buffers(tmp_path, bpe_tokenizer, monkeypatch):
+    """Q4_K weights in llama.cpp's repacked CPU buffers give the plain buffers' greedy tokens."""
+    needs_llama()
+    from edgevlm.runtime.llamacpp import REPACK_ENV, LlamaCppDecoder, extra_buffers_choice
+
+    monkeypatch.delenv(REPACK_ENV, raising=False)
+    on, why = extra_buffers_choice()
+    if not on:
+        pytest.skip(f"llama.cpp's repacked weight buffers are off on this machine: {why}")
+    # 256-wide rows: Q4_K_M keeps Q4_K (the type llama.cpp repacks on x86 and ARM) instead of falling back
+    lm = llama(bpe_tokenizer.vocab_size, seed=9, hidden_size=256, intermediate_size=512)
+    write_gguf(lm, bpe_tokenizer, tmp_path / "f32.gguf")
+    info = quantize_gguf(tmp_path / "f32.gguf", tmp_path / "q4_k_m.gguf", "q4_k_m", threads=2)
+    assert info["tensor_types"].get("Q4_K", 0) >= 8, info["tensor_types"]
+    embeds, _ = prompt_embeds(lm, bpe_tokenizer, seed=9)
+    runs, buffers = {}, {}
+    for mode in ("0", None):
+        if mode is None:
+            monkeypatch.delenv(REPACK_ENV)
+        else:
+            monkeypatch.setenv(REPACK_ENV, mode)
+        with LlamaCppDecoder(tmp_path / "q4_k_m.gguf", n_ctx=96, n_threads=2) as dec:
+            buffers[mode], runs[mode] = dec.weight_buffers, gguf_greedy(dec, embeds, N_NEW)
+    print(f"\nweight buffers: plain {buffers['0']}, default {buffers[None]}")
+    assert "CPU_REPACK" not in buffers["0"]
+    assert buffers[None].get("CPU_REPACK", 0) > 0, buffers[None]
+    (ids_plain, lg_plain), (ids_rep, lg_rep) = runs["0"], runs[None]
+    assert leading_agreement(ids_rep, ids_plain) >= 16, (ids_rep, ids_plain)
+    assert np.abs(lg_rep[0] - lg_plain[0]).max() < 0.05 * np.abs(lg_plain[0]).max()
 
 
 def test_broken_files_and_context_limits_give_clear_errors(tmp_path, bpe_tokenizer):

@@ -245,8 +245,19 @@ def export_decoder(language_model, path, opset: int = 18, external_data: bool | 
     # the mask's last axis is past + seq; torch.export derives it (AUTO) from the ops that combine them
     dyn = ({1: seq}, {2: seq, 3: torch.export.Dim.AUTO}, {1: seq}, tuple({2: past_len} for _ in past))
     ins, outs = decoder_io_names(n)
-    ext = _export(wrapper, args, path, opset, ins, outs, dyn, external_data, "language model")
-    return {**sizes, "opset": opset, "exporter": "torch.onnx dynamo", "inputs": ins, "outputs": outs,
+    # Traced with transformers' eager attention (q @ k^T, mask, softmax, @ v), whatever the model runs with:
+    # its k^T is a Transpose ONNX Runtime folds into the matmul, where SDPA's decomposition copies every
+    # layer's whole key cache through Reshape/Transpose/Reshape at each step (0.5B Phi INT4 decode in
+    # benchmarks/vlm_decode.py: 39.7 vs 36.1 tok/s). Same maths; the parity checks hold it to eager.
+    cfg = language_model.config
+    attn = cfg._attn_implementation
+    cfg._attn_implementation = "eager"
+    try:
+        ext = _export(wrapper, args, path, opset, ins, outs, dyn, external_data, "language model")
+    finally:
+        cfg._attn_implementation = attn
+    return {**sizes, "opset": opset, "exporter": "torch.onnx dynamo", "attention": "eager (matmul, softmax)",
+            "inputs": ins, "outputs": outs,
             "dtype": str(dtype).replace("torch.", ""), "external_data": ext, "checker": _check(path),
             "file_bytes": _file_bytes(path), "ops": _ops(path)}
 

@@ -122,6 +122,9 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
            "encode_ms_median": 1000 * float(np.median(encode)), "ttft_ms_median": 1000 * float(np.median(ttft)),
            "decode_tok_s_median": float(np.median(tps)), "peak_rss_mib": round(_peak_mib(), 1),
            "rss_added_mib": round(max(0.0, _rss_mib() - base_rss), 1), "bundle_mb": round(size / 1e6, 2)}
+    if hasattr(vlm.decoder, "weight_buffers"):      # llama.cpp: where the weights went (repacked or plain)
+        res.update(llama_weight_buffers_mib=vlm.decoder.weight_buffers,
+                   llama_repacked_weights=vlm.decoder.extra_buffers, llama_repacked_why=vlm.decoder.extra_buffers_why)
     par = {r["backend"]: r for r in m.get("parity", {}).get("results", [])}.get(vlm.backend)
     if par:
         res.update({"vs_eager_same_tokens": par["same_greedy_tokens"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import threading
 from collections import deque
@@ -125,6 +126,79 @@ def _backend(llama_cpp) -> None:
         _backend_ready = True
 
 
+# llama.cpp's AMX weight buffers crash here: SIGSEGV at ``ldtilecfg`` in ``ggml_backend_amx_mul_mat`` on the
+# first matmul (llama-cpp-python 0.3.36 built natively on a Sapphire-Rapids-class VM; AMX itself works there,
+# a plain C ``_tile_loadconfig`` runs). Upstream: ggml-org/llama.cpp issue 20824, PR 26954 (the tile config is
+# built on the stack and optimised away). The other extra buffer type, CPU_REPACK (weights interleaved for the
+# SIMD kernels), is safe and fast, but llama.cpp offers extra buffers only all together.
+_BROKEN_BUFTS = ("AMX",)
+REPACK_ENV = "EDGEVLM_LLAMA_REPACK"
+
+
+def cpu_extra_buffer_types() -> list[str] | None:
+    """Names of the extra weight-buffer types llama.cpp's CPU backend offers on this machine, in the order it
+    tries them (e.g. ``['AMX', 'CPU_REPACK']``); None when the ggml libraries cannot be asked."""
+    llama_cpp = _llama_cpp()
+    _backend(llama_cpp)
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
+    try:
+        ggml = ctypes.CDLL(str(libdir / f"libggml{suffix}"))
+        base = ctypes.CDLL(str(libdir / f"libggml-base{suffix}"))
+        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+        base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+        base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        base.ggml_backend_buft_name.restype = ctypes.c_char_p
+        base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    dev = ggml.ggml_backend_dev_by_type(0)              # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = ggml.ggml_backend_dev_backend_reg(dev) if dev else None
+    fn = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not fn:
+        return None
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+    names, i = [], 0
+    while bufts and bufts[i]:
+        names.append(base.ggml_backend_buft_name(bufts[i]).decode("utf-8", "replace"))
+        i += 1
+    return names
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def extra_buffers_choice() -> tuple[bool, str]:
+    """Whether llama.cpp may put weights into its extra (repacked) CPU buffers here, and why.
+
+    On unless the CPU backend would use a buffer type known to crash (AMX, see :data:`_BROKEN_BUFTS`); when the
+    buffer types cannot be listed, off on CPUs with AMX. ``EDGEVLM_LLAMA_REPACK=1`` / ``=0`` decides instead.
+    """
+    env = os.environ.get(REPACK_ENV, "").strip()
+    if env in ("0", "1"):
+        return env == "1", f"{REPACK_ENV}={env}"
+    if env:
+        raise ConfigError(f"{REPACK_ENV}={env!r} is not 0 or 1", f"unset {REPACK_ENV}, or set it to 0 or 1")
+    names = cpu_extra_buffer_types()
+    if names is None:
+        if _cpu_has_amx():
+            return False, "extra buffer types unknown and the CPU has AMX (llama.cpp's AMX buffers crash)"
+        return True, "extra buffer types unknown; no AMX"
+    broken = [n for n in names if n in _BROKEN_BUFTS]
+    if broken:
+        return False, (f"llama.cpp offers {', '.join(names)}; its {', '.join(broken)} weight buffers crash "
+                       "(llama.cpp issue 20824), so plain CPU buffers are used; a llama-cpp-python built without "
+                       "AMX keeps the repacked kernels (README)")
+    return True, f"llama.cpp offers {', '.join(names) or 'no extra buffer types'}"
+
+
 def _default_threads() -> int:
     from .backends import usable_cpus
 
@@ -139,6 +213,9 @@ class LlamaCppDecoder:
     (``auto``: on for CPU), except with an F32 KV cache, where it is off: llama.cpp's CPU flash attention
     works in F16 internally (logits ~1e-3 off eager; without it ~1e-5). ``n_batch``: the most positions one
     llama.cpp batch takes (default ``min(n_ctx, 2048)``); a bidirectional prefix must fit in one.
+
+    Weights go into llama.cpp's repacked CPU buffers where that is safe (:func:`extra_buffers_choice`);
+    ``weight_buffers`` maps each buffer type llama.cpp used to its MiB (e.g. ``{'CPU_REPACK': 236.2, 'CPU': 51.0}``).
     """
 
     name = "llama.cpp"
@@ -164,13 +241,11 @@ class LlamaCppDecoder:
         self.n_threads = int(n_threads or _default_threads())
         self.n_batch = int(n_batch or min(self.n_ctx, 2048))
 
+        self.extra_buffers, self.extra_buffers_why = extra_buffers_choice()
         with LOG.capture() as lines:
             mp = llama_cpp.llama_model_default_params()
             mp.n_gpu_layers = 0
-            # No repacked weight buffers: on AVX-512 CPUs llama.cpp's CPU repack path crashed decoding our Q8_0
-            # GGUFs (SIGSEGV in libggml-cpu during prefill from embeddings, llama-cpp-python 0.3.36 built
-            # natively); with plain CPU buffers the same files run (seen here, 2026-11-24).
-            mp.use_extra_bufts = False
+            mp.use_extra_bufts = self.extra_buffers
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
             if self._model:
                 cp = llama_cpp.llama_context_default_params()
@@ -187,6 +262,9 @@ class LlamaCppDecoder:
                 cp.no_perf = True
                 self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
         self.load_log = lines
+        # "load_tensors:   CPU_REPACK model buffer size =   123.45 MiB": where llama.cpp put the weights
+        self.weight_buffers = {m.group(1): float(m.group(2)) for _, t in lines
+                               for m in [re.search(r"(\S+) model buffer size\s*=\s*([0-9.]+) MiB", t)] if m}
         if not self._model:
             why = LOG.last_error(lines) or "unknown reason"
             raise BundleError(f"llama.cpp could not load {path.name}: {why}", _FIX_REBUILD)
