@@ -263,6 +263,14 @@ def _export_onnx(model, image, p: Precision, cfg: VLMExportConfig, work: Path, s
             log(f"  quantizing the decoder to {p.value}")
             rec["details"]["quantization"] = vlm_onnx.quantize_decoder(dec_fp32, work / "decoder.onnx", p.value,
                                                                        block_size=cfg.block_size)
+        heads = getattr(lm.config, "num_attention_heads", None)
+        if cfg.target == "cpu" and p != Precision.FP16 and heads:
+            # ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy);
+            # FP16 keeps float32 KV I/O around fp16 compute, and other providers run the plain graph
+            att = vlm_onnx.fuse_attention(work / "decoder.onnx", int(heads), dfacts["num_kv_heads"],
+                                          dfacts["head_dim"])
+            rec["details"]["attention"] = att
+            log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else ""))
         parts["decoder"] = rec
     return parts
 

@@ -161,6 +161,45 @@ def test_quantized_decoders_run_close_to_eager(exported):
     assert res["fp16"]["mean_kl"] < 0.01 * base and res["fp16"]["token_agreement"] >= 0.9
 
 
+def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, monkeypatch):
+    """CPU bundles' decoder: one GroupQueryAttention per layer appending to a KV buffer bound to past and present.
+    Same greedy tokens and logits as eager (Moondream: with its bidirectional prefix), growing the buffer on
+    the way; INT4 fused gives the plain INT4 graph's logits."""
+    import onnx
+
+    from edgevlm.runtime.vlm import OrtDecoder
+
+    e = exported
+    cfg = e.vlm.language_model.config
+    f = e.decoder
+    fused = e.dir / "decoder.fused.onnx"
+    res = vlm_onnx.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
+                                  dst=fused)
+    assert res["kv_cache"].startswith("shared buffer") and res["fused_layers"] == f["num_layers"], res
+    ops = res["ops"]
+    assert ops["GroupQueryAttention"] == f["num_layers"] and "Softmax" not in ops, ops
+    g = onnx.load(str(fused), load_external_data=False).graph
+    assert [i.name for i in g.input][-2:] == ["seqlens_k", "total_sequence_length"]
+    monkeypatch.setattr(OrtDecoder, "FIRST_BUFFER", 8)            # the prompt and new tokens outgrow it
+    par = vlm_onnx.decoder_parity(e.vlm.language_model, fused, e.embeds, N_NEW, e.prefix,
+                                  embed_path=e.dir / "embed_tokens.onnx", reference=e.reference)
+    assert par["onnx_tokens"] == e.reference["tokens"] and par["first_divergence"] is None
+    assert par["max_logit_abs_diff"] <= 1e-4 and par["mean_kl"] < 1e-8, par
+    plain4, fused4 = e.dir / "decoder.q4.onnx", e.dir / "decoder.q4.fused.onnx"
+    vlm_onnx.quantize_decoder(e.dir / "decoder.onnx", plain4, "int4")
+    vlm_onnx.fuse_attention(plain4, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"], dst=fused4)
+    a = vlm_onnx.decoder_parity(e.vlm.language_model, plain4, e.embeds, 8, e.prefix, reference=e.reference)
+    b = vlm_onnx.decoder_parity(e.vlm.language_model, fused4, e.embeds, 8, e.prefix, reference=e.reference)
+    assert b["onnx_tokens"] == a["onnx_tokens"] and abs(a["mean_kl"] - b["mean_kl"]) <= 1e-6 + 1e-3 * a["mean_kl"]
+    # a graph without that attention is left as it is, and says why
+    other = vlm_onnx.fuse_attention(e.dir / "embed_tokens.onnx", cfg.num_attention_heads, f["num_kv_heads"],
+                                    f["head_dim"], dst=e.dir / "nothing.onnx")
+    assert other == {"kv_cache": "concat", "why": "no KV-cache inputs"} and not (e.dir / "nothing.onnx").exists()
+    again = vlm_onnx.fuse_attention(fused, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
+                                    dst=e.dir / "nothing.onnx")
+    assert again["kv_cache"] == "concat" and again["why"].startswith("layer 0:"), again
+
+
 # -- family specifics ----------------------------------------------------------------------------------
 def test_moondream_prefix_path(tmp_path_factory):
     e = _exported("moondream2_tiny", tmp_path_factory)

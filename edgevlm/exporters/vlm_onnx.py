@@ -9,6 +9,8 @@
     decoder.onnx          inputs_embeds (1, S, D), attention_mask (1, 1, S, P+S) additive,
                           position_ids (1, S), past_key_values.{i}.key/value (1, H_kv, P, hd)
                           -> logits (1, V) of the last position, present.{i}.key/value (1, H_kv, P+S, hd)
+      cpu target:         the same after fuse_attention, plus seqlens_k (1,) int32 and total_sequence_length
+                          int32; past and present are one KV buffer per layer (1, H_kv, capacity, hd)
 
 The decoder is the transformers causal LM itself (its attention, RoPE and norms), traced with the dynamo
 exporter through a wrapper that rebuilds a ``DynamicCache`` from the flat past tensors; the runtime owns
@@ -488,6 +490,147 @@ def quantize_decoder(src, dst, precision: str, block_size: int = 32) -> dict:
             "fp32_file_bytes": src_bytes, "ops": _ops(dst)}
 
 
+# -- attention with a shared KV buffer ---------------------------------------------------------------
+_KV_PASSTHROUGH = ("Unsqueeze", "Expand", "Reshape", "Identity")     # transformers' repeat_kv for GQA
+
+
+def _const(graph, name: str, producers: dict):
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _attention_cores(graph, num_layers: int) -> list[dict] | str:
+    """Each layer's attention core in an eager-attention trace: present = Concat(past, new) for K and V,
+    softmax(q @ kᵀ * scale + mask) @ v, heads merged by Transpose + Reshape. A reason string when a layer
+    does not have exactly that shape (then nothing is rewritten)."""
+    prod = {o: n for n in graph.node for o in n.output}
+    cons: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+
+    def only(t: str, op: str | None = None):
+        cs = cons.get(t, [])
+        return cs[0] if len(cs) == 1 and (op is None or cs[0].op_type == op) else None
+
+    def through(t: str):
+        """The single consumer of a cache tensor after repeat_kv's ops (and those ops)."""
+        via = []
+        while True:
+            c = only(t)
+            if c is None or c.op_type not in _KV_PASSTHROUGH:
+                return c, via
+            via.append(c)
+            t = c.output[0]
+
+    def perm(n) -> list[int]:
+        return [list(a.ints) for a in n.attribute if a.name == "perm"][0] if n is not None else []
+
+    cores = []
+    for i in range(num_layers):
+        ck, cv = prod.get(f"present.{i}.key"), prod.get(f"present.{i}.value")
+        if not (ck is not None and cv is not None and ck.op_type == cv.op_type == "Concat"
+                and list(ck.input)[:1] == [f"past_key_values.{i}.key"] and len(ck.input) == 2
+                and list(cv.input)[:1] == [f"past_key_values.{i}.value"] and len(cv.input) == 2):
+            return f"layer {i}: present is not Concat(past, new)"
+        tk, via_k = through(ck.output[0])
+        if tk is None or tk.op_type != "Transpose" or perm(tk) != [0, 1, 3, 2]:
+            return f"layer {i}: the key cache is not transposed for q @ kᵀ"
+        qk = only(tk.output[0], "MatMul")
+        mul = qk and only(qk.output[0], "Mul")
+        add = mul and only(mul.output[0], "Add")
+        sm = add and only(add.output[0], "Softmax")
+        if sm is None or qk.input[1] != tk.output[0]:
+            return f"layer {i}: not softmax(q @ kᵀ * scale + mask)"
+        scale = _const(graph, mul.input[1], prod)
+        mask = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+        if scale is None or np.size(scale) != 1:
+            return f"layer {i}: the attention scale is not a constant"
+        pv, via_v = through(cv.output[0])
+        if pv is None or pv.op_type != "MatMul" or list(pv.input) != [sm.output[0], (via_v[-1].output[0] if via_v
+                                                                                     else cv.output[0])]:
+            return f"layer {i}: probabilities are not multiplied by the value cache"
+        tr = only(pv.output[0], "Transpose")
+        merge = tr and perm(tr) == [0, 2, 1, 3] and only(tr.output[0], "Reshape")
+        if not merge:
+            return f"layer {i}: heads are not merged by Transpose + Reshape"
+        cores.append({"q": qk.input[0], "k": ck.input[1], "v": cv.input[1], "scale": float(np.reshape(scale, ())),
+                      "mask": mask, "out": merge.output[0],
+                      "nodes": [ck, cv, tk, qk, mul, add, sm, pv, tr, merge, *via_k, *via_v]})
+    return cores
+
+
+def fuse_attention(path, num_heads: int, kv_heads: int, head_dim: int, dst=None) -> dict:
+    """Rewrite decoder.onnx (in place, or into ``dst``) so each layer's attention is one ONNX Runtime
+    ``com.microsoft.GroupQueryAttention`` that appends the new keys and values to a KV buffer shared by
+    ``past_key_values.*`` and ``present.*`` (the runtime binds one buffer to both), instead of copying the
+    whole cache into a new ``present`` at every step. RoPE stays the model's own ops; the graph's additive
+    mask becomes the op's ``attention_bias``, so causal and bidirectional-prefix masks keep working.
+    New inputs: ``seqlens_k`` (1,) int32 = positions after this call - 1, ``total_sequence_length`` int32.
+
+    Only for ONNX Runtime's CPU provider. A graph whose attention does not have the eager trace's shape is
+    left as it is: the returned facts say ``kv_cache: concat`` and why.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    g = model.graph
+    layers = sum(1 for i in g.input if i.name.startswith("past_key_values.")) // 2
+    found = _attention_cores(g, layers) if layers else "no KV-cache inputs"
+    if isinstance(found, str):
+        return {"kv_cache": "concat", "why": found}
+    gone = {id(n) for c in found for n in c["nodes"]}
+    at: dict = {}                          # the new nodes of a layer go where its old core ended (topological)
+    shapes = {"q": num_heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+    for name, width in shapes.items():
+        g.initializer.append(numpy_helper.from_array(np.array([0, 0, width], np.int64), f"gqa_merge_{name}"))
+    for i, c in enumerate(found):
+        new = at.setdefault(id(c["nodes"][9]), [])
+        ins = []
+        for name in ("q", "k", "v"):               # (1, heads, S, hd) -> (1, S, heads * hd)
+            t = f"gqa.{i}.{name}"
+            new.append(helper.make_node("Transpose", [c[name]], [t + ".bshd"], perm=[0, 2, 1, 3]))
+            new.append(helper.make_node("Reshape", [t + ".bshd", f"gqa_merge_{name}"], [t]))
+            ins.append(t)
+        new.append(helper.make_node(
+            "GroupQueryAttention",
+            [*ins, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length",
+             "", "", "", c["mask"]],
+            [c["out"], f"present.{i}.key", f"present.{i}.value"], name=f"gqa.{i}", domain="com.microsoft",
+            num_heads=num_heads, kv_num_heads=kv_heads, scale=c["scale"], causal=0, do_rotary=0))
+    keep = [m for n in g.node for m in (at.get(id(n), []) if id(n) in gone else [n])]
+    needed = {o.name for o in g.output}
+    alive = []
+    for n in reversed(keep):                                         # drop what fed only the old cores
+        if any(o in needed for o in n.output):
+            alive.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(alive))
+    g.input.extend([helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                    helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])])
+    for vi in [*g.input, *g.output]:
+        if vi.name.startswith(("past_key_values.", "present.")):
+            vi.type.tensor_type.shape.dim[2].dim_param = "kv_buffer"
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    external = path.with_name(path.name + ".data").exists()
+    path = Path(dst) if dst is not None else path
+    save_model(model, path, external_data=external)
+    onnx.checker.check_model(str(path))
+    return {"kv_cache": "shared buffer (com.microsoft.GroupQueryAttention, ONNX Runtime CPU)", "fused_layers": layers,
+            "num_heads": num_heads, "file_bytes": _file_bytes(path), "ops": _ops(path)}
+
+
 # -- parity -----------------------------------------------------------------------------------------
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -544,29 +687,24 @@ def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirec
     n_new, prefix, x0 = len(eager_tokens), int(ref["bidirectional_prefix"]), ref["prompt_embeds"]
     s = int(x0.shape[1])
     table = None if embed_path else language_model.get_input_embeddings().weight.detach().float().numpy()
-    sess = _session(path)
+    from ..runtime.backends import usable_cpus
+    from ..runtime.vlm import OrtDecoder, _Graph
+
+    graph = _Graph(Path(path), ["CPUExecutionProvider"], "fp32", usable_cpus())
     embed = _session(embed_path) if embed_path else None
-    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    ins, outs = decoder_io_names(len(past_inputs) // 2)
-    # P = 0: an empty cache (the graph's KV head count and head size are static)
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
-    feed = {"inputs_embeds": x0, "attention_mask": attention_mask(s, 0, prefix),
-            "position_ids": np.arange(s, dtype=np.int64)[None]}
-    onnx_logits = []
-    for step in range(n_new):
-        res = sess.run(None, {**feed, **past})
-        onnx_logits.append(res[0][0].astype(np.float32))
-        if step + 1 == n_new:
-            break
-        past = {n.replace("present.", "past_key_values."): r for n, r in zip(outs[1:], res[1:])}
-        p = int(res[1].shape[2])
+    past_inputs = [i for i in graph.session.get_inputs() if i.name.startswith("past_key_values.")]
+    # the graph's KV head count and head size are static; the runtime's decoder feeds past/present (or binds
+    # the shared KV buffer) exactly as bundles run
+    dec = OrtDecoder(graph, None, len(past_inputs) // 2, int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3]))
+    onnx_logits = [dec.prefill(x0, prefix).astype(np.float32)]
+    for step in range(n_new - 1):
         tok = eager_tokens[step]                                  # teacher-forced on eager's greedy token
         if embed is not None:
             x = embed.run(None, {"input_ids": np.array([[tok]], np.int64)})[0]
         else:
             x = table[tok][None, None]
-        feed = {"inputs_embeds": x.astype(np.float32), "attention_mask": attention_mask(1, p),
-                "position_ids": np.array([[p]], np.int64)}
+        onnx_logits.append(dec.step_embeds(x).astype(np.float32))
+    dec.close()
     o = np.stack(onnx_logits)
     if not np.isfinite(o).all():
         raise ValidationError("decoder.onnx produced NaN or Inf logits", "export at fp32, or report the model")
@@ -641,4 +779,4 @@ def splice_llava_mini(fused: np.ndarray, n_img: int, n_tokens: int, n_before: in
 
 __all__ = ["MASK_MIN", "attention_mask", "decoder_io_names", "decoder_parity", "eager_reference", "export_decoder",
            "export_embed_tokens", "export_vision_encoder", "merge_crops_numpy", "prefusion_parity",
-           "quantize_decoder", "save_model", "splice_llava_mini", "vision_parity"]
+           "quantize_decoder", "fuse_attention", "save_model", "splice_llava_mini", "vision_parity"]

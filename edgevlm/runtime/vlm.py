@@ -43,32 +43,75 @@ class _Graph:
 
 
 class OrtDecoder:
-    """decoder.onnx: inputs_embeds + additive mask + positions + past KV -> last logits + present KV."""
+    """decoder.onnx: inputs_embeds + additive mask + positions + past KV -> last logits + present KV.
+
+    Two graph styles (the bundle's decoder says which by its inputs): past/present tensors that grow by a
+    copy each call, or (``seqlens_k`` among the inputs, see ``exporters.vlm_onnx.fuse_attention``) one KV
+    buffer per layer bound to both past and present, which ONNX Runtime appends to in place; the buffer
+    doubles when a sequence outgrows it.
+    """
 
     name = "onnxruntime"
+    FIRST_BUFFER = 256                   # positions of the shared KV buffer before it first grows
 
-    def __init__(self, graph: _Graph, embed: _Graph, layers: int, kv_heads: int, head_dim: int):
+    def __init__(self, graph: _Graph, embed: _Graph | None, layers: int, kv_heads: int, head_dim: int):
         self.graph, self.embed = graph, embed
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.providers = graph.ort.providers
+        self.shared_kv = "seqlens_k" in {i.name for i in graph.session.get_inputs()}
+        self._kv_names = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.reset()
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.layers) for kv in ("key", "value")}
         self.n_past = 0
+        if self.shared_kv:
+            self._buffers, self._binding, self.capacity = None, None, 0
+        else:
+            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+            self.past = {f"past_key_values.{n}": empty for n in self._kv_names}
+
+    def _grow(self, need: int) -> None:
+        """Shared buffers of at least ``need`` positions, keeping what the old ones hold."""
+        import onnxruntime as ort
+
+        cap = max(need, 2 * self.capacity, self.FIRST_BUFFER)
+        old = self._buffers
+        self._buffers = {n: np.zeros((1, self.kv_heads, cap, self.head_dim), np.float32) for n in self._kv_names}
+        if old is not None:
+            for n, buf in old.items():
+                self._buffers[n][:, :, :self.n_past] = buf[:, :, :self.n_past]
+        b = self.graph.session.io_binding()
+        b.bind_output("logits", "cpu")                           # output 0
+        for n, buf in self._buffers.items():                      # ORT writes into the numpy arrays
+            v = ort.OrtValue.ortvalue_from_numpy(buf)
+            b.bind_ortvalue_input(f"past_key_values.{n}", v)
+            b.bind_ortvalue_output(f"present.{n}", v)
+        self._binding, self.capacity = b, cap
 
     def _run(self, embeds: np.ndarray, prefix: int = 0) -> np.ndarray:
         s = embeds.shape[1]
-        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-                 "attention_mask": attention_mask(s, self.n_past, prefix if self.n_past == 0 else 0),
-                 "position_ids": np.arange(self.n_past, self.n_past + s, dtype=np.int64)[None], **self.past}
-        outs = self.graph.session.run(None, feeds)
-        names = self.graph.outputs
-        logits = outs[names.index("logits")]
-        for i in range(self.layers):
-            for kv in ("key", "value"):
-                self.past[f"past_key_values.{i}.{kv}"] = outs[names.index(f"present.{i}.{kv}")]
+        mask = attention_mask(s, self.n_past, prefix if self.n_past == 0 else 0)
+        pos = np.arange(self.n_past, self.n_past + s, dtype=np.int64)[None]
+        x = np.ascontiguousarray(embeds, np.float32)
+        if self.shared_kv:
+            total = self.n_past + s
+            if total > self.capacity:
+                self._grow(total)
+            b = self._binding
+            b.bind_cpu_input("inputs_embeds", x)
+            b.bind_cpu_input("attention_mask", mask)
+            b.bind_cpu_input("position_ids", pos)
+            b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+            b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+            self.graph.session.run_with_iobinding(b)
+            logits = np.array(b.get_outputs()[0].numpy())      # a copy: ORT reuses that memory next call
+        else:
+            outs = self.graph.session.run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos,
+                                                 **self.past})
+            names = self.graph.outputs
+            logits = outs[names.index("logits")]
+            for n in self._kv_names:
+                self.past[f"past_key_values.{n}"] = outs[names.index(f"present.{n}")]
         self.n_past += s
         return logits.reshape(-1)
 
@@ -80,8 +123,12 @@ class OrtDecoder:
         emb = self.embed(input_ids=np.array([[token]], np.int64))[0]
         return self._run(emb)
 
+    def step_embeds(self, embeds: np.ndarray) -> np.ndarray:
+        """One more position from its embedding (1, 1, D) or (D,) -> (V,) logits."""
+        return self._run(np.asarray(embeds, np.float32).reshape(1, 1, -1))
+
     def close(self) -> None:
-        pass
+        self._buffers = self._binding = None
 
 
 class VLMPipeline:
