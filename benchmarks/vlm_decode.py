@@ -17,8 +17,9 @@ RSS from getrusage is that engine's), ``--threads`` (2) threads everywhere, one 
 other new tokens over the time after the first one.
 
 Engines: transformers eager FP32 (prefill + KV-cache loop, as ``generate`` runs it); edgevlm ONNX Runtime
-decoder FP32 / INT8 / INT4 (``export_decoder`` + ``quantize_decoder`` run by ``runtime.vlm.OrtDecoder``, new
-tokens embedded by ``embed_tokens.onnx``); edgevlm llama.cpp Q8_0 / Q4_K_M (``write_gguf`` F16 +
+decoder FP32 / INT8 / INT4 (block 32, the default) / INT4 block 128 (``export_decoder`` + ``quantize_decoder`` +
+``fuse_attention``, as a cpu bundle has it, run by ``runtime.vlm.OrtDecoder``, new tokens embedded by
+``embed_tokens.onnx``); edgevlm llama.cpp Q8_0 / Q4_K_M (``write_gguf`` F16 +
 ``quantize_gguf``, run by ``runtime.llamacpp.LlamaCppDecoder``: an embedding-batch prefill, then token steps);
 llama.cpp's own path (``llama_cpp.Llama.generate``, greedy) on the same GGUF files. llama.cpp engines share
 n_ctx, n_batch (= n_ubatch, the whole prompt in one batch), F16 KV cache and flash attention (``--flash-attn``).
@@ -26,9 +27,10 @@ n_ctx, n_batch (= n_ubatch, the whole prompt in one batch), F16 KV cache and fla
 Physical limit: decoding one token reads every weight once (the input embedding table aside: one row), so
 tok/s <= memory bandwidth / bytes read per token. Bandwidth is measured here (numpy: copy, and a 1- and
 2-thread read, before and after the engines are timed; the highest figure is the limit: one dip of the VM's
-memory speed, seen once at 26 instead of 35-37 GB/s, would otherwise inflate every percentage), bytes per token from the engine's weight files
-(``read_mb_per_tok``; ``weights_mb`` is all an engine loads: ONNX Runtime's includes embed_tokens.onnx).
-The KV cache read per token is not counted (small next to the weights at these lengths).
+memory speed, seen once at 26 instead of 35-37 GB/s, would otherwise inflate every percentage), bytes per
+token from the engine's weight files (``read_mb_per_tok``; ``weights_mb`` is all an engine loads: ONNX
+Runtime's includes embed_tokens.onnx). The KV cache read per token is not counted (small next to the weights
+at these lengths).
 
 The CPUs' load from other jobs is sampled before timing and recorded; above 25% a warning is printed: on a
 shared 2-core machine, engines whose threads wait on each other slow down badly (torch eager at 2 threads

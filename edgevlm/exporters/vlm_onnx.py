@@ -671,14 +671,14 @@ def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirec
     """Greedy decode in ONNX Runtime against eager transformers, ``n_new`` steps from ``prompt_embeds``.
 
     Eager is :func:`eager_reference` (pass one as ``reference`` to compare several graphs against one
-    eager run). ONNX Runtime prefills with the 4-D mask (bidirectional for the first
-    ``bidirectional_prefix`` positions when > 1), then feeds each present back as the next past, one token
-    per step, teacher-forced on eager's greedy tokens, so every step compares logits under the same
-    context: ``first_divergence`` is the first step whose ONNX argmax differs (the free-running ONNX
-    greedy sequence equals eager's up to there; None = all ``n_new`` tokens equal), ``token_agreement``
-    the fraction of steps whose argmax agrees. KL(eager || onnx) is averaged over steps;
-    ``kl_uniform_baseline`` is KL(eager || uniform), what a model that knows nothing scores. New tokens are
-    embedded by ``embed_path`` (embed_tokens.onnx) or the LM's embedding table.
+    eager run). The runtime's ``OrtDecoder`` runs the graph as bundles do (past/present tensors, or the shared
+    KV buffer of :func:`fuse_attention`): a prefill with the 4-D mask (bidirectional for the first
+    ``bidirectional_prefix`` positions when > 1), then one token per step, teacher-forced on eager's greedy
+    tokens, so every step compares logits under the same context: ``first_divergence`` is the first step
+    whose ONNX argmax differs (the free-running ONNX greedy sequence equals eager's up to there; None = all
+    ``n_new`` tokens equal), ``token_agreement`` the fraction of steps whose argmax agrees. KL(eager || onnx)
+    is averaged over steps; ``kl_uniform_baseline`` is KL(eager || uniform), what a model that knows nothing
+    scores. New tokens are embedded by ``embed_path`` (embed_tokens.onnx) or the LM's embedding table.
     """
     from ..errors import ValidationError
 

@@ -8,7 +8,8 @@
 
 The bundle's manifest carries everything besides the graphs (``generation``: image spec, prompt
 assembly, stop ids, context length), so preprocessing and prompts are the eager model's, token for
-token. Decoders: ONNX Runtime (``decoder.onnx``, KV cache as graph inputs/outputs) or llama.cpp
+token. Decoders: ONNX Runtime (``decoder.onnx``, KV cache as graph inputs/outputs, in cpu bundles one buffer
+per layer bound to both, see :class:`OrtDecoder`) or llama.cpp
 (``decoder.gguf`` through llama-cpp-python); the vision encoder and the token embeddings always run
 in ONNX Runtime.
 """
