@@ -17,8 +17,8 @@ RSS from getrusage is that engine's), ``--threads`` (2) threads everywhere, one 
 other new tokens over the time after the first one.
 
 Engines: transformers eager FP32 (prefill + KV-cache loop, as ``generate`` runs it); edgevlm ONNX Runtime
-decoder FP32 / INT8 / INT4 (block 32, the default) / INT4 block 128 (``export_decoder`` + ``quantize_decoder`` +
-``fuse_attention``, as a cpu bundle has it, run by ``runtime.vlm.OrtDecoder``, new tokens embedded by
+decoder FP32 / INT8 / INT4 (block 32, the default) / INT4 block 128 (``export_decoder`` + ``fuse_attention``
+with RoPE in the op + ``quantize_decoder``, as a cpu bundle has it, run by ``runtime.vlm.OrtDecoder``, new tokens embedded by
 ``embed_tokens.onnx``); edgevlm llama.cpp Q8_0 / Q4_K_M (``write_gguf`` F16 +
 ``quantize_gguf``, run by ``runtime.llamacpp.LlamaCppDecoder``: an embedding-batch prefill, then token steps);
 llama.cpp's own path (``llama_cpp.Llama.generate``, greedy) on the same GGUF files. llama.cpp engines share
@@ -94,15 +94,17 @@ ARTIFACTS = {               # name -> (file, build stage, prerequisites)
     "onnx_fp32": ("decoder.onnx", "torch", ()),
     "gguf_f16": ("decoder.f16.gguf", "torch", ()),
     "onnx_fp32_run": ("decoder.fp32-run.onnx", "fp32_run", ("onnx_fp32",)),   # as a bundle runs it (fused)
-    "onnx_int8": ("decoder.int8.onnx", "int8", ("onnx_fp32",)),
-    "onnx_int4": ("decoder.int4.onnx", "int4", ("onnx_fp32",)),
-    "onnx_int4_b128": ("decoder.int4-b128.onnx", "int4_b128", ("onnx_fp32",)),
+    # quantized from the fused FP32 graph, as edgevlm export does for the cpu target
+    "onnx_int8": ("decoder.int8.onnx", "int8", ("onnx_fp32_run",)),
+    "onnx_int4": ("decoder.int4.onnx", "int4", ("onnx_fp32_run",)),
+    "onnx_int4_b128": ("decoder.int4-b128.onnx", "int4_b128", ("onnx_fp32_run",)),
     "gguf_q8_0": ("decoder.q8_0.gguf", "q8_0", ("gguf_f16",)),
     "gguf_q4_k_m": ("decoder.q4_k_m.gguf", "q4_k_m", ("gguf_f16",)),
 }
 # Cached artifacts made by another version of the exporters are rebuilt (2: decoder.onnx traced with eager
-# attention, see edgevlm.exporters.vlm_onnx.export_decoder; 3: the ONNX engines run fuse_attention's graph).
-EXPORT_FORMAT = 3
+# attention, see edgevlm.exporters.vlm_onnx.export_decoder; 3: the ONNX engines run fuse_attention's graph;
+# 4: RoPE inside the fused attention, q/k/v one projection, INT8/INT4 quantized from the fused FP32 graph).
+EXPORT_FORMAT = 4
 TARGET_INT4_VS_EAGER, TARGET_VS_LLAMACPP, TARGET_PCT_LIMIT = 4.0, 0.9, 50.0
 _T0 = float(os.environ.get("VLM_DECODE_T0") or time.time())       # the parent's start: one clock for all stages
 
@@ -144,15 +146,20 @@ def n_params(size: str) -> int:
 
 # -- building artifacts (each stage in its own process) -----------------------------------------------------
 def _fuse(size: str, path: Path, dst: Path | None = None) -> str:
-    """The CPU bundles' attention (one ONNX Runtime op appending to a shared KV buffer), as edgevlm export
-    writes it; returns what the graph got."""
-    from edgevlm.exporters.vlm_onnx import fuse_attention
+    """The CPU bundles' attention (one ONNX Runtime op appending to a shared KV buffer, applying the model's
+    RoPE), as edgevlm export writes it; returns what the graph got."""
+    import transformers
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
-    c = SIZES[size]
-    say(f"  fusing attention in {(dst or path).name}")
+    from edgevlm.exporters.vlm_onnx import fuse_attention, rotary_tables
+
+    c = {**SIZES[size], **_PHI}
+    say(f"  fusing attention in {(dst or path).name} (RoPE checked against the model's own ops)")
+    tables = rotary_tables(PhiRotaryEmbedding(config=transformers.PhiConfig(**c)), c["max_position_embeddings"])
     f = fuse_attention(path, c["num_attention_heads"], c["num_key_value_heads"],
-                       c["hidden_size"] // c["num_attention_heads"], dst=dst)
-    return f["kv_cache"] + (f" ({f['why']})" if "why" in f else "")
+                       c["hidden_size"] // c["num_attention_heads"], dst=dst, rotary=tables)
+    return (f["kv_cache"] + (f" ({f['why']})" if "why" in f else "")
+            + (f"; RoPE {f['rope']}" if "rope" in f else "") + (f" ({f['rope_why']})" if "rope_why" in f else ""))
 
 
 def prepare_stage(stage: str, size: str, cache: Path) -> dict:
@@ -191,12 +198,12 @@ def prepare_stage(stage: str, size: str, cache: Path) -> dict:
         from edgevlm.exporters.vlm_onnx import quantize_decoder
 
         prec, block = stage.split("_b")[0], int(stage.split("_b")[1]) if "_b" in stage else 32
-        say(f"quantizing decoder.onnx to {prec.upper()}{f' (block {block})' if prec == 'int4' else ''} (onnxruntime)")
-        f = quantize_decoder(cache / ARTIFACTS["onnx_fp32"][0], cache / ARTIFACTS[f"onnx_{stage}"][0], prec,
+        say(f"quantizing decoder.fp32-run.onnx to {prec.upper()}{f' (block {block})' if prec == 'int4' else ''} (onnxruntime)")
+        f = quantize_decoder(cache / ARTIFACTS["onnx_fp32_run"][0], cache / ARTIFACTS[f"onnx_{stage}"][0], prec,
                              block_size=block)
         out[f"onnx_{stage}"] = {"file_bytes": f["file_bytes"], "method": f["method"],
                                 "weight_coverage": f["weight_coverage"],
-                                "attention": _fuse(size, cache / ARTIFACTS[f"onnx_{stage}"][0])}
+                                "attention": "as decoder.fp32-run.onnx (quantized from it)"}
     elif stage == "fp32_run":
         out["onnx_fp32_run"] = {"attention": _fuse(size, cache / ARTIFACTS["onnx_fp32"][0],
                                                    cache / ARTIFACTS["onnx_fp32_run"][0])}

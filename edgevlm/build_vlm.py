@@ -239,6 +239,19 @@ def _calibration_pixels(model, cfg: VLMExportConfig) -> np.ndarray:
     return np.concatenate([model.pixel_values(im).numpy() for im in imgs]).astype(np.float32)
 
 
+def _place_onnx(src: Path, dst: Path) -> None:
+    """Move an ONNX file into the bundle; one with external weights names its ``.data`` file, so it is
+    saved again under the new name."""
+    from .exporters import vlm_onnx
+
+    if src.with_name(src.name + ".data").exists():
+        import onnx
+
+        vlm_onnx.save_model(onnx.load(str(src)), dst, external_data=True)
+    else:
+        shutil.move(str(src), dst)
+
+
 def _export_onnx(model, image, p: Precision, cfg: VLMExportConfig, work: Path, scratch: Path, log,
                  want_onnx_decoder: bool) -> dict:
     from .exporters import vlm_onnx
@@ -257,20 +270,28 @@ def _export_onnx(model, image, p: Precision, cfg: VLMExportConfig, work: Path, s
     parts["_decoder_facts"] = {k: dfacts[k] for k in ("num_layers", "num_kv_heads", "head_dim")}
     if want_onnx_decoder:
         rec = {"path": "decoder.onnx", "format": "onnx", "precision": p.value, "details": {"export": dfacts}}
+        heads = getattr(lm.config, "num_attention_heads", None)
+        src = dec_fp32
+        if cfg.target == "cpu" and p != Precision.FP16 and heads:
+            # ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy) and
+            # the model's RoPE inside it; fused on the FP32 graph, where the check against the model's own
+            # RoPE ops is exact, then quantized. FP16 keeps float32 KV I/O around fp16 compute, and other
+            # providers run the plain graph.
+            fused = scratch / "decoder.fused.onnx"
+            att = vlm_onnx.fuse_attention(dec_fp32, int(heads), dfacts["num_kv_heads"], dfacts["head_dim"],
+                                          dst=fused, rotary=vlm_onnx.rotary_tables(lm, model.max_context))
+            if att["kv_cache"] != "concat":
+                src = fused
+            rec["details"]["attention"] = att
+            log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else "")
+                + (f"; RoPE: {att['rope']}" if "rope" in att else "")
+                + (f" ({att['rope_why']})" if "rope_why" in att else ""))
         if p == Precision.FP32:
-            shutil.move(str(dec_fp32), work / "decoder.onnx")
+            _place_onnx(src, work / "decoder.onnx")
         else:
             log(f"  quantizing the decoder to {p.value}")
-            rec["details"]["quantization"] = vlm_onnx.quantize_decoder(dec_fp32, work / "decoder.onnx", p.value,
+            rec["details"]["quantization"] = vlm_onnx.quantize_decoder(src, work / "decoder.onnx", p.value,
                                                                        block_size=cfg.block_size)
-        heads = getattr(lm.config, "num_attention_heads", None)
-        if cfg.target == "cpu" and p != Precision.FP16 and heads:
-            # ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy);
-            # FP16 keeps float32 KV I/O around fp16 compute, and other providers run the plain graph
-            att = vlm_onnx.fuse_attention(work / "decoder.onnx", int(heads), dfacts["num_kv_heads"],
-                                          dfacts["head_dim"])
-            rec["details"]["attention"] = att
-            log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else ""))
         parts["decoder"] = rec
     return parts
 

@@ -153,6 +153,12 @@ def test_quantized_bundles_record_agreement_and_divergence(tmp_path, precision):
     ops = dec["details"]["quantization"]["ops"]
     if precision == "int4":
         assert ops.get("MatMulNBits", 0) > 0
+    if precision == "fp16":                     # FP16 keeps the plain graph
+        assert "attention" not in dec["details"] and "GroupQueryAttention" not in ops
+    else:                                       # fused at FP32 (RoPE and one q/k/v projection in the op), then quantized
+        att = dec["details"]["attention"]
+        assert att["rope"].startswith("in GroupQueryAttention") and att["packed_qkv_layers"] == att["fused_layers"]
+        assert ops["GroupQueryAttention"] == att["fused_layers"] and "Sin" not in ops, ops
     if precision == "int8":
         assert m["parts"]["vision_encoder"]["precision"] == "int8"
         assert m["parts"]["vision_encoder"]["details"]["quantization"]["qdq_nodes"]["QuantizeLinear"] > 0

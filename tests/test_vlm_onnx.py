@@ -162,35 +162,64 @@ def test_quantized_decoders_run_close_to_eager(exported):
 
 
 def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, monkeypatch):
-    """CPU bundles' decoder: one GroupQueryAttention per layer appending to a KV buffer bound to past and present.
-    Same greedy tokens and logits as eager (Moondream: with its bidirectional prefix), growing the buffer on
-    the way; INT4 fused gives the plain INT4 graph's logits."""
+    """CPU bundles' decoder: one GroupQueryAttention per layer appending to a KV buffer bound to past and present,
+    applying the model's RoPE itself where ONNX Runtime can (16 or more rotated dimensions per head, checked
+    against the model's RoPE ops; the 16-wide tiny Phi heads rotate 8, and keep theirs). Same greedy tokens and
+    logits as eager (Moondream: with its bidirectional prefix), growing the buffer on the way; INT4 fused gives
+    the plain INT4 graph's logits."""
     import onnx
 
     from edgevlm.runtime.vlm import OrtDecoder
 
     e = exported
-    cfg = e.vlm.language_model.config
+    lm = e.vlm.language_model
+    cfg = lm.config
     f = e.decoder
     fused = e.dir / "decoder.fused.onnx"
+    tables = vlm_onnx.rotary_tables(lm, e.vlm.max_context)
+    rotary_dim = int(f["head_dim"] * getattr(cfg, "partial_rotary_factor", 1.0))
+    assert tables is not None and tables[0].shape == (e.vlm.max_context, rotary_dim // 2)
     res = vlm_onnx.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
-                                  dst=fused)
+                                  dst=fused, rotary=tables)
     assert res["kv_cache"].startswith("shared buffer") and res["fused_layers"] == f["num_layers"], res
     ops = res["ops"]
     assert ops["GroupQueryAttention"] == f["num_layers"] and "Softmax" not in ops, ops
     g = onnx.load(str(fused), load_external_data=False).graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    rotates = {a.name: a.i for a in gqa[0].attribute}["do_rotary"]
+    if rotary_dim >= 16:
+        assert res["rope"].startswith("in GroupQueryAttention") and rotates == 1, res
+        assert res["packed_qkv_layers"] == f["num_layers"] and list(gqa[0].input)[1:3] == ["", ""], res
+        assert "Sin" not in ops and "Cos" not in ops and "Neg" not in ops, ops        # the model's RoPE is gone
+        assert list(gqa[0].input)[7:10] == ["gqa_cos_cache", "gqa_sin_cache", "position_ids"]
+    else:
+        assert res["rope"] == "the model's own ops" and "multiple of 16" in res["rope_why"] and rotates == 0, res
     assert [i.name for i in g.input][-2:] == ["seqlens_k", "total_sequence_length"]
     monkeypatch.setattr(OrtDecoder, "FIRST_BUFFER", 8)            # the prompt and new tokens outgrow it
-    par = vlm_onnx.decoder_parity(e.vlm.language_model, fused, e.embeds, N_NEW, e.prefix,
+    par = vlm_onnx.decoder_parity(lm, fused, e.embeds, N_NEW, e.prefix,
                                   embed_path=e.dir / "embed_tokens.onnx", reference=e.reference)
     assert par["onnx_tokens"] == e.reference["tokens"] and par["first_divergence"] is None
     assert par["max_logit_abs_diff"] <= 1e-4 and par["mean_kl"] < 1e-8, par
-    plain4, fused4 = e.dir / "decoder.q4.onnx", e.dir / "decoder.q4.fused.onnx"
+    # a RoPE the op would get wrong is caught by the check and left to the model: positions shifted by one
+    wrong = (np.roll(tables[0], 1, axis=0), np.roll(tables[1], 1, axis=0))
+    if rotary_dim >= 16:
+        off = vlm_onnx.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"],
+                                      f["head_dim"], dst=e.dir / "decoder.off.onnx", rotary=wrong)
+        assert off["rope"] == "the model's own ops" and off["rope_why"].startswith("logits differ"), off
+    plain4, fused4, rot4 = (e.dir / f"decoder.q4{x}.onnx" for x in ("", ".fused", ".rot"))
     vlm_onnx.quantize_decoder(e.dir / "decoder.onnx", plain4, "int4")
-    vlm_onnx.fuse_attention(plain4, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"], dst=fused4)
-    a = vlm_onnx.decoder_parity(e.vlm.language_model, plain4, e.embeds, 8, e.prefix, reference=e.reference)
-    b = vlm_onnx.decoder_parity(e.vlm.language_model, fused4, e.embeds, 8, e.prefix, reference=e.reference)
+    late = vlm_onnx.fuse_attention(plain4, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"], dst=fused4,
+                                   rotary=tables)
+    assert late["rope"] == "the model's own ops" and "already quantized" in late["rope_why"], late
+    a = vlm_onnx.decoder_parity(lm, plain4, e.embeds, 8, e.prefix, reference=e.reference)
+    b = vlm_onnx.decoder_parity(lm, fused4, e.embeds, 8, e.prefix, reference=e.reference)
     assert b["onnx_tokens"] == a["onnx_tokens"] and abs(a["mean_kl"] - b["mean_kl"]) <= 1e-6 + 1e-3 * a["mean_kl"]
+    # as bundles are made: the fused FP32 graph, quantized (INT4's rounding of activations sees RoPE's own
+    # rounding, so not bit-equal to the plain INT4 graph: as far from eager)
+    vlm_onnx.quantize_decoder(fused, rot4, "int4")
+    c = vlm_onnx.decoder_parity(lm, rot4, e.embeds, 8, e.prefix, reference=e.reference)
+    assert abs(c["mean_kl"] - a["mean_kl"]) <= 0.05 * a["mean_kl"] + 1e-6, (a, c)
+    assert c["token_agreement"] >= a["token_agreement"] - 0.125, (a, c)
     # a graph without that attention is left as it is, and says why
     other = vlm_onnx.fuse_attention(e.dir / "embed_tokens.onnx", cfg.num_attention_heads, f["num_kv_heads"],
                                     f["head_dim"], dst=e.dir / "nothing.onnx")
@@ -198,6 +227,40 @@ def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, mon
     again = vlm_onnx.fuse_attention(fused, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
                                     dst=e.dir / "nothing.onnx")
     assert again["kv_cache"] == "concat" and again["why"].startswith("layer 0:"), again
+
+
+def test_phi_rope_and_biased_projections_move_into_the_attention_op(tmp_path):
+    """Phi's partial RoPE (32 of 64 dims per head here, as Moondream2's and Phi-2's 32 of 64 / 80) and its biased
+    q/k/v projections: fused into one GroupQueryAttention with do_rotary and one packed projection, same greedy
+    tokens as eager; then INT4 from that graph as bundles are made."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, partial_rotary_factor=0.5, max_position_embeddings=64)
+    lm = transformers.PhiForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.mul_(SHARPEN)
+    f = vlm_onnx.export_decoder(lm, tmp_path / "decoder.onnx")
+    tables = vlm_onnx.rotary_tables(lm, 64)
+    assert tables[0].shape == (64, 16)
+    res = vlm_onnx.fuse_attention(tmp_path / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"],
+                                  dst=tmp_path / "fused.onnx", rotary=tables)
+    assert res["rope"].startswith("in GroupQueryAttention (do_rotary, rotary dim 32") and res["packed_qkv_layers"] == 2
+    ops = res["ops"]
+    assert ops["MatMul"] == 2 * 4 + 1 and "Sin" not in ops and "Cos" not in ops, ops   # qkv, dense, fc1, fc2; lm_head
+    embeds = torch.randn(1, 6, 128)
+    ref = vlm_onnx.eager_reference(lm, embeds, 12)
+    par = vlm_onnx.decoder_parity(lm, tmp_path / "fused.onnx", embeds, 12, reference=ref)
+    assert par["first_divergence"] is None and par["max_logit_abs_diff"] <= 1e-4, par
+    plain4, rot4 = tmp_path / "plain4.onnx", tmp_path / "rot4.onnx"
+    vlm_onnx.quantize_decoder(tmp_path / "decoder.onnx", plain4, "int4")
+    q = vlm_onnx.quantize_decoder(tmp_path / "fused.onnx", rot4, "int4")
+    assert q["ops"]["MatMulNBits"] == 9 and q["ops"]["GroupQueryAttention"] == 2, q["ops"]
+    a = vlm_onnx.decoder_parity(lm, plain4, embeds, 12, reference=ref)
+    b = vlm_onnx.decoder_parity(lm, rot4, embeds, 12, reference=ref)
+    assert abs(a["mean_kl"] - b["mean_kl"]) <= 0.05 * a["mean_kl"] + 1e-6, (a, b)
 
 
 # -- family specifics ----------------------------------------------------------------------------------
