@@ -263,6 +263,25 @@ def test_phi_rope_and_biased_projections_move_into_the_attention_op(tmp_path):
     assert abs(a["mean_kl"] - b["mean_kl"]) <= 0.05 * a["mean_kl"] + 1e-6, (a, b)
 
 
+def test_decoder_with_external_weights_keeps_them_when_placed_in_a_bundle(tmp_path):
+    """A decoder over 2 GiB is saved with its weights in ``<file>.data``, which the graph names: moving it into
+    the bundle under another name (build_vlm._place_onnx) saves it again, so the bundle's decoder.onnx loads."""
+    from edgevlm.build_vlm import _place_onnx
+
+    lm = load_vlm("llava_tiny", weights="random").language_model.eval()
+    src = tmp_path / "scratch" / "decoder.fp32.onnx"
+    src.parent.mkdir()
+    vlm_onnx.export_decoder(lm, src, external_data=True)
+    assert src.with_name("decoder.fp32.onnx.data").is_file()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    _place_onnx(src, bundle / "decoder.onnx")
+    assert sorted(p.name for p in bundle.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+    src.with_name("decoder.fp32.onnx.data").unlink()              # the scratch directory goes away
+    sess = _session(bundle / "decoder.onnx")
+    assert sess.get_inputs()[0].name == "inputs_embeds"
+
+
 # -- family specifics ----------------------------------------------------------------------------------
 def test_moondream_prefix_path(tmp_path_factory):
     e = _exported("moondream2_tiny", tmp_path_factory)
