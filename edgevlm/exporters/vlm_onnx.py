@@ -773,6 +773,7 @@ def fuse_attention(path, num_heads: int, kv_heads: int, head_dim: int, dst=None,
     A graph whose attention does not have the eager trace's shape is left as it is: the returned facts
     say ``kv_cache: concat`` and why.
     """
+    import gc
     import os
     import tempfile
 
@@ -802,7 +803,8 @@ def fuse_attention(path, num_heads: int, kv_heads: int, head_dim: int, dst=None,
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fuse-") as tmp:
             cand = Path(tmp) / out.name                  # same name: its external data file keeps its name
             save_model(model, cand, external_data=external)
-            del model
+            del model, g, found                          # the weights leave memory before two sessions load
+            gc.collect()
             why = _decoders_agree(path, cand, hidden) if hidden else "inputs_embeds has no static width"
             if why is None:
                 stale = out.with_name(out.name + ".data")
