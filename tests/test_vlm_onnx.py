@@ -164,9 +164,9 @@ def test_quantized_decoders_run_close_to_eager(exported):
 def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, monkeypatch):
     """CPU bundles' decoder: one GroupQueryAttention per layer appending to a KV buffer bound to past and present,
     applying the model's RoPE itself where ONNX Runtime can (a multiple of 16 rotated dimensions per head: 16
-    here; checked against the model's RoPE ops; the 16-wide tiny Phi heads rotate 8, and keep theirs). Same greedy tokens and
-    logits as eager (Moondream: with its bidirectional prefix), growing the buffer on the way; INT4 fused gives
-    the plain INT4 graph's logits."""
+    here; checked against the model's RoPE ops; the 16-wide tiny Phi heads rotate 8, and keep theirs). Same
+    greedy tokens and logits as eager (Moondream: with its bidirectional prefix), growing the buffer on the way;
+    INT4 fused gives the plain INT4 graph's logits."""
     import onnx
 
     from edgevlm.runtime.vlm import OrtDecoder

@@ -734,24 +734,30 @@ def _rotary_problem(cores: list[dict], rotary, head_dim: int) -> str | None:
     return None
 
 
-def _decoders_agree(reference: Path, candidate: Path, hidden: int, tol: float = 1e-3) -> str | None:
-    """Run both decoder graphs as the runtime does (a 5-position prefill, then two steps) on the same random
-    embeddings; None when the logits agree to ``tol`` of their scale, else what differs."""
+def _runtime_decoder(path: Path):
+    """decoder.onnx in the runtime's own ``OrtDecoder`` on the CPU (past/present tensors, or the shared KV
+    buffer bound as bundles run it); the KV head count and head size are read off the graph's static shapes."""
     from ..runtime.backends import usable_cpus
     from ..runtime.vlm import OrtDecoder, _Graph
 
+    graph = _Graph(Path(path), ["CPUExecutionProvider"], "fp32", usable_cpus())
+    past = [i for i in graph.session.get_inputs() if i.name.startswith("past_key_values.")]
+    return OrtDecoder(graph, None, len(past) // 2, int(past[0].shape[1]), int(past[0].shape[3]))
+
+
+def _decoders_agree(reference: Path, candidate: Path, hidden: int, tol: float = 1e-3) -> str | None:
+    """Run both decoder graphs as the runtime does (a 5-position prefill, then two steps) on the same random
+    embeddings; None when the logits agree to ``tol`` of their scale, else what differs."""
     x = np.random.default_rng(0).standard_normal((1, 7, hidden)).astype(np.float32)
     outs = []
     for path in (reference, candidate):
         try:
-            graph = _Graph(path, ["CPUExecutionProvider"], "fp32", usable_cpus())
-            past = [i for i in graph.session.get_inputs() if i.name.startswith("past_key_values.")]
-            dec = OrtDecoder(graph, None, len(past) // 2, int(past[0].shape[1]), int(past[0].shape[3]))
+            dec = _runtime_decoder(path)
             outs.append(np.stack([dec.prefill(x[:, :5]), dec.step_embeds(x[:, 5]), dec.step_embeds(x[:, 6])]))
             dec.close()
         except Exception as e:     # any refusal by ONNX Runtime (its error types vary) means: keep the model's ops
             return f"ONNX Runtime: {str(e).strip().splitlines()[0][:160]}"
-        del graph, dec
+        del dec                                       # one session at a time
     diff, scale = float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max())
     if not np.isfinite(outs[1]).all() or diff > tol * max(scale, 1.0):
         return f"logits differ from the input graph's (the model's own RoPE ops) by {diff:.3g} (scale {scale:.3g})"
@@ -887,15 +893,8 @@ def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirec
     n_new, prefix, x0 = len(eager_tokens), int(ref["bidirectional_prefix"]), ref["prompt_embeds"]
     s = int(x0.shape[1])
     table = None if embed_path else language_model.get_input_embeddings().weight.detach().float().numpy()
-    from ..runtime.backends import usable_cpus
-    from ..runtime.vlm import OrtDecoder, _Graph
-
-    graph = _Graph(Path(path), ["CPUExecutionProvider"], "fp32", usable_cpus())
     embed = _session(embed_path) if embed_path else None
-    past_inputs = [i for i in graph.session.get_inputs() if i.name.startswith("past_key_values.")]
-    # the graph's KV head count and head size are static; the runtime's decoder feeds past/present (or binds
-    # the shared KV buffer) exactly as bundles run
-    dec = OrtDecoder(graph, None, len(past_inputs) // 2, int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3]))
+    dec = _runtime_decoder(path)
     onnx_logits = [dec.prefill(x0, prefix).astype(np.float32)]
     for step in range(n_new - 1):
         tok = eager_tokens[step]                                  # teacher-forced on eager's greedy token
