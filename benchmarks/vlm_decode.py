@@ -18,19 +18,26 @@ other new tokens over the time after the first one.
 
 Engines: transformers eager FP32 (prefill + KV-cache loop, as ``generate`` runs it); edgevlm ONNX Runtime
 decoder FP32 / INT8 / INT4 (block 32, the default) / INT4 block 128 (``export_decoder`` + ``fuse_attention``
-with RoPE in the op + ``quantize_decoder``, as a cpu bundle has it, run by ``runtime.vlm.OrtDecoder``, new tokens embedded by
-``embed_tokens.onnx``); edgevlm llama.cpp Q8_0 / Q4_K_M (``write_gguf`` F16 +
+with RoPE in the op + ``quantize_decoder``, as a cpu bundle has it, opened by ``runtime.vlm.open_ort_decoder`` as
+a bundle's runtime opens it: INT4 block 32 decode steps in edgevlm's ``MatMulQ4`` kernel when ``edgevlm kernels
+build`` has built it here; ``ort-int4-ortkernel`` is the same graph on ONNX Runtime's kernel; new tokens embedded
+by ``embed_tokens.onnx``); edgevlm llama.cpp Q8_0 / Q4_K_M (``write_gguf`` F16 +
 ``quantize_gguf``, run by ``runtime.llamacpp.LlamaCppDecoder``: an embedding-batch prefill, then token steps);
 llama.cpp's own path (``llama_cpp.Llama.generate``, greedy) on the same GGUF files. llama.cpp engines share
 n_ctx, n_batch (= n_ubatch, the whole prompt in one batch), F16 KV cache and flash attention (``--flash-attn``).
 
 Physical limit: decoding one token reads every weight once (the input embedding table aside: one row), so
 tok/s <= memory bandwidth / bytes read per token. Bandwidth is measured here (numpy: copy, and a 1- and
-2-thread read, before and after the engines are timed; the highest figure is the limit: one dip of the VM's
+2-thread read of arrays 4x the last-level cache, before and after the engines are timed; the highest figure is the limit: one dip of the VM's
 memory speed, seen once at 26 instead of 35-37 GB/s, would otherwise inflate every percentage), bytes per
 token from the engine's weight files (``read_mb_per_tok``; ``weights_mb`` is all an engine loads: ONNX
 Runtime's includes embed_tokens.onnx). The KV cache read per token is not counted (small next to the weights
 at these lengths).
+
+The edgevlm engines run as the ``edgevlm`` command runs them: started with glibc asked for transparent huge pages
+(``edgevlm.runtime.memory``; ``huge_pages_mib`` in the table is how much memory got them). transformers and
+llama.cpp's own path run as their users start them, without; llama.cpp gains about as much as edgevlm's engines
+when started that way (README, "Huge pages").
 
 The CPUs' load from other jobs is sampled before timing and recorded; above 25% a warning is printed: on a
 shared 2-core machine, engines whose threads wait on each other slow down badly (torch eager at 2 threads
@@ -82,6 +89,7 @@ ENGINES = {
     "ort-fp32": ("edgevlm ORT FP32", "ort", "onnx_fp32_run"),
     "ort-int8": ("edgevlm ORT INT8", "ort", "onnx_int8"),
     "ort-int4": ("edgevlm ORT INT4", "ort", "onnx_int4"),
+    "ort-int4-ortkernel": ("edgevlm ORT INT4, ONNX Runtime's kernel", "ort", "onnx_int4"),
     "ort-int4-b128": ("edgevlm ORT INT4 block 128", "ort", "onnx_int4_b128"),
     "edgevlm-q8_0": ("edgevlm llama.cpp Q8_0", "edgellama", "gguf_q8_0"),
     "edgevlm-q4_k_m": ("edgevlm llama.cpp Q4_K_M", "edgellama", "gguf_q4_k_m"),
@@ -89,6 +97,7 @@ ENGINES = {
     "llamacpp-q4_k_m": ("llama.cpp own Q4_K_M", "llama", "gguf_q4_k_m"),
 }
 COMPRESSION_ENGINES = ("ort-int4", "edgevlm-q4_k_m")
+EDGEVLM_KINDS = ("ort", "edgellama")    # engines run as `edgevlm` runs them: with huge pages where the OS allows
 ARTIFACTS = {               # name -> (file, build stage, prerequisites)
     "embed_tokens": ("embed_tokens.onnx", "torch", ()),
     "onnx_fp32": ("decoder.onnx", "torch", ()),
@@ -219,10 +228,15 @@ def prepare_stage(stage: str, size: str, cache: Path) -> dict:
     return out
 
 
-def _sub(args: list[str], threads: int, stream_err: bool = True) -> dict:
-    """Run this script in a fresh process; its last stdout line is JSON."""
+def _sub(args: list[str], threads: int, stream_err: bool = True, huge_pages: bool = False) -> dict:
+    """Run this script in a fresh process; its last stdout line is JSON. ``huge_pages``: started as the ``edgevlm``
+    command starts itself (glibc asked for transparent huge pages, ``edgevlm.runtime.memory``)."""
+    from edgevlm.runtime.memory import huge_page_env
+
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "VLM_DECODE_T0": str(_T0)}
+    if huge_pages:
+        env = huge_page_env(env) or env
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.PIPE,
                        stderr=None if stream_err else subprocess.PIPE, text=True, env=env, check=False)
     lines = r.stdout.strip().splitlines()
@@ -328,10 +342,32 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return round(1.0 - (i1 - i0) / max(t1 - t0, 1), 3)
 
 
-def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
+def last_level_cache_mib() -> float | None:
+    """The largest CPU cache this machine reports (Linux sysfs), in MiB."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        t = f.read_text().strip()
+        unit = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(t[-1:], None)
+        try:
+            sizes.append(float(t[:-1]) * unit if unit else float(t) / 2**20)
+        except ValueError:
+            continue
+    return max(sizes) if sizes else None
+
+
+def bandwidth_array_mib() -> int:
+    """STREAM's rule: each array at least 4x the last-level cache, so the figure is memory's, not the cache's
+    (this VM reports a 480 MiB L3; 2-thread reads measured 47.6 GB/s on 64 MiB arrays, 34-37 GB/s on 256 MiB to
+    4 GiB ones); at least 256 MiB, at most 4 GiB."""
+    llc = last_level_cache_mib() or 0
+    return int(min(4096, max(256, 4 * llc)))
+
+
+def measure_bandwidth(mib: int | None = None, repeats: int = 7) -> dict:
     """GB/s (1e9 bytes/s): copy (read + write counted), and read (a sum over uint64) on 1 and 2 threads."""
     from concurrent.futures import ThreadPoolExecutor
 
+    mib = mib or bandwidth_array_mib()
     n = mib * 2**20
     a = np.ones(n // 8, np.uint64)
     b = np.empty_like(a)
@@ -387,16 +423,18 @@ class _Eager:
 
 
 class _Ort:
-    def __init__(self, size: str, cache: Path, artifact: str, threads: int):
-        from edgevlm.runtime.vlm import OrtDecoder, _Graph
+    def __init__(self, size: str, cache: Path, artifact: str, threads: int, kernels: bool | None = None):
+        from edgevlm.runtime.vlm import _Graph, open_ort_decoder
 
         c = SIZES[size]
         prec = artifact.split("_")[1]
         cpu = ["CPUExecutionProvider"]
-        graph = _Graph(cache / ARTIFACTS[artifact][0], cpu, prec, threads)
         embed = _Graph(cache / ARTIFACTS["embed_tokens"][0], cpu, "fp32", threads)
-        self.dec = OrtDecoder(graph, embed, c["num_hidden_layers"], c["num_key_value_heads"],
-                              c["hidden_size"] // c["num_attention_heads"])
+        # as a bundle's runtime opens it (runtime.vlm.open_ort_decoder: edgevlm's kernel for 4-bit decode steps
+        # when built here), or with ONNX Runtime's kernels only (kernels=False)
+        self.dec = open_ort_decoder(cache / ARTIFACTS[artifact][0], cpu, prec, threads, embed,
+                                    c["num_hidden_layers"], c["num_key_value_heads"],
+                                    c["hidden_size"] // c["num_attention_heads"], kernels=kernels)
         self.reset, self.step = self.dec.reset, self.dec.step
         self.providers = self.dec.providers
 
@@ -476,7 +514,7 @@ def open_engine(key: str, size: str, cache: Path, threads: int, n_ctx: int, flas
     if kind == "eager":
         return _Eager(size, threads)
     if kind == "ort":
-        return _Ort(size, cache, art, threads)
+        return _Ort(size, cache, art, threads, kernels=False if key.endswith("-ortkernel") else None)
     if kind == "edgellama":
         return _EdgeLlama(cache, art, threads, n_ctx, flash_attn)
     return _LlamaOwn(cache, art, threads, n_ctx, flash_attn)
@@ -507,12 +545,15 @@ def measure(key: str, size: str, cache: Path, prompt_path: str, runs: int, n_new
             ttft.append(a)
             tps.append(b)
         tokens = tokens or toks
+    from edgevlm.runtime.memory import status
+
     res = {"ttft_s": ttft, "tok_s": tps, "load_s": load_s, "peak_rss_mib": round(peak_mib(), 1),
-           "first_tokens": tokens[:8], "n_new": len(tokens)}
+           "first_tokens": tokens[:8], "n_new": len(tokens), **status()}
     if isinstance(engine, _Eager):
         res.update(weight_bytes=engine.weight_bytes, read_bytes=engine.read_bytes, attention=engine.attn)
     if isinstance(engine, _Ort):
         res["providers"] = engine.providers
+        res["decode_kernel"] = engine.dec.kernel
     if isinstance(engine, _EdgeLlama):
         res.update(extra_buffers=engine.dec.extra_buffers, weight_buffers=engine.dec.weight_buffers,
                    extra_buffers_why=engine.dec.extra_buffers_why)
@@ -697,7 +738,8 @@ def main(argv=None) -> int:
         say(f"timing {ENGINES[k][0]}: warm-up + {args.runs} runs of {args.new_tokens} tokens, fresh process")
         try:
             results[k] = _sub(["--measure", k, "--prompt", str(prompt), "--runs", str(args.runs),
-                               "--new-tokens", str(args.new_tokens), *common], args.threads, stream_err=False)
+                               "--new-tokens", str(args.new_tokens), *common], args.threads, stream_err=False,
+                              huge_pages=ENGINES[k][1] in EDGEVLM_KINDS)
             r = results[k]
             say(f"  ttft {1000 * np.median(r['ttft_s']):.0f} ms, {np.median(r['tok_s']):.2f} tok/s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB")
@@ -744,7 +786,8 @@ def main(argv=None) -> int:
                        peak_rss_mib=r["peak_rss_mib"], load_s=r["load_s"], runs=len(r["tok_s"]),
                        ttft_ms_all=[1000 * t for t in r["ttft_s"]], tok_s_all=r["tok_s"],
                        first_tokens=r["first_tokens"],
-                       **{x: r[x] for x in ("attention", "extra_buffers", "weight_buffers") if x in r})
+                       huge_pages_mib=r.get("huge_pages_mib"), huge_pages_why_not=r.get("huge_pages_why_not"),
+                       **{x: r[x] for x in ("attention", "extra_buffers", "weight_buffers", "decode_kernel") if x in r})
         rows.append(row)
     by = {r["key"]: r for r in rows}
     ref = by.get("eager", {}).get("first_tokens")
@@ -764,6 +807,7 @@ def main(argv=None) -> int:
 
     ratios = {
         "ort_int4_vs_eager_decode": _ratio(tps("ort-int4"), eager),
+        "ort_int4_kernel_vs_ort_kernel_decode": _ratio(tps("ort-int4"), tps("ort-int4-ortkernel")),
         "ort_int4_b128_vs_eager_decode": _ratio(tps("ort-int4-b128"), eager),
         "edgevlm_q4_k_m_vs_eager_decode": _ratio(tps("edgevlm-q4_k_m"), eager),
         "edgevlm_vs_llamacpp_q8_0_decode": _ratio(tps("edgevlm-q8_0"), tps("llamacpp-q8_0")),
@@ -803,7 +847,7 @@ def main(argv=None) -> int:
                 "vision tokens, fresh process")
             try:
                 res = _sub(["--measure-ttft", k, "--prompt", *[str(p) for p in paths.values()], "--runs",
-                            str(args.runs), *common], args.threads, stream_err=False)
+                            str(args.runs), *common], args.threads, stream_err=False, huge_pages=True)
             except RuntimeError as e:
                 compression["skipped"][k] = str(e)
                 say(f"  FAILED: {e}")
@@ -823,7 +867,7 @@ def main(argv=None) -> int:
              f"{cpu}, {args.threads} threads; prompt {args.image_tokens} image rows + {TEXT_TOKENS} text tokens, "
              f"{args.new_tokens} new tokens, median of {args.runs}; bandwidth {bw['bandwidth_gbs']:.1f} GB/s")
     cols = ["engine", "weights_mb", "read_mb_per_tok", "ttft_ms", "decode_tok_s", "limit_tok_s", "pct_of_limit",
-            "x_decode_vs_eager", "peak_rss_mib"]
+            "x_decode_vs_eager", "peak_rss_mib", "huge_pages_mib"]
     if rows:
         print(table(rows, cols, title=title))
         print()

@@ -451,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.set_defaults(func=_cmd_generate)
 
+    s = sub.add_parser("kernels", help="build edgevlm's CPU kernels on this machine (4-bit decode steps), or show "
+                                       "their state")
+    s.add_argument("action", choices=["build", "status"])
+    s.add_argument("--force", action="store_true", help="build again even if built")
+    s.set_defaults(func=_cmd_kernels)
+
     s = sub.add_parser("info", help="parts, parameters, vision tokens and prefill FLOPs of a VLM")
     s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
     s.add_argument("--text-tokens", type=int, default=64, help="prompt length for the FLOP count (default 64)")
@@ -522,6 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cmd_kernels(args) -> int:
+    from . import kernels
+
+    if args.action == "build":
+        kernels.build(force=args.force)
+    path, why = kernels.status()
+    print(f"MatMulQ4 (4-bit decode steps): {'ready, ' + str(path) if path else 'not used: ' + why}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import EdgeVLMError
 
@@ -540,5 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``edgevlm`` command: once restarted with weights in huge pages where that helps (runtime.memory), then main."""
+    from .runtime.memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages(sys.argv[1:])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

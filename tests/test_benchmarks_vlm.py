@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vlm_decode.py"
 NEW_TOKENS = 8
-ORT_ENGINES = ("eager", "ort-fp32", "ort-int8", "ort-int4", "ort-int4-b128")
+ORT_ENGINES = ("eager", "ort-fp32", "ort-int8", "ort-int4", "ort-int4-ortkernel", "ort-int4-b128")
 LLAMA_ENGINES = ("edgevlm-q8_0", "edgevlm-q4_k_m", "llamacpp-q8_0", "llamacpp-q4_k_m")
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("gguf") is not None
 NO_LLAMA = "llama-cpp-python / gguf are not installed: the llama.cpp engines are skipped (pip install 'edgevlm[gguf]')"
@@ -80,6 +81,29 @@ def test_same_model_in_every_engine(run):
     """ONNX Runtime FP32 decodes eager's greedy tokens: both run the same random model on the same prompt."""
     rows = _rows(run)
     assert rows["ort-fp32"]["greedy_prefix_equal_to_eager"] == NEW_TOKENS
+
+
+def test_engines_run_as_bundles_do(run):
+    """edgevlm's engines start as the `edgevlm` command does (huge pages where the OS allows) and INT4 decode steps
+    run edgevlm's kernel where it is built; the other engines run as their users start them."""
+    from edgevlm import kernels
+    from edgevlm.runtime import memory
+
+    rows = _rows(run)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "EDGEVLM_HUGE_PAGES")}
+    huge = memory.why_not(env) is None
+    for key in ("ort-fp32", "ort-int4", "ort-int4-b128"):
+        assert (rows[key]["huge_pages_mib"] > 0) == huge, (key, rows[key]["huge_pages_mib"])
+    assert rows["eager"]["huge_pages_mib"] in (0, 0.0, None) or memory.thp_mode() == "always"
+    path, why = kernels.status()
+    k = rows["ort-int4"]["decode_kernel"]
+    if path is None:
+        assert k["decode_kernel"] == "onnxruntime" and k["decode_kernel_why"] == why
+    else:
+        assert k["decode_kernel"] == "edgevlm MatMulQ4" and k["decode_kernel_layers"] == 2 * 4 + 1, k
+        assert _positive(run["json"]["ratios"]["ort_int4_kernel_vs_ort_kernel_decode"])
+    assert rows["ort-int4-ortkernel"]["decode_kernel"]["decode_kernel_why"] == "turned off"
+    assert "block 128" in rows["ort-int4-b128"]["decode_kernel"]["decode_kernel_why"]
 
 
 def test_ratios_and_targets(run):

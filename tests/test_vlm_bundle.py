@@ -3,6 +3,7 @@ with eager PyTorch; quantized bundles, the CLI, and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -189,6 +190,24 @@ def test_cli_export_run_bench(tmp_path, capsys):
     assert res["vs_eager_top1_teacher_forced"] == 1.0
     assert main(["run", str(out), "--image", str(img)]) == 2          # a VLM needs a question
     assert "--prompt" in capsys.readouterr().err
+
+    # the command itself (not main()) restarts once with glibc asked for huge pages, unless told not to
+    from edgevlm.runtime import memory
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "EDGEVLM_HUGE_PAGES")}
+    for opt_out in (False, True):
+        r = subprocess.run([sys.executable, "-m", "edgevlm", "bench", str(out), "--runs", "1", "--new-tokens", "4",
+                            "--json", str(js)], env={**env, **({"EDGEVLM_HUGE_PAGES": "0"} if opt_out else {})},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(js.read_text())
+        if opt_out:
+            assert res["huge_pages"] is False and "EDGEVLM_HUGE_PAGES=0" in res["huge_pages_why_not"]
+            assert "huge pages: off" in r.stdout
+        elif memory.why_not(env) is None:
+            assert res["huge_pages"] is True and res["huge_pages_mib"] > 0, res
+        else:
+            assert res["huge_pages"] is False and res["huge_pages_why_not"] == memory.why_not(env)
 
 
 def test_bad_bundles_and_inputs(scenes_bundle, tmp_path):

@@ -30,7 +30,11 @@ class OrtSession:
     """ONNX Runtime, with providers chosen from the target profile by what this machine has."""
 
     def __init__(self, path: Path, wanted: list[str], precision: str, threads: int | None = None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, *, custom_ops: tuple = (), initializers: dict | None = None,
+                 options: dict | None = None):
+        """``custom_ops``: libraries to register; ``initializers``: name -> OrtValue used in place of the graph's
+        initializers of that name, without a copy (kept alive here: sessions given the same ones share that
+        memory); ``options``: session config entries."""
         ort = _ort()
         available = ort.get_available_providers()
         chosen = [p for p in wanted if p in available] or []
@@ -52,6 +56,13 @@ class OrtSession:
         # ONNX Runtime's default counts physical cores and on some VMs settles on one thread;
         # use every CPU this process may run on (measured: 1.9x faster at batch 1 on 2 vCPUs).
         so.intra_op_num_threads = threads or usable_cpus()
+        for lib in custom_ops:
+            so.register_custom_ops_library(str(lib))
+        self._initializers = dict(initializers or {})
+        for name, value in self._initializers.items():
+            so.add_initializer(name, value)
+        for key, value in (options or {}).items():
+            so.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:

@@ -122,6 +122,9 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
            "encode_ms_median": 1000 * float(np.median(encode)), "ttft_ms_median": 1000 * float(np.median(ttft)),
            "decode_tok_s_median": float(np.median(tps)), "peak_rss_mib": round(_peak_mib(), 1),
            "rss_added_mib": round(max(0.0, _rss_mib() - base_rss), 1), "bundle_mb": round(size / 1e6, 2)}
+    from .memory import status as memory_status
+
+    res.update(memory_status())                     # weights in huge pages or not, and why (runtime.memory)
     if hasattr(vlm.decoder, "weight_buffers"):      # llama.cpp: where the weights went (repacked or plain)
         res.update(llama_weight_buffers_mib=vlm.decoder.weight_buffers,
                    llama_repacked_weights=vlm.decoder.extra_buffers, llama_repacked_why=vlm.decoder.extra_buffers_why)
@@ -133,12 +136,14 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
     vlm.close()
     if not quiet:
         cols = ["model", "precision", "decoder", "image_tokens", "prompt_tokens", "ttft_ms_median",
-                "decode_tok_s_median", "peak_rss_mib", "bundle_mb"] + (["vs_eager_top1_teacher_forced",
-                                                                          "vs_eager_kl_mean"] if par else [])
+                "decode_tok_s_median", "peak_rss_mib", "huge_pages_mib", "bundle_mb"] + (
+                    ["vs_eager_top1_teacher_forced", "vs_eager_kl_mean"] if par else [])
         print(table([res], cols, title=f"edgevlm bench {bundle} ({runs} runs of {res['new_tokens']} new tokens; "
                                        "ttft = image encoding + prefill)"))
     out = Path(json_out) if json_out else Path("benchmarks/results") / f"bench-{Path(bundle).name}.json"
     write_json(out, res)
     if not quiet:
+        if res["huge_pages_why_not"]:
+            print(f"huge pages: off, {res['huge_pages_why_not']} (edgevlm.runtime.memory)")
         print(f"wrote {out}")
     return res

@@ -34,8 +34,8 @@ DECODERS = ("onnxruntime", "llama.cpp")
 class _Graph:
     """One ONNX part in ONNX Runtime with named inputs (a thin layer over backends.OrtSession)."""
 
-    def __init__(self, path: Path, providers: list[str], precision: str, threads: int | None):
-        self.ort = OrtSession(path, providers, precision, threads)
+    def __init__(self, path: Path, providers: list[str], precision: str, threads: int | None, **session):
+        self.ort = OrtSession(path, providers, precision, threads, **session)
         self.session = self.ort.session
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -50,23 +50,30 @@ class OrtDecoder:
     copy each call, or (``seqlens_k`` among the inputs, see ``exporters.vlm_onnx.fuse_attention``) one KV
     buffer per layer bound to both past and present, which ONNX Runtime appends to in place; the buffer
     doubles when a sequence outgrows it.
+
+    ``step``: the same decoder with edgevlm's 4-bit kernel (``edgevlm.kernels``), sharing the weights and KV
+    buffers, for one-position calls (decode steps); prompts run ``graph`` (see :func:`open_ort_decoder`).
     """
 
     name = "onnxruntime"
     FIRST_BUFFER = 256                   # positions of the shared KV buffer before it first grows
 
-    def __init__(self, graph: _Graph, embed: _Graph | None, layers: int, kv_heads: int, head_dim: int):
-        self.graph, self.embed = graph, embed
+    def __init__(self, graph: _Graph, embed: _Graph | None, layers: int, kv_heads: int, head_dim: int,
+                 step: _Graph | None = None, kernel: dict | None = None):
+        self.graph, self.embed, self.step_graph = graph, embed, step
+        self.kernel = kernel or {"decode_kernel": "onnxruntime", "decode_kernel_why": "not asked for"}
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.providers = graph.ort.providers
         self.shared_kv = "seqlens_k" in {i.name for i in graph.session.get_inputs()}
+        if step is not None and not self.shared_kv:
+            raise ValueError("a step graph needs the shared-KV decoder (fuse_attention)")
         self._kv_names = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.reset()
 
     def reset(self) -> None:
         self.n_past = 0
         if self.shared_kv:
-            self._buffers, self._binding, self.capacity = None, None, 0
+            self._buffers, self._bindings, self.capacity = None, {}, 0
         else:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
             self.past = {f"past_key_values.{n}": empty for n in self._kv_names}
@@ -81,15 +88,20 @@ class OrtDecoder:
         if old is not None:
             for n, buf in old.items():
                 self._buffers[n][:, :, :self.n_past] = buf[:, :, :self.n_past]
-        b = self.graph.session.io_binding()
-        b.bind_output("logits", "cpu")                           # output 0
-        for n, buf in self._buffers.items():                      # ORT writes into the numpy arrays
-            v = ort.OrtValue.ortvalue_from_numpy(buf)
-            b.bind_ortvalue_input(f"past_key_values.{n}", v)
-            b.bind_ortvalue_output(f"present.{n}", v)
-        self._binding, self.capacity = b, cap
+        values = {n: ort.OrtValue.ortvalue_from_numpy(buf) for n, buf in self._buffers.items()}
+        self._bindings = {}
+        for which, g in (("prompt", self.graph), ("step", self.step_graph)):
+            if g is None:
+                continue
+            b = g.session.io_binding()
+            b.bind_output("logits", "cpu")                       # output 0
+            for n, v in values.items():                           # ORT writes into the numpy arrays
+                b.bind_ortvalue_input(f"past_key_values.{n}", v)
+                b.bind_ortvalue_output(f"present.{n}", v)
+            self._bindings[which] = (g, b)
+        self.capacity = cap
 
-    def _run(self, embeds: np.ndarray, prefix: int = 0) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, prefix: int = 0, use_step: bool | None = None) -> np.ndarray:
         s = embeds.shape[1]
         mask = attention_mask(s, self.n_past, prefix if self.n_past == 0 else 0)
         pos = np.arange(self.n_past, self.n_past + s, dtype=np.int64)[None]
@@ -98,13 +110,15 @@ class OrtDecoder:
             total = self.n_past + s
             if total > self.capacity:
                 self._grow(total)
-            b = self._binding
+            if use_step is None:
+                use_step = s == 1
+            g, b = self._bindings["step" if use_step and "step" in self._bindings else "prompt"]
             b.bind_cpu_input("inputs_embeds", x)
             b.bind_cpu_input("attention_mask", mask)
             b.bind_cpu_input("position_ids", pos)
             b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
             b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-            self.graph.session.run_with_iobinding(b)
+            g.session.run_with_iobinding(b)
             logits = np.array(b.get_outputs()[0].numpy())      # a copy: ORT reuses that memory next call
         else:
             outs = self.graph.session.run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos,
@@ -129,7 +143,150 @@ class OrtDecoder:
         return self._run(np.asarray(embeds, np.float32).reshape(1, 1, -1))
 
     def close(self) -> None:
-        self._buffers = self._binding = None
+        self._buffers, self._bindings = None, {}
+
+    def check_step_kernel(self) -> float:
+        """Relative max difference of the last logits, step graph vs prompt graph, over a short sequence of
+        random embeddings (each position one call); leaves the decoder empty."""
+        d = int(self.graph.session.get_inputs()[0].shape[-1])
+        x = np.random.default_rng(0).normal(0.0, 0.02, (KERNEL_CHECK_POSITIONS, d)).astype(np.float32)
+        outs = []
+        for use_step in (False, True):
+            self.reset()
+            for row in x:
+                logits = self._run(row.reshape(1, 1, -1), use_step=use_step)
+            outs.append(logits)
+        self.reset()
+        return float(np.abs(outs[0] - outs[1]).max() / max(float(np.abs(outs[0]).max()), 1e-12))
+
+
+KERNEL_CHECK_POSITIONS = 4
+# The load check guards against a kernel gone wrong (a layout or a build that does not match: logits then differ
+# by their whole scale), not against rounding: edgevlm's kernel and MatMulNBits (accuracy level 4) both round
+# activations to int8 per 32-block and agree to 1e-6 on one product, but a deep random network amplifies that;
+# measured: 0.017 of the logit scale over 4 positions of the random-weight 1.3B decoder.
+KERNEL_REL_TOL = 0.1
+
+
+def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: int | None, embed: _Graph | None,
+                     layers: int, kv_heads: int, head_dim: int, kernels: bool | None = None) -> OrtDecoder:
+    """An :class:`OrtDecoder` for ``path``; for 4-bit decoders on the CPU with edgevlm's kernel built here
+    (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps run
+    the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
+    graphs' logits (above ``KERNEL_REL_TOL`` the kernel is not used). ``decoder.kernel`` says what was decided."""
+    import os
+
+    why = None
+    if kernels is False or os.environ.get("EDGEVLM_KERNELS", "").strip() == "0":
+        why = "turned off" + (" (EDGEVLM_KERNELS=0)" if kernels is not False else "")
+    elif precision != "int4":
+        why = f"a {precision} decoder (the kernel runs 4-bit weights)"
+    elif _accelerators(providers):
+        why = f"{_accelerators(providers)[0]} runs this decoder (the kernel is for the CPU provider)"
+    lib = None
+    if why is None:
+        from .. import kernels as _kernels
+
+        lib, why = _kernels.status()
+    if why is None:
+        try:
+            import onnx
+        except ImportError:
+            why = "needs the onnx package (pip install onnx)"
+    model = None
+    if why is None:
+        model = onnx.load(str(path))
+        why = _kernel_misfit(model)
+    if why is not None:
+        model = None
+        return OrtDecoder(_Graph(path, providers, precision, threads), embed, layers, kv_heads, head_dim,
+                          kernel={"decode_kernel": "onnxruntime", "decode_kernel_why": why})
+    t = time.perf_counter()
+    handed = [model]
+    del model                            # _kernel_graphs drops the last reference before the sessions load
+    prompt, step, n = _kernel_graphs(handed, path, providers, precision, threads, lib)
+    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step)
+    diff = dec.check_step_kernel()
+    info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
+            "decode_kernel_check_rel_diff": round(diff, 6), "decode_kernel_setup_s": round(time.perf_counter() - t, 2)}
+    if not diff <= KERNEL_REL_TOL:
+        dec.step_graph = None
+        dec.reset()
+        info.update(decode_kernel="onnxruntime", decode_kernel_why=f"its logits differed from ONNX Runtime's by "
+                    f"{diff:.3g} of their scale (> {KERNEL_REL_TOL})")
+    dec.kernel = info
+    return dec
+
+
+def _accelerators(providers: list[str]) -> list[str]:
+    """The providers besides the CPU's that this machine's ONNX Runtime has."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in providers if p in have and p != "CPUExecutionProvider"]
+
+
+PLACEHOLDER = "edgevlm-shared-weights.bin"
+
+
+def _kernel_misfit(model) -> str | None:
+    """Why edgevlm's kernel cannot run ``model``'s decode steps, or None."""
+    from .. import kernels as _kernels
+
+    reasons = [_kernels.eligible(n) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not reasons:
+        return "no MatMulNBits in the decoder"
+    if all(reasons):
+        return f"its MatMulNBits do not fit the kernel: {reasons[0]}"
+    if "seqlens_k" not in {i.name for i in model.graph.input}:
+        return "the decoder keeps its KV cache as graph outputs (no fused attention)"
+    return None
+
+
+def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: str, threads: int | None, lib: Path):
+    """(graph for prompts, graph for steps with MatMulQ4, nodes rewritten) over one copy of the weights of the
+    onnx.ModelProto in ``handed`` (taken out, so the parsed model is freed before the sessions load).
+
+    The weights move into numpy arrays handed to both sessions (``SessionOptions.add_initializer``, which uses
+    the caller's memory as it is); the graphs keep each initializer's name, type and shape as external data in
+    an empty sparse file, which ONNX Runtime checks exists and never reads. The graphs and that file live in a
+    temporary directory only while the sessions load.
+    """
+    import tempfile
+
+    import onnx
+
+    from .. import kernels as _kernels
+
+    model = handed.pop()
+    values, biggest = {}, 0
+    for init in model.graph.initializer:
+        if len(init.raw_data) < 1 << 16:
+            continue
+        arr = np.frombuffer(init.raw_data, dtype=onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).copy()
+        values[init.name] = arr.reshape(tuple(init.dims))
+        biggest = max(biggest, arr.nbytes)
+        init.ClearField("raw_data")
+        init.data_location = init.EXTERNAL
+        for key, value in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(arr.nbytes))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    init = entry = None                  # sub-messages keep the parsed model alive
+    import onnxruntime as ort
+
+    shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()}
+    with tempfile.TemporaryDirectory(prefix="edgevlm-kernel-") as tmp:
+        d = Path(tmp)
+        with open(d / PLACEHOLDER, "wb") as f:
+            f.truncate(biggest)
+        onnx.save(model, d / path.name)
+        n = _kernels.rewrite(model)
+        onnx.save(model, d / f"step-{path.name}")
+        del model
+        prompt = _Graph(d / path.name, providers, precision, threads, initializers=shared)
+        step = _Graph(d / f"step-{path.name}", providers, precision, threads, custom_ops=(lib,),
+                      initializers=shared)
+    return prompt, step, n
 
 
 class VLMPipeline:
@@ -158,6 +315,7 @@ class VLMPipeline:
         self.tokenizer = TextTokenizer(tok, gen["prompt"].get("bos_id"), tuple(gen.get("eos_ids", self.stop_ids)),
                                        str(tok_file))
         providers = list(manifest["target"].get("providers", ["CPUExecutionProvider"]))
+        self._providers = providers
         self.threads = threads or usable_cpus()
 
         def graph(name: str) -> _Graph:
@@ -196,8 +354,9 @@ class VLMPipeline:
             # so they reproduce eager greedy tokens; quantized ones use llama.cpp's default F16 cache.
             return LlamaCppDecoder(self.path / rec["path"], n_ctx=self.context_length, n_threads=self.threads,
                                    kv_cache="f32" if rec.get("precision") == "fp32" else "f16")
-        g = self.spec
-        return OrtDecoder(graph("decoder"), self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]))
+        g, rec = self.spec, parts["decoder"]
+        return open_ort_decoder(self.path / rec["path"], self._providers, rec.get("precision", "fp32"), self.threads,
+                                self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]))
 
     @property
     def backend(self) -> str:

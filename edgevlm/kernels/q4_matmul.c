@@ -1,0 +1,263 @@
+/* edgevlm's 4-bit matrix-vector kernel as an ONNX Runtime custom op (domain "ai.edgevlm", op "MatMulQ4").
+ *
+ * Y[..., N] = A[..., K] x dequant(B)^T, with B, scales in the layout of ONNX Runtime's com.microsoft.MatMulNBits
+ * (bits 4, block 32, symmetric: no zero points, so each weight is (q - 8) * scale):
+ *   B      uint8 [N, K/32, 16]  byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
+ *   scales float [N * K/32]
+ * so a decoder's graph keeps its initializers and only the node's op changes (edgevlm.kernels.rewrite).
+ *
+ * Built for one token at a time (decode steps, M = 1): activations are quantized per 32-block to int8 once,
+ * then every weight row is streamed once. Per pair of blocks: 32 bytes of nibbles widen to 64 unsigned bytes,
+ * one AVX-512 VNNI dot product against the int8 activations (laid out to match the nibble order), one float
+ * multiply-add with the two blocks' scales; the (q - 8) offset is applied once per row from per-block
+ * activation sums. Rows are prefetched ahead: streaming, not arithmetic, sets the pace on CPUs with few cores.
+ * Needs AVX-512 F/BW/VL and VNNI; the library refuses to register its op on a CPU without them.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "onnxruntime_c_api.h"
+
+#define BLOCK 32
+#define ROWS_PER_TASK 32
+#define PREFETCH_BYTES 4096
+
+static const OrtApi *api;
+
+typedef struct {
+  int64_t K, N;
+} Q4Kernel;
+
+typedef struct {          /* one activation row, quantized and arranged for the dot products */
+  int8_t *q;              /* K bytes: per block pair, [even of b, even of b+1, odd of b, odd of b+1] */
+  float *lane_scale;      /* 16 floats per block pair: activation scale of the block each int32 lane sums */
+  float *corr;            /* per block: 8 * scale * sum(q), the (q_w - 8) offset's share */
+} Act;
+
+static void quantize_row(const float *a, int64_t K, Act *x) {
+  const int64_t nb = K / BLOCK;
+  for (int64_t b = 0; b < nb; b++) {
+    const float *v = a + b * BLOCK;
+    float m = 0.f;
+    for (int i = 0; i < BLOCK; i++) m = fmaxf(m, fabsf(v[i]));
+    const float s = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
+    int8_t *d = x->q + (b / 2) * 64 + (b & 1) * 16;
+    int sum = 0;
+    for (int j = 0; j < 16; j++) {
+      const int lo = (int)lrintf(v[2 * j] * inv), hi = (int)lrintf(v[2 * j + 1] * inv);
+      d[j] = (int8_t)lo;
+      d[32 + j] = (int8_t)hi;
+      sum += lo + hi;
+    }
+    x->corr[b] = 8.f * s * (float)sum;
+    for (int l = 0; l < 4; l++) {
+      x->lane_scale[(b / 2) * 16 + (b & 1) * 4 + l] = s;
+      x->lane_scale[(b / 2) * 16 + 8 + (b & 1) * 4 + l] = s;
+    }
+  }
+}
+
+static inline float row_dot(const uint8_t *B, const float *S, const Act *x, int64_t nb) {
+  const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const int64_t pairs = nb / 2;
+  for (int64_t p = 0; p < pairs; p++) {
+    _mm_prefetch((const char *)(B + p * 32 + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)(B + p * 32));
+    const __m256i lo = _mm256_and_si256(raw, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x->q + p * 64));
+    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(S + 2 * p)));
+    const __m512 ws = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
+    const __m512 scale = _mm512_mul_ps(ws, _mm512_loadu_ps(x->lane_scale + p * 16));
+    if (p & 1)
+      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
+    else
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
+  }
+  __m512 c = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 16 <= nb; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(S + b), _mm512_loadu_ps(x->corr + b), c);
+  float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - _mm512_reduce_add_ps(c);
+  for (; b < nb; b++) r -= S[b] * x->corr[b];
+  return r;
+}
+
+typedef struct {
+  const uint8_t *B;
+  const float *S;
+  const Act *x;
+  float *y;
+  int64_t M, N, nb;
+} Job;
+
+static void run_rows(void *data, size_t task) {
+  const Job *j = (const Job *)data;
+  const int64_t n0 = (int64_t)task * ROWS_PER_TASK;
+  const int64_t n1 = n0 + ROWS_PER_TASK < j->N ? n0 + ROWS_PER_TASK : j->N;
+  for (int64_t m = 0; m < j->M; m++)
+    for (int64_t n = n0; n < n1; n++)
+      j->y[m * j->N + n] = row_dot(j->B + n * j->nb * 16, j->S + n * j->nb, &j->x[m], j->nb);
+}
+
+#define TRY(expr)                       \
+  do {                                  \
+    OrtStatus *st_ = (expr);            \
+    if (st_) return st_;                \
+  } while (0)
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  const Q4Kernel *k = (const Q4Kernel *)kernel;
+  const OrtValue *a_v, *b_v, *s_v;
+  TRY(api->KernelContext_GetInput(ctx, 0, &a_v));
+  TRY(api->KernelContext_GetInput(ctx, 1, &b_v));
+  TRY(api->KernelContext_GetInput(ctx, 2, &s_v));
+  OrtTensorTypeAndShapeInfo *info;
+  TRY(api->GetTensorTypeAndShape(a_v, &info));
+  size_t rank = 0;
+  int64_t dims[8];
+  OrtStatus *st = api->GetDimensionsCount(info, &rank);
+  if (!st && (rank < 1 || rank > 8)) st = api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4: A must have rank 1-8");
+  if (!st) st = api->GetDimensions(info, dims, rank);
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  if (st) return st;
+  if (dims[rank - 1] != k->K) return api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4: A's last dimension is not K");
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < rank; i++) M *= dims[i];
+  dims[rank - 1] = k->N;
+  OrtValue *y_v;
+  TRY(api->KernelContext_GetOutput(ctx, 0, dims, rank, &y_v));
+  const float *a;
+  const uint8_t *B;
+  const float *S;
+  float *y;
+  TRY(api->GetTensorMutableData((OrtValue *)a_v, (void **)&a));
+  TRY(api->GetTensorMutableData((OrtValue *)b_v, (void **)&B));
+  TRY(api->GetTensorMutableData((OrtValue *)s_v, (void **)&S));
+  TRY(api->GetTensorMutableData(y_v, (void **)&y));
+  if (M == 0) return NULL;
+  const int64_t nb = k->K / BLOCK;
+  /* per row: K int8 + 16 floats per block pair + one float per block */
+  const size_t per_row = (size_t)k->K + (size_t)nb * 8 * sizeof(float) + (size_t)nb * sizeof(float) + 64;
+  char *scratch = (char *)aligned_alloc(64, ((per_row * (size_t)M) + 63) / 64 * 64);
+  Act *acts = (Act *)malloc(sizeof(Act) * (size_t)M);
+  if (!scratch || !acts) {
+    free(scratch);
+    free(acts);
+    return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory for the quantized activations");
+  }
+  for (int64_t m = 0; m < M; m++) {
+    char *p = scratch + per_row * (size_t)m;
+    acts[m].q = (int8_t *)p;
+    acts[m].lane_scale = (float *)(p + k->K);
+    acts[m].corr = acts[m].lane_scale + nb * 8;
+    quantize_row(a + m * k->K, k->K, &acts[m]);
+  }
+  Job job = {B, S, acts, y, M, k->N, nb};
+  const size_t tasks = (size_t)((k->N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
+  st = api->KernelContext_ParallelFor(ctx, run_rows, tasks, 0, &job);
+  free(scratch);
+  free(acts);
+  return st;
+}
+
+static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *a, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  Q4Kernel *k = (Q4Kernel *)calloc(1, sizeof(Q4Kernel));
+  if (!k) return a->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory");
+  OrtStatus *st = a->KernelInfoGetAttribute_int64(info, "K", &k->K);
+  if (!st) st = a->KernelInfoGetAttribute_int64(info, "N", &k->N);
+  if (!st && (k->K <= 0 || k->K % (2 * BLOCK) != 0 || k->N <= 0))
+    st = a->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4: K must be a positive multiple of 64 and N positive");
+  if (st) {
+    free(k);
+    return st;
+  }
+  *out = k;
+  return NULL;
+}
+
+static void destroy_kernel(void *k) { free(k); }
+static const char *op_name(const OrtCustomOp *op) { (void)op; return "MatMulQ4"; }
+static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static size_t n_inputs(const OrtCustomOp *op) { (void)op; return 3; }
+static size_t n_outputs(const OrtCustomOp *op) { (void)op; return 1; }
+static ONNXTensorElementDataType input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static ONNXTensorElementDataType output_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  (void)i;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  (void)i;
+  return INPUT_OUTPUT_REQUIRED;
+}
+static OrtMemType input_memory(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  (void)i;
+  return OrtMemTypeDefault;
+}
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+static int zero(const OrtCustomOp *op) { (void)op; return 0; }
+static int end_version(const OrtCustomOp *op) { (void)op; return 2147483647; }
+
+static OrtCustomOp q4_op;
+static OrtCustomOpDomain *domain;
+
+/* 1 when this CPU runs the kernel; edgevlm.kernels asks before registering the library */
+int edgevlm_q4_cpu_ok(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* The kernel on one row, for tests: y[n] for n < N from a[K]. */
+void edgevlm_q4_gemv(const float *a, const uint8_t *B, const float *S, float *y, int64_t K, int64_t N) {
+  const int64_t nb = K / BLOCK;
+  char *scratch = (char *)aligned_alloc(64, ((size_t)K + (size_t)nb * 36 + 64 + 63) / 64 * 64);
+  Act x = {(int8_t *)scratch, (float *)(scratch + K), NULL};
+  x.corr = x.lane_scale + nb * 8;
+  quantize_row(a, K, &x);
+  for (int64_t n = 0; n < N; n++) y[n] = row_dot(B + n * nb * 16, S + n * nb, &x, nb);
+  free(scratch);
+}
+
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  api = base->GetApi(ORT_API_VERSION);
+  if (!api) return NULL;  /* an ONNX Runtime older than these headers; nothing can be reported through it */
+  if (!edgevlm_q4_cpu_ok())
+    return api->CreateStatus(ORT_FAIL, "edgevlm MatMulQ4 needs AVX-512 (F, BW, VL) with VNNI; this CPU lacks them");
+  if (domain) return api->AddCustomOpDomain(options, domain);   /* one domain for every session */
+  memset(&q4_op, 0, sizeof q4_op);
+  q4_op.version = ORT_API_VERSION;
+  q4_op.GetName = op_name;
+  q4_op.GetExecutionProviderType = op_ep;
+  q4_op.GetInputType = input_type;
+  q4_op.GetInputTypeCount = n_inputs;
+  q4_op.GetOutputType = output_type;
+  q4_op.GetOutputTypeCount = n_outputs;
+  q4_op.GetInputCharacteristic = required;
+  q4_op.GetOutputCharacteristic = required;
+  q4_op.GetInputMemoryType = input_memory;
+  q4_op.GetVariadicInputMinArity = one;
+  q4_op.GetVariadicInputHomogeneity = zero;
+  q4_op.GetVariadicOutputMinArity = one;
+  q4_op.GetVariadicOutputHomogeneity = zero;
+  q4_op.CreateKernelV2 = create_kernel;
+  q4_op.KernelComputeV2 = compute;
+  q4_op.KernelDestroy = destroy_kernel;
+  q4_op.GetStartVersion = one;
+  q4_op.GetEndVersion = end_version;
+  TRY(api->CreateCustomOpDomain("ai.edgevlm", &domain));
+  TRY(api->CustomOpDomain_Add(domain, &q4_op));
+  return api->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,205 @@
+"""edgevlm.kernels: the MatMulQ4 custom op against ONNX Runtime's MatMulNBits and an exact int8 reference, the
+graph rewrite, and a 4-bit decoder whose decode steps run it."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgevlm import kernels
+from edgevlm.errors import ConfigError
+
+
+def _need_kernel():
+    path, why = kernels.status()
+    if path is None:
+        if os.environ.get("EDGEVLM_REQUIRE_KERNELS") == "1" and "CPU lacks" not in why:
+            pytest.fail(f"edgevlm's kernel must run in CI: {why}")
+        pytest.skip(f"edgevlm's kernel cannot run here: {why}")
+    return path
+
+
+def _quantized_matmul(k: int, n: int, block: int = 32, symmetric: bool = True, seed: int = 0) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    w = (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", n])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    q = MatMulNBitsQuantizer(m, block_size=block, is_symmetric=symmetric, accuracy_level=4)
+    q.process()
+    return q.model.model
+
+
+def _int8_reference(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """What the kernel computes, in float64: activations rounded to int8 per 32-block (scale max|a| / 127),
+    weights (q - 8) * scale, per-block dot products scaled by both scales."""
+    k = a.shape[0]
+    blocks = a.reshape(k // 32, 32).astype(np.float64)
+    amax = np.abs(blocks).max(1, keepdims=True)
+    a_scale = amax / 127.0
+    qa = np.rint(np.divide(blocks, a_scale, out=np.zeros_like(blocks), where=a_scale > 0))
+    qw = np.stack([b & 15, b >> 4], -1).reshape(b.shape[0], k // 32, 32).astype(np.float64) - 8
+    per_block = np.einsum("nbj,bj->nb", qw, qa)
+    return (per_block * s.reshape(b.shape[0], k // 32) * a_scale[:, 0]).sum(1)
+
+
+@pytest.mark.parametrize("k,n", [(64, 5), (2048, 100), (4096, 33)])
+def test_gemv_equals_the_int8_reference(k, n):
+    _need_kernel()
+    rng = np.random.default_rng(k + n)
+    b = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    s = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32)
+    a = rng.standard_normal(k).astype(np.float32)
+    a[:32] = 0.0                                  # an all-zero block (scale 0) too
+    y = kernels.gemv(a, b, s, k, n)
+    ref = _int8_reference(a, b, s)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(y - ref).max()
+    # and the whole computation is the 4-bit weights' product up to activation rounding
+    w = (np.stack([b & 15, b >> 4], -1).reshape(n, k // 32, 32) - 8.0) * s[..., None]
+    exact = w.reshape(n, k) @ a.astype(np.float64)
+    assert np.abs(y - exact).max() <= 2e-2 * np.abs(exact).max()
+
+
+def test_the_op_gives_matmulnbits_results_for_any_leading_shape():
+    import onnxruntime as ort
+
+    lib = _need_kernel()
+    m = _quantized_matmul(512, 96)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    mine = onnx.ModelProto()
+    mine.CopyFrom(m)
+    assert kernels.rewrite(mine) == 1
+    assert [n.op_type for n in mine.graph.node] == ["MatMulQ4"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(mine.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1, 512), (2, 3, 512), (1, 0, 512)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        want, got = ref.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
+        assert got.shape == want.shape == shape[:2] + (96,)
+        if x.size:
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+
+
+def test_rewrite_leaves_what_the_kernel_does_not_do():
+    for model, reason in [(_quantized_matmul(256, 64, block=128), "block 128"),
+                          (_quantized_matmul(256, 64, symmetric=False), "zero points"),
+                          (_quantized_matmul(96, 64), "multiple of 64")]:
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+        assert reason in kernels.eligible(node)
+        assert kernels.rewrite(model) == 0 and model.graph.node[0].op_type == "MatMulNBits"
+
+
+def test_headers_come_from_a_debian_package_or_a_named_directory(tmp_path, monkeypatch):
+    # a .deb is an ar archive whose data.tar holds the files; _unpack_deb takes out one directory of it
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        for name, text in [("./usr/include/onnxruntime/onnxruntime_c_api.h", b"// api"), ("./usr/lib/x.so", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    body = data.getvalue()
+    header = f"{'data.tar.xz':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(body):<10}`\n".encode()
+    deb = b"!<arch>\n" + header + body + (b"\n" if len(body) % 2 else b"")
+    kernels._unpack_deb(deb, "usr/include/onnxruntime", tmp_path / "x")
+    assert (tmp_path / "x/usr/include/onnxruntime/onnxruntime_c_api.h").read_bytes() == b"// api"
+    assert not (tmp_path / "x/usr/lib").exists()
+    with pytest.raises(ValueError, match="ar header"):
+        kernels._unpack_deb(b"PK\x03\x04", "usr", tmp_path / "y")
+    monkeypatch.setenv("EDGEVLM_ORT_INCLUDE", str(tmp_path))
+    with pytest.raises(ConfigError, match="onnxruntime_c_api.h"):
+        kernels.header_dir()
+    monkeypatch.setenv("EDGEVLM_ORT_INCLUDE", str(tmp_path / "x/usr/include/onnxruntime"))
+    assert kernels.header_dir() == tmp_path / "x/usr/include/onnxruntime"
+
+
+def _int4_phi(tmp_path, seed: int):
+    """A tiny Phi decoder as cpu bundles have it: fused attention with RoPE in the op, then INT4 block 32."""
+    import torch
+    import transformers
+
+    from edgevlm.exporters import vlm_onnx
+
+    torch.manual_seed(seed)
+    cfg = transformers.PhiConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, partial_rotary_factor=0.5, max_position_embeddings=64)
+    lm = transformers.PhiForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.mul_(4.0)
+    d = tmp_path / f"phi{seed}"
+    d.mkdir()
+    f = vlm_onnx.export_decoder(lm, d / "decoder.onnx")
+    vlm_onnx.fuse_attention(d / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"], dst=d / "fused.onnx",
+                            rotary=vlm_onnx.rotary_tables(lm, 64))
+    vlm_onnx.quantize_decoder(d / "fused.onnx", d / "int4.onnx", "int4")
+    return d / "int4.onnx", f
+
+
+def _open(path, f, **kw):
+    from edgevlm.runtime.vlm import open_ort_decoder
+
+    return open_ort_decoder(path, ["CPUExecutionProvider"], "int4", 2, None, f["num_layers"], f["num_kv_heads"],
+                            f["head_dim"], **kw)
+
+
+def _greedy(dec, table: np.ndarray, prompt: np.ndarray, steps: int):
+    dec.reset()
+    logits = [dec.prefill(prompt)]
+    for _ in range(steps):
+        logits.append(dec.step_embeds(table[int(logits[-1].argmax())]))
+    return [int(x.argmax()) for x in logits], np.stack(logits)
+
+
+def test_int4_decode_steps_run_the_kernel_and_keep_the_tokens(tmp_path, monkeypatch):
+    _need_kernel()
+    path, f = _int4_phi(tmp_path, 0)
+    mine, stock = _open(path, f), _open(path, f, kernels=False)
+    k = mine.kernel
+    assert k["decode_kernel"] == "edgevlm MatMulQ4" and k["decode_kernel_layers"] == 9, k   # 2 x 4 + lm_head
+    assert k["decode_kernel_check_rel_diff"] <= 1e-3, k
+    assert stock.kernel == {"decode_kernel": "onnxruntime", "decode_kernel_why": "turned off"}
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 0.5, (96, 128)).astype(np.float32)
+    prompt = rng.normal(0, 0.5, (6, 128)).astype(np.float32)
+    a_tokens, a_logits = _greedy(mine, table, prompt, 16)
+    b_tokens, b_logits = _greedy(stock, table, prompt, 16)
+    assert a_tokens == b_tokens and len(set(a_tokens)) > 1
+    assert np.abs(a_logits - b_logits).max() <= 1e-3 * np.abs(b_logits).max()
+    monkeypatch.setenv("EDGEVLM_KERNELS", "0")
+    assert _open(path, f).kernel["decode_kernel_why"] == "turned off (EDGEVLM_KERNELS=0)"
+
+
+def test_the_load_check_tells_a_wrong_step_graph(tmp_path, monkeypatch):
+    """The check compares the step graph's logits with the prompt graph's: another model's graph as the step
+    graph is caught, and open_ort_decoder then keeps ONNX Runtime's kernel."""
+    from edgevlm.runtime import vlm
+
+    _need_kernel()
+    path, f = _int4_phi(tmp_path, 0)
+    other, _ = _int4_phi(tmp_path, 1)
+    dec = _open(path, f, kernels=False)
+    wrong = vlm.OrtDecoder(dec.graph, None, f["num_layers"], f["num_kv_heads"], f["head_dim"],
+                           step=vlm._Graph(other, ["CPUExecutionProvider"], "int4", 2))
+    assert wrong.check_step_kernel() > vlm.KERNEL_REL_TOL
+    monkeypatch.setattr(vlm.OrtDecoder, "check_step_kernel", lambda self: 0.5)
+    k = _open(path, f).kernel
+    assert k["decode_kernel"] == "onnxruntime" and "differed from ONNX Runtime's by 0.5" in k["decode_kernel_why"]
+
+
+def test_cli_reports_the_kernel(capsys):
+    from edgevlm.cli import main
+
+    path, why = kernels.status()
+    assert main(["kernels", "status"]) == 0
+    out = capsys.readouterr().out
+    assert (f"ready, {path}" if path else f"not used: {why}") in out
