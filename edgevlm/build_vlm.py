@@ -379,6 +379,7 @@ def _end_to_end(work: Path, manifest: dict, image, prompt: str, ref: dict, log) 
             pipe.close()
         prec = manifest["parts"]["decoder" if backend == "onnxruntime" else "decoder_gguf"]["precision"]
         rec = compare_traces(ref, got, prec, backend)
+        rec.update(getattr(pipe.decoder, "kernel", {}))     # whose kernel ran the decode steps measured here
         out["results"].append(rec)
         ok = {True: "ok", False: "FAIL", None: "recorded"}[rec["passed"]]
         log(f"      {backend} {prec}: same greedy tokens {rec['same_greedy_tokens']} "

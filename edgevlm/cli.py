@@ -534,7 +534,7 @@ def _cmd_kernels(args) -> int:
     if args.action == "build":
         kernels.build(force=args.force)
     path, why = kernels.status()
-    print(f"MatMulQ4 (4-bit decode steps): {'ready, ' + str(path) if path else 'not used: ' + why}")
+    print(f"MatMulQ4 (4-bit decode steps): {f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
     return 0
 
 

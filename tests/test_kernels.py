@@ -40,40 +40,54 @@ def _quantized_matmul(k: int, n: int, block: int = 32, symmetric: bool = True, s
 
 def _int8_reference(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
     """What the kernel computes, in float64: activations rounded to int8 per 32-block (scale max|a| / 127),
-    weights (q - 8) * scale, per-block dot products scaled by both scales."""
-    k = a.shape[0]
+    weights (q - 8) * their block's scale, per-32-block dot products scaled by both scales."""
+    k, n = a.shape[0], b.shape[0]
     blocks = a.reshape(k // 32, 32).astype(np.float64)
     amax = np.abs(blocks).max(1, keepdims=True)
     a_scale = amax / 127.0
     qa = np.rint(np.divide(blocks, a_scale, out=np.zeros_like(blocks), where=a_scale > 0))
-    qw = np.stack([b & 15, b >> 4], -1).reshape(b.shape[0], k // 32, 32).astype(np.float64) - 8
+    qw = np.stack([b & 15, b >> 4], -1).reshape(n, k // 32, 32).astype(np.float64) - 8
     per_block = np.einsum("nbj,bj->nb", qw, qa)
-    return (per_block * s.reshape(b.shape[0], k // 32) * a_scale[:, 0]).sum(1)
+    w_scale = np.repeat(s.reshape(n, -1), k // 32 // s.reshape(n, -1).shape[1], axis=1)
+    return (per_block * w_scale * a_scale[:, 0]).sum(1)
 
 
-@pytest.mark.parametrize("k,n", [(64, 5), (2048, 100), (4096, 33)])
-def test_gemv_equals_the_int8_reference(k, n):
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("k,n,block", [(64, 5, 32), (2048, 100, 32), (4096, 33, 32), (256, 7, 64),
+                                       (2048, 40, 128), (4096, 9, 256)])
+def test_gemv_equals_the_int8_reference(k, n, block, isa, monkeypatch):
+    """Both code paths (AVX-512 VNNI where the CPU has it, and AVX2) compute the same exact int8 products, for
+    blocks of 32 and of multiples of 64."""
     _need_kernel()
+    if isa == "avx2":
+        monkeypatch.setenv("EDGEVLM_Q4_ISA", "avx2")
     rng = np.random.default_rng(k + n)
-    b = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
-    s = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float32)
+    b = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    s = rng.uniform(0.001, 0.02, (n, k // block)).astype(np.float32)
     a = rng.standard_normal(k).astype(np.float32)
     a[:32] = 0.0                                  # an all-zero block (scale 0) too
-    y = kernels.gemv(a, b, s, k, n)
+    y = kernels.gemv(a, b, s, k, n, block)
     ref = _int8_reference(a, b, s)
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(y - ref).max()
     # and the whole computation is the 4-bit weights' product up to activation rounding
-    w = (np.stack([b & 15, b >> 4], -1).reshape(n, k // 32, 32) - 8.0) * s[..., None]
+    w = (np.stack([b & 15, b >> 4], -1).reshape(n, k // block, block) - 8.0) * s[..., None]
     exact = w.reshape(n, k) @ a.astype(np.float64)
     assert np.abs(y - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
-def test_the_op_gives_matmulnbits_results_for_any_leading_shape():
+@pytest.mark.parametrize("block", [32, 128])
+def test_the_op_gives_matmulnbits_results_for_any_leading_shape(block):
+    """Block 32: MatMulNBits' results (both round activations to int8 per 32). Larger blocks: MatMulNBits rounds
+    activations per weight block, the kernel still per 32, so it lands at least as close to the exact product."""
     import onnxruntime as ort
 
     lib = _need_kernel()
-    m = _quantized_matmul(512, 96)
+    m = _quantized_matmul(512, 96, block=block)
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    node = m.graph.node[0]
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    b, s = inits[node.input[1]], inits[node.input[2]].reshape(96, -1)
+    w = ((np.stack([b & 15, b >> 4], -1).reshape(96, -1, block) - 8.0) * s[..., None]).reshape(96, 512)
     mine = onnx.ModelProto()
     mine.CopyFrom(m)
     assert kernels.rewrite(mine) == 1
@@ -86,12 +100,19 @@ def test_the_op_gives_matmulnbits_results_for_any_leading_shape():
         x = rng.standard_normal(shape).astype(np.float32)
         want, got = ref.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
         assert got.shape == want.shape == shape[:2] + (96,)
-        if x.size:
+        if not x.size:
+            continue
+        exact = x.astype(np.float64) @ w.T
+        err_mine, err_ort = np.abs(got - exact).max(), np.abs(want - exact).max()
+        if block == 32:
             assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+        else:
+            assert err_mine <= err_ort, (err_mine, err_ort)
+        assert err_mine <= 1e-2 * np.abs(exact).max()
 
 
 def test_rewrite_leaves_what_the_kernel_does_not_do():
-    for model, reason in [(_quantized_matmul(256, 64, block=128), "block 128"),
+    for model, reason in [(_quantized_matmul(256, 64, block=16), "block 16"),
                           (_quantized_matmul(256, 64, symmetric=False), "zero points"),
                           (_quantized_matmul(96, 64), "multiple of 64")]:
         node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
@@ -202,4 +223,4 @@ def test_cli_reports_the_kernel(capsys):
     path, why = kernels.status()
     assert main(["kernels", "status"]) == 0
     out = capsys.readouterr().out
-    assert (f"ready, {path}" if path else f"not used: {why}") in out
+    assert (f"ready ({kernels.isa()}), {path}" if path else f"not used: {why}") in out

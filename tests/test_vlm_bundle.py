@@ -163,9 +163,18 @@ def test_quantized_bundles_record_agreement_and_divergence(tmp_path, precision):
     if precision == "int8":
         assert m["parts"]["vision_encoder"]["precision"] == "int8"
         assert m["parts"]["vision_encoder"]["details"]["quantization"]["qdq_nodes"]["QuantizeLinear"] > 0
-    from edgevlm import runtime
+    from edgevlm import kernels, runtime
 
-    g = runtime.load(out).generate(make_image(96), "what is it?", max_new_tokens=4)
+    # INT4 decode steps run edgevlm's kernel where it is built (tests/test_kernels.py), and the manifest says so
+    lib, why = kernels.status()
+    if precision == "int4" and lib is not None:
+        assert res["decode_kernel"] == "edgevlm MatMulQ4" and res["decode_kernel_check_rel_diff"] <= 1e-3, res
+    else:
+        assert res["decode_kernel"] == "onnxruntime" and res["decode_kernel_why"] == (
+            why if precision == "int4" else f"a {precision} decoder (the kernel runs 4-bit weights)")
+    vlm = runtime.load(out)
+    assert vlm.decoder.kernel["decode_kernel"] == res["decode_kernel"]
+    g = vlm.generate(make_image(96), "what is it?", max_new_tokens=4)
     assert g.stats.new_tokens >= 1 or g.stats.stopped_by == "stop token"
 
 
@@ -188,6 +197,7 @@ def test_cli_export_run_bench(tmp_path, capsys):
     res = json.loads(js.read_text())
     assert res["ttft_ms_median"] > 0 and res["decode_tok_s_median"] > 0 and res["new_tokens"] == 8
     assert res["vs_eager_top1_teacher_forced"] == 1.0
+    assert res["decode_kernel"] == "onnxruntime" and "fp32 decoder" in res["decode_kernel_why"]
     assert main(["run", str(out), "--image", str(img)]) == 2          # a VLM needs a question
     assert "--prompt" in capsys.readouterr().err
 

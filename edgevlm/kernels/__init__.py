@@ -1,8 +1,9 @@
 """edgevlm's own CPU kernels, loaded into ONNX Runtime as custom ops.
 
 ``MatMulQ4`` (q4_matmul.c) runs a 4-bit decoder's matrix-vector products during decode steps: it reads the
-weights of ONNX Runtime's ``MatMulNBits`` (bits 4, block 32, symmetric) as they are and streams them with
-AVX-512 VNNI, where ONNX Runtime's kernel is compute-bound on small CPUs (see README, "Decode kernels").
+weights of ONNX Runtime's ``MatMulNBits`` (bits 4, blocks of 32, 64, 128, ..., symmetric) as they are and streams them with
+AVX-512 VNNI (AVX2 on CPUs without it), where ONNX Runtime's kernel is compute-bound on small CPUs (see
+README, "Decode kernels").
 
 The library is built once per machine with ``edgevlm kernels build``: a C compiler, and ONNX Runtime's C API
 header, which the ``onnxruntime`` wheel does not ship: it is taken from ``$EDGEVLM_ORT_INCLUDE``, a system
@@ -25,8 +26,8 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 DOMAIN, OP = "ai.edgevlm", "MatMulQ4"
 LIBRARY = "libedgevlm_kernels.so"
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
-         "-mf16c"]
+# AVX2 + FMA as the baseline; the AVX-512 VNNI path is compiled for its own target inside q4_matmul.c
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-mavx2", "-mfma", "-mf16c"]
 # Debian trixie's ONNX Runtime 1.21 headers (C API version 21); only the headers are used.
 ORT_HEADERS_DEB = ("https://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                    "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
@@ -136,7 +137,7 @@ def build(force: bool = False, log=print) -> Path:
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"compiling {SOURCE.name} failed:\n{r.stderr.strip()[-2000:]}",
-                          "a compiler with AVX-512 VNNI support is needed (gcc >= 8 or clang >= 7)")
+                          "a compiler that knows AVX-512 VNNI is needed (gcc >= 8 or clang >= 7)")
     tmp.replace(out)
     log(f"built {out}")
     return out
@@ -151,12 +152,20 @@ def status() -> tuple[Path | None, str | None]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"{path} does not load: {e}"
-    if not lib.edgevlm_q4_cpu_ok():
-        return None, "this CPU lacks AVX-512 VNNI (the kernel's instructions)"
+    if not lib.edgevlm_q4_isa():
+        return None, "this CPU lacks AVX2 and FMA (the kernel's instructions)"
     return path, None
 
 
-def gemv(a, b, scales, k: int, n: int):
+def isa() -> str | None:
+    """Which of the kernel's code paths this CPU runs ("avx512-vnni" or "avx2"), None when it cannot run."""
+    path, _ = status()
+    if path is None:
+        return None
+    return {2: "avx512-vnni", 1: "avx2"}.get(ctypes.CDLL(str(path)).edgevlm_q4_isa())
+
+
+def gemv(a, b, scales, k: int, n: int, block: int = 32):
     """The kernel on one activation row (for tests): a (K,) float32, b/scales as MatMulNBits holds them -> (N,)."""
     import numpy as np
 
@@ -169,8 +178,8 @@ def gemv(a, b, scales, k: int, n: int):
     scales = np.ascontiguousarray(scales, np.float32)
     y = np.empty(n, np.float32)
     p = ctypes.c_void_p
-    lib.edgevlm_q4_gemv.argtypes = [p, p, p, p, ctypes.c_int64, ctypes.c_int64]
-    lib.edgevlm_q4_gemv(a.ctypes.data, b.ctypes.data, scales.ctypes.data, y.ctypes.data, k, n)
+    lib.edgevlm_q4_gemv.argtypes = [p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.edgevlm_q4_gemv(a.ctypes.data, b.ctypes.data, scales.ctypes.data, y.ctypes.data, k, n, block)
     return y
 
 
@@ -179,12 +188,13 @@ def eligible(node) -> str | None:
     attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
         return "not a MatMulNBits node"
-    if attrs.get("bits", 4) != 4 or attrs.get("block_size") != 32:
-        return f"bits {attrs.get('bits', 4)}, block {attrs.get('block_size')} (the kernel does bits 4, block 32)"
+    bits, block, k = attrs.get("bits", 4), attrs.get("block_size", 0), attrs.get("K", 0)
+    if bits != 4 or block < 32 or block & (block - 1):
+        return f"bits {bits}, block {block} (the kernel does 4 bits in blocks of 32, 64, 128, ...)"
     if len([i for i in node.input[3:] if i]):
         return "zero points, g_idx or bias inputs (the kernel does symmetric weights without them)"
-    if attrs.get("K", 0) % 64:
-        return f"K={attrs.get('K')} is not a multiple of 64"
+    if k % 64 or k % block:
+        return f"K={k} is not a multiple of 64 and of the block"
     return None
 
 
@@ -198,7 +208,7 @@ def rewrite(model) -> int:
         if node.op_type == "MatMulNBits" and eligible(node) is None:
             attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
             new = helper.make_node(OP, list(node.input[:3]), list(node.output), name=node.name, domain=DOMAIN,
-                                   K=attrs["K"], N=attrs["N"])
+                                   K=attrs["K"], N=attrs["N"], block_size=attrs["block_size"])
             node.CopyFrom(new)
             n += 1
     if n and not any(o.domain == DOMAIN for o in model.opset_import):

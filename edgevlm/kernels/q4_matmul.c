@@ -1,9 +1,9 @@
 /* edgevlm's 4-bit matrix-vector kernel as an ONNX Runtime custom op (domain "ai.edgevlm", op "MatMulQ4").
  *
  * Y[..., N] = A[..., K] x dequant(B)^T, with B, scales in the layout of ONNX Runtime's com.microsoft.MatMulNBits
- * (bits 4, block 32, symmetric: no zero points, so each weight is (q - 8) * scale):
- *   B      uint8 [N, K/32, 16]  byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
- *   scales float [N * K/32]
+ * (bits 4, block BS = a power of two >= 32, symmetric: no zero points, so each weight is (q - 8) * scale):
+ *   B      uint8 [N, K/BS, BS/2]  byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
+ *   scales float [N * K/BS]
  * so a decoder's graph keeps its initializers and only the node's op changes (edgevlm.kernels.rewrite).
  *
  * Built for one token at a time (decode steps, M = 1): activations are quantized per 32-block to int8 once,
@@ -11,7 +11,9 @@
  * one AVX-512 VNNI dot product against the int8 activations (laid out to match the nibble order), one float
  * multiply-add with the two blocks' scales; the (q - 8) offset is applied once per row from per-block
  * activation sums. Rows are prefetched ahead: streaming, not arithmetic, sets the pace on CPUs with few cores.
- * Needs AVX-512 F/BW/VL and VNNI; the library refuses to register its op on a CPU without them.
+ * CPUs without AVX-512 VNNI run the same scheme in AVX2 (maddubs + madd in place of the VNNI dot product);
+ * without AVX2 and FMA the library refuses to register its op. EDGEVLM_Q4_ISA=avx2 picks the AVX2 path
+ * anywhere (tests).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -27,18 +29,22 @@
 
 static const OrtApi *api;
 
+struct Act_;
 typedef struct {
-  int64_t K, N;
+  int64_t K, N, block;
+  float (*dot)(const uint8_t *, const float *, const struct Act_ *, int64_t, int64_t);
 } Q4Kernel;
 
-typedef struct {          /* one activation row, quantized and arranged for the dot products */
+typedef struct Act_ {     /* one activation row, quantized and arranged for the dot products */
   int8_t *q;              /* K bytes: per block pair, [even of b, even of b+1, odd of b, odd of b+1] */
   float *lane_scale;      /* 16 floats per block pair: activation scale of the block each int32 lane sums */
-  float *corr;            /* per block: 8 * scale * sum(q), the (q_w - 8) offset's share */
+  float *corr;            /* per weight block: 8 * sum over its 32-blocks of scale * sum(q), the (q_w - 8) offset */
+  int64_t block;          /* the weights' block size */
 } Act;
 
 static void quantize_row(const float *a, int64_t K, Act *x) {
   const int64_t nb = K / BLOCK;
+  memset(x->corr, 0, sizeof(float) * (size_t)(K / x->block));
   for (int64_t b = 0; b < nb; b++) {
     const float *v = a + b * BLOCK;
     float m = 0.f;
@@ -52,7 +58,7 @@ static void quantize_row(const float *a, int64_t K, Act *x) {
       d[32 + j] = (int8_t)hi;
       sum += lo + hi;
     }
-    x->corr[b] = 8.f * s * (float)sum;
+    x->corr[b * BLOCK / x->block] += 8.f * s * (float)sum;
     for (int l = 0; l < 4; l++) {
       x->lane_scale[(b / 2) * 16 + (b & 1) * 4 + l] = s;
       x->lane_scale[(b / 2) * 16 + 8 + (b & 1) * 4 + l] = s;
@@ -60,11 +66,15 @@ static void quantize_row(const float *a, int64_t K, Act *x) {
   }
 }
 
-static inline float row_dot(const uint8_t *B, const float *S, const Act *x, int64_t nb) {
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
+/* one weight row: B its K/2 bytes, S its K/block scales, nb its 32-blocks */
+static AVX512 float row_dot_avx512(const uint8_t *B, const float *S, const Act *x, int64_t nb, int64_t pairs_per_scale) {
   const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const int64_t pairs = nb / 2;
+  const int pair_shift = pairs_per_scale ? __builtin_ctzll((unsigned long long)pairs_per_scale) : 0;
   for (int64_t p = 0; p < pairs; p++) {
     _mm_prefetch((const char *)(B + p * 32 + PREFETCH_BYTES), _MM_HINT_T0);
     const __m256i raw = _mm256_loadu_si256((const __m256i *)(B + p * 32));
@@ -72,28 +82,87 @@ static inline float row_dot(const uint8_t *B, const float *S, const Act *x, int6
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
     const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x->q + p * 64));
-    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(S + 2 * p)));
-    const __m512 ws = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(two));
+    const __m512 ws = pairs_per_scale
+                          ? _mm512_set1_ps(S[p >> pair_shift])
+                          : _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_castpd_ps(
+                                                            _mm_load_sd((const double *)(S + 2 * p)))));
     const __m512 scale = _mm512_mul_ps(ws, _mm512_loadu_ps(x->lane_scale + p * 16));
     if (p & 1)
       acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
     else
       acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
   }
+  const int64_t ns = pairs_per_scale ? pairs / pairs_per_scale : nb;
   __m512 c = _mm512_setzero_ps();
   int64_t b = 0;
-  for (; b + 16 <= nb; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(S + b), _mm512_loadu_ps(x->corr + b), c);
+  for (; b + 16 <= ns; b += 16) c = _mm512_fmadd_ps(_mm512_loadu_ps(S + b), _mm512_loadu_ps(x->corr + b), c);
   float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - _mm512_reduce_add_ps(c);
-  for (; b < nb; b++) r -= S[b] * x->corr[b];
+  for (; b < ns; b++) r -= S[b] * x->corr[b];
   return r;
 }
 
+static float row_dot_avx2(const uint8_t *B, const float *S, const Act *x, int64_t nb, int64_t pairs_per_scale) {
+  const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const int64_t pairs = nb / 2;
+  const int pair_shift = pairs_per_scale ? __builtin_ctzll((unsigned long long)pairs_per_scale) : 0;
+  for (int64_t p = 0; p < pairs; p++) {
+    _mm_prefetch((const char *)(B + p * 32 + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)(B + p * 32));
+    const __m256i lo = _mm256_and_si256(raw, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    /* |15 * 127 * 2| per product pair, two pairs summed: far inside int16 */
+    const __m256i s16 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x->q + p * 64))),
+        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x->q + p * 64 + 32))));
+    const __m256i dot = _mm256_madd_epi16(s16, ones);       /* lanes 0-3: block 2p, 4-7: block 2p+1 */
+    const __m256 ws = pairs_per_scale
+                          ? _mm256_set1_ps(S[p >> pair_shift])
+                          : _mm256_permutevar8x32_ps(
+                                _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(S + 2 * p)))), pick);
+    const __m256 scale = _mm256_mul_ps(ws, _mm256_loadu_ps(x->lane_scale + p * 16));
+    if (p & 1)
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc1);
+    else
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc0);
+  }
+  const int64_t ns = pairs_per_scale ? pairs / pairs_per_scale : nb;
+  __m256 c = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= ns; b += 8) c = _mm256_fmadd_ps(_mm256_loadu_ps(S + b), _mm256_loadu_ps(x->corr + b), c);
+  const __m256 t = _mm256_sub_ps(_mm256_add_ps(acc0, acc1), c);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float r = _mm_cvtss_f32(h);
+  for (; b < ns; b++) r -= S[b] * x->corr[b];
+  return r;
+}
+
+typedef float (*RowDot)(const uint8_t *, const float *, const Act *, int64_t, int64_t);
+
+/* 2: AVX-512 VNNI, 1: AVX2 + FMA, 0: neither (EDGEVLM_Q4_ISA=avx2 caps it at 1) */
+int edgevlm_q4_isa(void) {
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+  const char *want = getenv("EDGEVLM_Q4_ISA");
+  if (want && strcmp(want, "avx2") == 0) return 1;
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")
+             ? 2
+             : 1;
+}
+
+static RowDot pick_row_dot(void) { return edgevlm_q4_isa() == 2 ? row_dot_avx512 : row_dot_avx2; }
+
 typedef struct {
+  RowDot dot;
   const uint8_t *B;
   const float *S;
   const Act *x;
   float *y;
-  int64_t M, N, nb;
+  int64_t M, N, nb, ns, pairs_per_scale;   /* ns: scales per row; pairs_per_scale: 0 for block 32 */
 } Job;
 
 static void run_rows(void *data, size_t task) {
@@ -102,7 +171,7 @@ static void run_rows(void *data, size_t task) {
   const int64_t n1 = n0 + ROWS_PER_TASK < j->N ? n0 + ROWS_PER_TASK : j->N;
   for (int64_t m = 0; m < j->M; m++)
     for (int64_t n = n0; n < n1; n++)
-      j->y[m * j->N + n] = row_dot(j->B + n * j->nb * 16, j->S + n * j->nb, &j->x[m], j->nb);
+      j->y[m * j->N + n] = j->dot(j->B + n * j->nb * 16, j->S + n * j->ns, &j->x[m], j->nb, j->pairs_per_scale);
 }
 
 #define TRY(expr)                       \
@@ -156,9 +225,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     acts[m].q = (int8_t *)p;
     acts[m].lane_scale = (float *)(p + k->K);
     acts[m].corr = acts[m].lane_scale + nb * 8;
+    acts[m].block = k->block;
     quantize_row(a + m * k->K, k->K, &acts[m]);
   }
-  Job job = {B, S, acts, y, M, k->N, nb};
+  const int64_t pps = k->block == BLOCK ? 0 : k->block / (2 * BLOCK);
+  Job job = {k->dot, B, S, acts, y, M, k->N, nb, k->K / k->block, pps};
   const size_t tasks = (size_t)((k->N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
   st = api->KernelContext_ParallelFor(ctx, run_rows, tasks, 0, &job);
   free(scratch);
@@ -172,12 +243,17 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *a, const Or
   if (!k) return a->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory");
   OrtStatus *st = a->KernelInfoGetAttribute_int64(info, "K", &k->K);
   if (!st) st = a->KernelInfoGetAttribute_int64(info, "N", &k->N);
-  if (!st && (k->K <= 0 || k->K % (2 * BLOCK) != 0 || k->N <= 0))
-    st = a->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4: K must be a positive multiple of 64 and N positive");
+  if (!st) st = a->KernelInfoGetAttribute_int64(info, "block_size", &k->block);
+  if (!st && (k->block < BLOCK || (k->block & (k->block - 1)) != 0))
+    st = a->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4: block_size must be a power of two, at least 32");
+  if (!st && (k->K <= 0 || k->K % (2 * BLOCK) != 0 || k->K % k->block != 0 || k->N <= 0))
+    st = a->CreateStatus(ORT_INVALID_ARGUMENT,
+                         "MatMulQ4: K must be a positive multiple of 64 and of block_size, and N positive");
   if (st) {
     free(k);
     return st;
   }
+  k->dot = pick_row_dot();
   *out = k;
   return NULL;
 }
@@ -213,29 +289,24 @@ static int end_version(const OrtCustomOp *op) { (void)op; return 2147483647; }
 static OrtCustomOp q4_op;
 static OrtCustomOpDomain *domain;
 
-/* 1 when this CPU runs the kernel; edgevlm.kernels asks before registering the library */
-int edgevlm_q4_cpu_ok(void) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
 
-/* The kernel on one row, for tests: y[n] for n < N from a[K]. */
-void edgevlm_q4_gemv(const float *a, const uint8_t *B, const float *S, float *y, int64_t K, int64_t N) {
-  const int64_t nb = K / BLOCK;
+/* The kernel on one row, for tests: y[n] for n < N from a[K], weights in blocks of `block`. */
+void edgevlm_q4_gemv(const float *a, const uint8_t *B, const float *S, float *y, int64_t K, int64_t N,
+                     int64_t block) {
+  const int64_t nb = K / BLOCK, ns = K / block, pps = block == BLOCK ? 0 : block / (2 * BLOCK);
   char *scratch = (char *)aligned_alloc(64, ((size_t)K + (size_t)nb * 36 + 64 + 63) / 64 * 64);
-  Act x = {(int8_t *)scratch, (float *)(scratch + K), NULL};
+  Act x = {(int8_t *)scratch, (float *)(scratch + K), NULL, block};
   x.corr = x.lane_scale + nb * 8;
   quantize_row(a, K, &x);
-  for (int64_t n = 0; n < N; n++) y[n] = row_dot(B + n * nb * 16, S + n * nb, &x, nb);
+  const RowDot dot = pick_row_dot();
+  for (int64_t n = 0; n < N; n++) y[n] = dot(B + n * nb * 16, S + n * ns, &x, nb, pps);
   free(scratch);
 }
 
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   api = base->GetApi(ORT_API_VERSION);
   if (!api) return NULL;  /* an ONNX Runtime older than these headers; nothing can be reported through it */
-  if (!edgevlm_q4_cpu_ok())
-    return api->CreateStatus(ORT_FAIL, "edgevlm MatMulQ4 needs AVX-512 (F, BW, VL) with VNNI; this CPU lacks them");
+  if (!edgevlm_q4_isa()) return api->CreateStatus(ORT_FAIL, "edgevlm MatMulQ4 needs AVX2 and FMA; this CPU lacks them");
   if (domain) return api->AddCustomOpDomain(options, domain);   /* one domain for every session */
   memset(&q4_op, 0, sizeof q4_op);
   q4_op.version = ORT_API_VERSION;

@@ -125,6 +125,7 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
     from .memory import status as memory_status
 
     res.update(memory_status())                     # weights in huge pages or not, and why (runtime.memory)
+    res.update(getattr(vlm.decoder, "kernel", {}))  # ONNX Runtime decoders: whose kernel runs decode steps
     if hasattr(vlm.decoder, "weight_buffers"):      # llama.cpp: where the weights went (repacked or plain)
         res.update(llama_weight_buffers_mib=vlm.decoder.weight_buffers,
                    llama_repacked_weights=vlm.decoder.extra_buffers, llama_repacked_why=vlm.decoder.extra_buffers_why)
@@ -145,5 +146,10 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
     if not quiet:
         if res["huge_pages_why_not"]:
             print(f"huge pages: off, {res['huge_pages_why_not']} (edgevlm.runtime.memory)")
+        if "decode_kernel" in res:
+            why = res.get("decode_kernel_why")
+            print(f"decode steps: {res['decode_kernel']}" + (f" ({why})" if why else
+                  f", {res['decode_kernel_layers']} matrices, checked at load: logits within "
+                  f"{res['decode_kernel_check_rel_diff']:.2g} of their scale"))
         print(f"wrote {out}")
     return res
