@@ -97,6 +97,7 @@ ENGINES = {
     "llamacpp-q4_k_m": ("llama.cpp own Q4_K_M", "llama", "gguf_q4_k_m"),
 }
 COMPRESSION_ENGINES = ("ort-int4", "edgevlm-q4_k_m")
+REFERENCE_ROWS = ("ort-int4-ortkernel",)   # what edgevlm's own kernel is measured against, not a shipped engine
 EDGEVLM_KINDS = ("ort", "edgellama")    # engines run as `edgevlm` runs them: with huge pages where the OS allows
 ARTIFACTS = {               # name -> (file, build stage, prerequisites)
     "embed_tokens": ("embed_tokens.onnx", "torch", ()),
@@ -830,8 +831,8 @@ def main(argv=None) -> int:
         _target("edgevlm llama.cpp / llama.cpp own, Q4_K_M decode >= 0.9x",
                 ratios["edgevlm_vs_llamacpp_q4_k_m_decode"], TARGET_VS_LLAMACPP),
     ]
-    for r in rows:
-        if r["kind"] in ("ort", "edgellama"):
+    for r in rows:       # edgevlm's engines as bundles run them (ort-int4-ortkernel is a reference row)
+        if r["kind"] in EDGEVLM_KINDS and r["key"] not in REFERENCE_ROWS:
             targets.append(_target(f"{r['engine']} >= 50% of its bandwidth limit", r.get("pct_of_limit"),
                                    TARGET_PCT_LIMIT, "%"))
 

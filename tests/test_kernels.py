@@ -224,3 +224,44 @@ def test_cli_reports_the_kernel(capsys):
     assert main(["kernels", "status"]) == 0
     out = capsys.readouterr().out
     assert (f"ready ({kernels.isa()}), {path}" if path else f"not used: {why}") in out
+
+
+def test_build_compiles_into_the_cache_and_records_the_api(tmp_path, monkeypatch):
+    """`edgevlm kernels build` end to end into a fresh cache (headers from the machine's cache or a system
+    install), and the runtime refuses a library built for a newer C API than the installed ONNX Runtime."""
+    try:
+        inc = kernels.header_dir(download=False, log=lambda *_: None)
+    except ConfigError as e:
+        if os.environ.get("EDGEVLM_REQUIRE_KERNELS") == "1":
+            raise
+        pytest.skip(f"no ONNX Runtime headers here: {e}")
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("EDGEVLM_ORT_INCLUDE", str(inc))
+    monkeypatch.setenv("EDGEVLM_CACHE", str(tmp_path))
+    lines = []
+    out = kernels.build(log=lines.append)
+    assert out == kernels.library_path() and out.is_file() and str(tmp_path) in str(out)
+    api = int(out.with_suffix(".api").read_text())
+    assert api >= 16 and any(line.startswith("+ ") for line in lines)
+    assert kernels.build(log=lines.append) == out and lines[-1] == f"already built: {out}"
+    monkeypatch.setattr(kernels, "_api_version", lambda lib: 99)
+    path, why = kernels.status()
+    assert path is None and "needs onnxruntime >= 1.99" in why
+
+
+def test_a_rewritten_graph_that_does_not_load_leaves_the_bundle_as_it_is(tmp_path, monkeypatch):
+    from edgevlm.errors import BundleError
+    from edgevlm.runtime import vlm
+
+    _need_kernel()
+    path, f = _int4_phi(tmp_path, 0)
+
+    def refuse(*args, **kw):
+        raise BundleError("ONNX Runtime cannot load step-int4.onnx: no", "upgrade")
+
+    monkeypatch.setattr(vlm, "_kernel_graphs", refuse)
+    dec = _open(path, f)
+    assert dec.kernel["decode_kernel"] == "onnxruntime" and dec.step_graph is None
+    assert "did not load: ONNX Runtime cannot load step-int4.onnx" in dec.kernel["decode_kernel_why"]
+    assert dec.prefill(np.zeros((3, 128), np.float32)).shape == (96,)

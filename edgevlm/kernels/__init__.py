@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -125,7 +126,7 @@ def build(force: bool = False, log=print) -> Path:
     if cc is None:
         raise ConfigError("no C compiler found (cc, gcc or clang)", "install one (Debian: apt install gcc), or set CC")
     out = library_path()
-    if out.is_file() and not force:
+    if out.is_file() and out.with_suffix(".api").is_file() and not force:
         log(f"already built: {out}")
         return out
     inc = header_dir(log=log)
@@ -138,16 +139,34 @@ def build(force: bool = False, log=print) -> Path:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"compiling {SOURCE.name} failed:\n{r.stderr.strip()[-2000:]}",
                           "a compiler that knows AVX-512 VNNI is needed (gcc >= 8 or clang >= 7)")
+    m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", (inc / "onnxruntime_c_api.h").read_text(errors="replace"))
+    out.with_suffix(".api").write_text(m.group(1) if m else "0")
     tmp.replace(out)
     log(f"built {out}")
     return out
 
 
+def _api_version(lib: Path) -> int:
+    """The C API version of the header ``lib`` was built with (ONNX Runtime 1.N has API N)."""
+    try:
+        return int(lib.with_suffix(".api").read_text().strip())
+    except (OSError, ValueError):
+        return 10**6
+
+
 def status() -> tuple[Path | None, str | None]:
     """(library to register, None) when the kernels can run here, else (None, why not)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime is not installed"
     path = library_path()
     if not path.is_file():
         return None, "not built on this machine (run `edgevlm kernels build`)"
+    api = _api_version(path)
+    have = tuple(int(x) for x in ort.__version__.split(".")[:2] if x.isdigit())
+    if have < (1, api):
+        return None, f"built against ONNX Runtime's C API {api}: needs onnxruntime >= 1.{api}, this is {ort.__version__}"
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

@@ -204,7 +204,12 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
     t = time.perf_counter()
     handed = [model]
     del model                            # _kernel_graphs drops the last reference before the sessions load
-    prompt, step, n = _kernel_graphs(handed, path, providers, precision, threads, lib)
+    try:
+        prompt, step, n = _kernel_graphs(handed, path, providers, precision, threads, lib)
+    except BundleError as e:             # ONNX Runtime refused a rewritten graph: run the bundle as it is
+        return OrtDecoder(_Graph(path, providers, precision, threads), embed, layers, kv_heads, head_dim,
+                          kernel={"decode_kernel": "onnxruntime",
+                                  "decode_kernel_why": f"the kernel's graphs did not load: {e.problem}"})
     dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step)
     diff = dec.check_step_kernel()
     info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
