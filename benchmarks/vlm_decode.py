@@ -649,6 +649,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
     ap.add_argument("--engines", nargs="*", default=list(ENGINES), choices=list(ENGINES),
                     help="engines to time (default: all; none with --compression: only that)")
+    ap.add_argument("--no-kernel-build", action="store_true",
+                    help="do not build edgevlm's 4-bit decode kernel first (INT4 then runs whatever is built here)")
     ap.add_argument("--compression", action="store_true",
                     help="also: time to first token with 1 / 16 / 576 vision tokens (ONNX INT4, llama.cpp Q4_K_M)")
     ap.add_argument("--flash-attn", choices=("on", "off"), default="on",
@@ -727,6 +729,15 @@ def main(argv=None) -> int:
     busy = cpu_busy()
     if busy is not None:
         say(f"other jobs keep {100 * busy:.0f}% of the CPUs busy")
+    if any(ENGINES[k][1] == "ort" for k in engines) and not args.no_kernel_build:
+        from edgevlm import kernels
+        from edgevlm.errors import EdgeVLMError
+
+        say("edgevlm's 4-bit decode kernel (edgevlm kernels build, once per machine)")
+        try:
+            kernels.build(log=lambda m: say("  " + m))
+        except EdgeVLMError as e:
+            say(f"  not built, INT4 decodes on ONNX Runtime's kernel: {e}")
     say("measuring memory bandwidth (numpy)")
     bw = _sub(["--measure-bandwidth"], args.threads)
     say(f"  bandwidth {bw['bandwidth_gbs']:.1f} GB/s (copy {bw['copy_gbs']}, read 1 thread {bw['read_1thread_gbs']}, "

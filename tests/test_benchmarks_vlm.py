@@ -96,6 +96,7 @@ def test_engines_run_as_bundles_do(run):
         assert (rows[key]["huge_pages_mib"] > 0) == huge, (key, rows[key]["huge_pages_mib"])
     assert rows["eager"]["huge_pages_mib"] in (0, 0.0, None) or memory.thp_mode() == "always"
     path, why = kernels.status()
+    assert "edgevlm's 4-bit decode kernel" in run["stderr"]          # built (or said why not) before timing
     k = rows["ort-int4"]["decode_kernel"]
     if path is None:
         assert k["decode_kernel"] == "onnxruntime" and k["decode_kernel_why"] == why

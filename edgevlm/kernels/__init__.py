@@ -114,7 +114,12 @@ def header_dir(download: bool = True, log=print) -> Path:
     tmp = cache_dir() / f".ort-headers-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     _unpack_deb(blob, "usr/include/onnxruntime", tmp)
-    tmp.rename(cached.parents[2])
+    try:
+        tmp.rename(cached.parents[2])
+    except OSError:                      # another process unpacked them first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (cached / "onnxruntime_c_api.h").is_file():
+            raise
     return cached
 
 
