@@ -30,11 +30,10 @@ class OrtSession:
     """ONNX Runtime, with providers chosen from the target profile by what this machine has."""
 
     def __init__(self, path: Path, wanted: list[str], precision: str, threads: int | None = None,
-                 cache_dir: Path | None = None, *, custom_ops: tuple = (), initializers: dict | None = None,
-                 options: dict | None = None):
+                 cache_dir: Path | None = None, *, custom_ops: tuple = (), initializers: dict | None = None):
         """``custom_ops``: libraries to register; ``initializers``: name -> OrtValue used in place of the graph's
         initializers of that name, without a copy (kept alive here: sessions given the same ones share that
-        memory); ``options``: session config entries."""
+        memory)."""
         ort = _ort()
         available = ort.get_available_providers()
         chosen = [p for p in wanted if p in available] or []
@@ -61,8 +60,6 @@ class OrtSession:
         self._initializers = dict(initializers or {})
         for name, value in self._initializers.items():
             so.add_initializer(name, value)
-        for key, value in (options or {}).items():
-            so.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:

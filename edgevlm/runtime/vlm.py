@@ -163,8 +163,9 @@ class OrtDecoder:
 KERNEL_CHECK_POSITIONS = 4
 # The load check guards against a kernel gone wrong (a layout or a build that does not match: logits then differ
 # by their whole scale), not against rounding: edgevlm's kernel and MatMulNBits (accuracy level 4) both round
-# activations to int8 per 32-block and agree to 1e-6 on one product, but a deep random network amplifies that;
-# measured: 0.017 of the logit scale over 4 positions of the random-weight 1.3B decoder.
+# activations to int8 per 32-block and agree to 1e-6 on one product (at larger blocks MatMulNBits rounds per
+# block), but a deep random network amplifies that; measured over 4 positions of the random-weight benchmark
+# decoders: 0.017 (1.3B) and 0.020 (0.5B) of the logit scale at block 32, 0.024 and 0.033 at block 128.
 KERNEL_REL_TOL = 0.1
 
 
