@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .pipeline import Classifier, Prediction
-
 __all__ = ["load", "Classifier", "Prediction"]
+
+
+def __getattr__(name: str):
+    """Classifier and Prediction load with their module (numpy) on first use: the `edgevlm` command imports
+    runtime.memory before anything else (to decide on its huge-page restart), and that stays standard-library only."""
+    if name in ("Classifier", "Prediction"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(bundle, backend: str | None = None, verify: bool = True, threads: int | None = None,
@@ -38,6 +46,8 @@ def load(bundle, backend: str | None = None, verify: bool = True, threads: int |
 
         raise BundleError(f"{path} is a {manifest.get('task')!r} bundle; this runtime runs classification bundles",
                           "upgrade edgevlm")
+    from .pipeline import Classifier
+
     art = manifest["artifacts"][0]
     session = open_session(path, manifest, art, backend=backend, threads=threads)
     return Classifier(path, manifest, session)

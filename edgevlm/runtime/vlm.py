@@ -15,6 +15,7 @@ in ONNX Runtime.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -175,8 +176,6 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
     (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps run
     the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
     graphs' logits (above ``KERNEL_REL_TOL`` the kernel is not used). ``decoder.kernel`` says what was decided."""
-    import os
-
     why = None
     if kernels is False or os.environ.get("EDGEVLM_KERNELS", "").strip() == "0":
         why = "turned off" + (" (EDGEVLM_KERNELS=0)" if kernels is not False else "")
@@ -267,9 +266,11 @@ def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: st
     model = handed.pop()
     values, biggest = {}, 0
     for init in model.graph.initializer:
-        if len(init.raw_data) < 1 << 16:
+        raw = init.raw_data                  # a copy of the bytes each time it is read: read once
+        if len(raw) < 1 << 16:
             continue
-        arr = np.frombuffer(init.raw_data, dtype=onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).copy()
+        arr = np.frombuffer(raw, dtype=onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).copy()
+        del raw
         values[init.name] = arr.reshape(tuple(init.dims))
         biggest = max(biggest, arr.nbytes)
         init.ClearField("raw_data")
