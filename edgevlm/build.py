@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bundle import check_out, staging, write_manifest
+from .bundle import check_out, file_table, staging, write_manifest
 from .config import ExportConfig, Precision
 from .data import calibration as calib
 from .progress import Stages
@@ -86,7 +86,8 @@ def accuracy_report(backbone, artifact, workdir: Path, pre: PreprocessSpec, eage
         rec.update(status="measured", runtime="eager PyTorch with the Core ML package's own weights "
                    "(Core ML predictions need macOS)")
     else:
-        sess = open_session(workdir, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]}}, art)
+        sess = open_session(workdir, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]},
+                                      "files": file_table(workdir)}, art)
         step = sess.fixed_batch or 64
         got = np.concatenate([sess.run(x[i:i + step]) for i in range(0, len(x), step)])
         rec.update(status="measured", runtime="onnxruntime CPUExecutionProvider")

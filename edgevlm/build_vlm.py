@@ -10,16 +10,17 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .bundle import check_out, staging, write_manifest
+from .bundle import check_out, file_table, staging, write_manifest
 from .config import Precision
 from .errors import ConfigError, ExportError, ValidationError
+from .manifest import GENERATION_VERSION
+from .scratch import scratch as scratch_dir
 from .progress import Stages
 from .targets import get_target
 
@@ -178,7 +179,7 @@ def export_vlm_bundle(cfg: VLMExportConfig, quiet: bool = False, model=None) -> 
         image, prompt = parity_inputs(model)
         ref = eager_trace(model, image, prompt, cfg.parity_tokens)
 
-    with staging(out, overwrite=cfg.overwrite) as work, tempfile.TemporaryDirectory(prefix="edgevlm-vlm-") as tmp:
+    with staging(out, overwrite=cfg.overwrite) as work, scratch_dir("vlm") as tmp:
         scratch = Path(tmp)
         parts: dict = {}
         with stages(f"export ONNX parts at {p.value}"):
@@ -187,7 +188,8 @@ def export_vlm_bundle(cfg: VLMExportConfig, quiet: bool = False, model=None) -> 
             if want_gguf:
                 parts["decoder_gguf"] = _export_gguf(model, p, work, scratch, log)
         model.tokenizer.tok.save(str(work / "tokenizer.json"))
-        generation = dict(model.runtime_spec(), tokenizer="tokenizer.json", **parts.pop("_decoder_facts", {}))
+        generation = dict(model.runtime_spec(), version=GENERATION_VERSION, tokenizer="tokenizer.json",
+                          **parts.pop("_decoder_facts", {}))
         manifest = {
             "edgevlm_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -236,7 +238,22 @@ def _calibration_pixels(model, cfg: VLMExportConfig) -> np.ndarray:
 
     dataset = "scenes" if model.family == "edgevlm" else None
     imgs = calib.calibration_images(cfg.calib, dataset, cfg.calib_size, seed=0)
-    return np.concatenate([model.pixel_values(im).numpy() for im in imgs]).astype(np.float32)
+    views = np.concatenate([model.pixel_values(im).numpy() for im in imgs]).astype(np.float32)
+    if len(views) > MAX_CALIB_VIEWS:       # families with crops give several views per image: keep an even spread
+        views = views[np.linspace(0, len(views) - 1, MAX_CALIB_VIEWS).round().astype(int)]
+    return views
+
+
+# At most this many views calibrate a VLM's vision tower: Moondream2's overlapping crops make 32 images about 336
+# views of 378 px, each a full pass of a 413M tower; 64 views spread over all images keep the ranges' coverage.
+MAX_CALIB_VIEWS = 64
+
+
+def _calibration_progress(log):
+    def report(done: int, total: int) -> None:
+        if done % max(1, total // 8) == 0 or done == total - 1:
+            log(f"      calibration view {done + 1}/{total}")
+    return report
 
 
 def _place_onnx(src: Path, dst: Path) -> None:
@@ -333,7 +350,7 @@ def _export_vision(model, pixels, precision: str, cfg: VLMExportConfig, work: Pa
                     log(f"    calibrating INT8 on {len(data)} views ({cfg.calib or 'built-in images'})")
                     rec["details"]["quantization"] = quantize.to_int8(
                         src, q, data, exclude_depthwise=True, exclude_activation_matmuls=True,
-                        op_types=["Conv", "MatMul", "Gemm"], batch=1)
+                        op_types=["Conv", "MatMul", "Gemm"], batch=1, progress=_calibration_progress(log))
                 src.unlink()
                 q.replace(src)
                 rec["precision"] = precision
@@ -372,7 +389,7 @@ def _end_to_end(work: Path, manifest: dict, image, prompt: str, ref: dict, log) 
     out = {"image": "scenes val 0", "prompt": prompt, "eager_tokens": ref["ids"], "results": []}
     backends = [b for b, k in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if k in manifest["parts"]]
     for backend in backends:
-        pipe = VLMPipeline(work, manifest, decoder=backend)
+        pipe = VLMPipeline(work, {**manifest, "files": file_table(work)}, decoder=backend)   # as the device will
         try:
             got = runtime_trace(pipe, image, prompt, ref["ids"])
         finally:

@@ -77,13 +77,33 @@ def _cmd_export_vlm(args) -> int:
     return 0
 
 
+# export flags that only one model kind reads, with their defaults: given to the other kind they are refused, never
+# silently ignored
+_BACKBONE_ONLY = {"num_classes": None, "img_size": None, "calib_method": "minmax", "seed": 0, "no_accuracy": False}
+_VLM_ONLY = {"revision": None, "decoder": "onnx"}
+
+
+def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
+    from .errors import ConfigError
+
+    other = _BACKBONE_ONLY if vlm else _VLM_ONLY
+    given = [k for k, default in other.items() if getattr(args, k, default) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        kind = "a vision-language model" if vlm else "a vision backbone"
+        raise ConfigError(f"{flags} {'does' if len(given) == 1 else 'do'} not apply to {args.model}, {kind}",
+                          f"drop {flags} (see `edgevlm export --help`)")
+
+
 def _cmd_export(args) -> int:
     from .build import export_bundle
     from .report import table
     from .zoo import DEFAULT_MODEL, is_vlm
 
     args.model = args.model or DEFAULT_MODEL
-    if is_vlm(args.model):
+    vlm = is_vlm(args.model)
+    _refuse_flags_of_the_other_kind(args, vlm)
+    if vlm:
         return _cmd_export_vlm(args)
 
     out, m = export_bundle(_export_config(args), quiet=args.quiet)
@@ -99,6 +119,17 @@ def _cmd_export(args) -> int:
         row.update({"acc eager": acc["eager_fp32"], "acc bundle": acc["bundle"]})
     print(table([row]))
     return 0
+
+
+def _check_generation_args(args) -> None:
+    """The prompt and sampling options, checked before a model or bundle is loaded: a NaN temperature or a
+    prompt of bytes that are not UTF-8 (argv hands them on as lone surrogates) is a one-line error, at once."""
+    from .generation import GenerationConfig, check_prompt
+
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
+    GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed)
 
 
 def _cmd_run_vlm(args, vlm) -> int:
@@ -124,6 +155,7 @@ def _cmd_run(args) -> int:
     from . import runtime
     from .report import table
 
+    _check_generation_args(args)
     clf = runtime.load(args.bundle, backend=args.backend, decoder=args.decoder_backend)
     if clf.manifest.get("task") == "vlm":
         return _cmd_run_vlm(args, clf)
@@ -169,6 +201,7 @@ def _cmd_generate(args) -> int:
     from .errors import ConfigError
     from .modeling.families import load_vlm
 
+    _check_generation_args(args)
     vlm = load_vlm(args.model, weights=args.weights, revision=args.revision)
     if args.skill:
         if not hasattr(vlm, args.skill):

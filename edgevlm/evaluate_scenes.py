@@ -10,11 +10,36 @@ import re
 import time
 from collections import defaultdict
 
+import numpy as np
+
 from .data import scenes
 
 QA_KINDS = ("color", "shape", "count", "exists", "position")
 POINT_HIT = 0.05      # a point counts as a hit within this normalized distance of a target centre
 _WORD = re.compile(r"[a-z0-9]+")
+CAPTION_PROMPT = "describe the image."
+
+
+def qa_pairs(split: str, index: int, draws: int = 1, color_lookups: bool = False
+             ) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
+    """Every (kind, question, answer) of a scene, the caption included (kind "caption").
+
+    ``draws`` > 1 adds the questions of further seeded draws of the generator (duplicates dropped): the
+    evaluation asks draw 0's questions; training on several draws shows each image with more of the
+    questions one can ask about it (one "is there ...?" per draw, and so on). ``color_lookups`` adds every
+    question that finds objects by their colour (:func:`scenes.color_lookups`); training only, off in the recipe."""
+    scene = scenes.make_scene(split, index)
+    rng = np.random.default_rng([scenes.SPLIT_SEED[split], index, 7])
+    qa = scenes.questions(scene, rng)
+    seen = {q for _, q, _ in qa}
+    more = [scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d]))
+            for d in range(1, draws)]
+    for extra in more + ([scenes.color_lookups(scene)] if color_lookups else []):
+        for kind, q, a in extra:
+            if q not in seen:
+                seen.add(q)
+                qa.append((kind, q, a))
+    return scene, qa + [("caption", CAPTION_PROMPT, scenes.caption(scene))]
 
 
 def iou(a, b) -> float:
@@ -89,8 +114,6 @@ METRIC = {**{k: "exact match" for k in QA_KINDS}, "detect": "mean IoU", "point":
 
 def run(answer, split: str = "test", limit: int | None = None, progress=None) -> dict:
     """Ask ``answer(image, question, kind) -> str`` every question of the first ``limit`` scenes."""
-    from .train.scenes_vlm import qa_pairs
-
     n = min(limit or scenes.SPLIT_SIZES[split], scenes.SPLIT_SIZES[split])
     per_kind: dict[str, list[float]] = defaultdict(list)
     dists: list[float] = []

@@ -5,6 +5,8 @@ tokens the same way; greedy decoding (``temperature == 0``) is an argmax in both
 """
 from __future__ import annotations
 
+import math
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,9 +16,41 @@ import numpy as np
 from .errors import ConfigError
 
 
+MAX_NEW_TOKENS = 1_000_000        # beyond any edge model's context: a larger number is a typo
+MIN_TEMPERATURE = 1e-6            # smaller (denormals included) overflows float32 logits / temperature
+MAX_TEMPERATURE = 100.0           # far past uniform sampling; larger only breeds inf / NaN
+MAX_SEED = 2**64 - 1              # torch.Generator.manual_seed's range (numpy's rng takes any non-negative int)
+
+
+def _integer(value, name: str, fix: str) -> int:
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)         # int, numpy and 0-d torch integers; not 2.5, "3" or True
+        except TypeError:
+            pass
+    raise ConfigError(f"{name}={value!r} is not a whole number", fix)
+
+
+def _real(value, name: str, fix: str) -> float:
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a number", fix) from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} is not a finite number", fix)
+    return value
+
+
 @dataclass
 class GenerationConfig:
-    """Sampling options. ``temperature == 0`` is greedy decoding."""
+    """Sampling options. ``temperature == 0`` is greedy decoding.
+
+    Every option is checked here, where eager models, bundles and the CLI all build their config, so a NaN,
+    an infinity or a number out of range is a :class:`ConfigError` naming it rather than a failure deep in
+    the sampler.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -26,14 +60,64 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        fix = f"ask for 1 to {MAX_NEW_TOKENS:,} new tokens (e.g. 128)"
+        self.max_new_tokens = _integer(self.max_new_tokens, "max_new_tokens", fix)
         if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens}", "ask for at least one new token")
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} is less than one token", fix)
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} is more than any model's context", fix)
+        fix = f"use 0 (greedy) or a temperature from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} (e.g. 0.7)"
+        self.temperature = _real(self.temperature, "temperature", fix)
         if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} is negative", "use 0 (greedy) or a positive value")
+            raise ConfigError(f"temperature={self.temperature} is negative", fix)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"temperature={self.temperature:g} is too small to sample with (logits / temperature "
+                              "overflows)", fix)
+        if self.temperature > MAX_TEMPERATURE:
+            raise ConfigError(f"temperature={self.temperature:g} is absurdly large", fix)
+        fix = "use a top_p in (0, 1], e.g. 0.9, or 1 to disable"
+        self.top_p = _real(self.top_p, "top_p", fix)
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} is outside (0, 1]", "use e.g. 0.9, or 1 to disable")
+            raise ConfigError(f"top_p={self.top_p} is outside (0, 1]", fix)
+        fix = "use 0 to disable, or a positive count"
+        self.top_k = _integer(self.top_k, "top_k", fix)
         if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} is negative", "use 0 to disable, or a positive count")
+            raise ConfigError(f"top_k={self.top_k} is negative", fix)
+        if self.seed is not None:
+            fix = "use a seed from 0 to 2**64 - 1, or none for a random one"
+            self.seed = _integer(self.seed, "seed", fix)
+            if not 0 <= self.seed <= MAX_SEED:
+                raise ConfigError(f"seed={self.seed} is " + ("negative" if self.seed < 0 else "over 2**64 - 1"), fix)
+
+
+def check_prompt(text, what: str = "the prompt") -> str:
+    """``text`` if it is valid text to tokenize, else a :class:`ConfigError` naming the problem.
+
+    Refused: anything but ``str`` (bytes included), and strings that are not valid Unicode: lone
+    surrogates, which is how Python passes on bytes that are not UTF-8 in a command-line argument
+    (``--prompt $'\\xff'`` arrives as U+DCFF) and how broken JSON escapes (``"\\ud83d"``) arrive.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        raise ConfigError(f"{what} is bytes, not text", "decode it first, e.g. prompt.decode('utf-8')")
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} is a {type(text).__name__}, not text", "pass the prompt as a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        if 0xDC80 <= ch <= 0xDCFF:   # surrogateescape: an undecodable byte from argv, a file name or stdin
+            problem = (f"{what} is not valid UTF-8 (byte 0x{ch - 0xDC00:02x} at character {e.start}, "
+                       "passed on by Python as a lone surrogate)")
+            fix = "pass the prompt as UTF-8 text (check the terminal's or the file's encoding, e.g. LANG=C.UTF-8)"
+        else:
+            problem = f"{what} holds a lone surrogate U+{ch:04X} at character {e.start}, which is not valid text"
+            fix = "pass the prompt as valid Unicode text (a surrogate pair's two halves belong together)"
+        raise ConfigError(problem, fix) from None
+    bad = next((i for i, c in enumerate(text) if (ord(c) < 32 and c not in "\t\n\r") or c == "\x7f"), None)
+    if bad is not None:                 # NUL and other control characters: no tokenizer of ours means them as text
+        raise ConfigError(f"{what} holds the control character U+{ord(text[bad]):04X} at character {bad}",
+                          "remove control characters from the prompt (tabs and newlines are fine)")
+    return text
 
 
 @dataclass

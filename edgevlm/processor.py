@@ -8,27 +8,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+# Extra image layouts (e.g. Moondream's overlapping crops): name -> fn(img, spec) -> (V, 3, H, W). The registry
+# lives with them in edgevlm/data/crops.py (torch-free, so bundles can use them).
+from .data.crops import IMAGE_LAYOUTS
 from .data.images import ImageLike, load_image
 from .errors import CheckpointError, ConfigError
+from .generation import check_prompt
 
 IMAGE_MARKER = "<image>"          # where image embeddings go in a template
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-
-# Extra image layouts (e.g. Moondream's overlapping crops): name -> fn(img, spec) -> (V, 3, H, W).
-# They live in edgevlm/data/crops.py (torch-free, so bundles can use them) and register on import.
-IMAGE_LAYOUTS: dict[str, Callable[[Image.Image, "ImageSpec"], np.ndarray]] = {}
-
-
-def _layouts() -> dict:
-    from .data import crops  # noqa: F401  (registers the layouts)
-
-    return IMAGE_LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -50,7 +43,7 @@ class ImageSpec:
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
             raise ConfigError(f"unknown interpolation {self.interpolation!r}", "use bilinear, bicubic or nearest")
-        if self.mode not in ("crop", "squash") and self.mode not in _layouts():
+        if self.mode not in ("crop", "squash") and self.mode not in IMAGE_LAYOUTS:
             raise ConfigError(f"unknown image mode {self.mode!r}",
                               f"use crop, squash or one of: {', '.join(sorted(IMAGE_LAYOUTS)) or 'none'}")
 
@@ -91,7 +84,7 @@ def preprocess_image(src: ImageLike, spec: ImageSpec) -> np.ndarray:
         return normalize(resize_crop(img, spec.size, spec.interpolation), spec)[None]
     if spec.mode == "squash":
         return normalize(img.resize((spec.size, spec.size), _RESAMPLE[spec.interpolation]), spec)[None]
-    return _layouts()[spec.mode](img, spec)
+    return IMAGE_LAYOUTS[spec.mode](img, spec)
 
 
 @dataclass(frozen=True)
@@ -125,7 +118,9 @@ class TextTokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``; text that is not valid Unicode (e.g. a prompt of bytes that were not UTF-8)
+        is a ConfigError, not the tokenizer's exception: every prompt, eager or bundle, passes through here."""
+        return self.tok.encode(check_prompt(text), add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -209,7 +204,7 @@ class PromptPieces:
 
 def tokenize_prompt(tokenizer: TextTokenizer, spec: PromptSpec, prompt: str, with_image: bool = True) -> PromptPieces:
     """Fill the template and tokenize the text on each side of the image marker."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if prompt is None or not check_prompt(prompt).strip():   # bytes, other types and broken text: says which
         raise ConfigError("the prompt is empty", "pass a question or an instruction, e.g. 'Describe this image.'")
     text = spec.template.replace("{prompt}", prompt)
     if IMAGE_MARKER in text and with_image:

@@ -50,3 +50,43 @@ def fastvit():
 
     torch.manual_seed(0)
     return reparameterize_model(timm.create_model("fastvit_t8", num_classes=10))
+
+
+# -- the bad-input corpus: nothing outside the test's scratch is written, no sentinel is read -----------------------
+# Modules of the corpus (tests/test_containment.py, test_input_validation.py, test_manifest.py) set
+# ``pytestmark = pytest.mark.usefixtures("no_writes_outside")``. An audit hook sees every file Python opens (native
+# loaders' own opens are checked by the access-time snapshots in test_containment.py): opening for writing anywhere but
+# the test's tmp_path, the system temp folder (edgevlm's scratch and staging) or bytecode caches fails the test, as does
+# opening /etc/hostname (the escape tests' absolute-path target) for anything.
+_AUDIT: dict = {"allowed": None, "bad": []}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+SENTINELS = ("/etc/hostname",)
+
+
+def _audit(event, args):
+    if event != "open" or _AUDIT["allowed"] is None:
+        return
+    path, mode, flags = args
+    if path is None or isinstance(path, int):
+        return
+    p = os.path.abspath(os.fsdecode(path))
+    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
+    if p in SENTINELS or (writing and not p.endswith(".pyc") and not p.startswith(_AUDIT["allowed"])):
+        _AUDIT["bad"].append(f"{'wrote' if writing else 'read'} {p}")
+
+
+import sys  # noqa: E402
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture
+def no_writes_outside(tmp_path):
+    import tempfile
+
+    _AUDIT["allowed"], _AUDIT["bad"] = (str(tmp_path), tempfile.gettempdir(), "/dev/"), []
+    try:
+        yield
+    finally:
+        _AUDIT["allowed"] = None
+    assert not _AUDIT["bad"], f"files outside the test's scratch were touched: {_AUDIT['bad'][:5]}"

@@ -17,6 +17,9 @@ from edgevlm.targets import get_target  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SIZE = 64
+# Images the parity records are measured on. 32 rather than 2: top-1 agreement over 2 images can only be 0, 0.5
+# or 1, so no bound on it separates a sound INT4 package from a broken one (a sign flip scores 0.5).
+N_EXAMPLES = 32
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def example():
-    return np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    return np.random.default_rng(0).standard_normal((N_EXAMPLES, 3, SIZE, SIZE)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,13 @@ def test_weight_roundtrip_parity(exported, precision):
     else:
         assert total > 0 and rt["passed"] is None
         assert rt["max_abs_diff"] > 0     # the dequantized weights really were loaded
-        assert rt["top1_agreement"] >= (0.5 if precision == "int8" else 0.0)
-        assert rt["max_rel_diff"] < (0.1 if precision == "int8" else 1.0)
+        # Measured here (fastvit_t8, seed-0 random init, the 32 seed-0 images; median top-1/top-2 logit gap 8e-4):
+        # INT8 top-1 0.906, max rel diff 0.016; INT4 top-1 0.8125 (26/32), max rel diff 0.119. The same model with
+        # broken weights (in eager PyTorch) scores far lower: 30% Gaussian weight noise top-1 0.47 / rel 0.70,
+        # signs flipped 0.31 / 0.97, weights doubled 0.19, a half-step zero-point offset 0.09, another random
+        # init 0.03 / 1.08. INT4's bounds (0.6, 0.3) leave 6 images and 2.5x of margin and fail all of those.
+        assert rt["top1_agreement"] >= (0.5 if precision == "int8" else 0.6), rt
+        assert rt["max_rel_diff"] < (0.1 if precision == "int8" else 0.3), rt
     assert art.parity["coreml_predict"].startswith("skipped") or sys.platform == "darwin"
 
 

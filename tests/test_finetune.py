@@ -101,16 +101,24 @@ def test_lora_merge_keeps_outputs_and_bad_targets_fail_early():
     assert type(vlm.language_model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
+def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
+    from edgevlm.compress.lora import LoraSpec, apply_lora
+
+    vlm = _tiny()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)       # any bitsandbytes import fails, as if missing
+    with pytest.raises(BackendUnavailableError, match="bitsandbytes") as info:
+        apply_lora(vlm, LoraSpec(quantize="nf4"))
+    assert info.value.fix.startswith("pip install 'bitsandbytes")
+
+
 def test_qlora_trains_on_an_nf4_base_and_merges_to_the_trained_function():
+    # No skip: the `test` extra installs bitsandbytes (via `qlora`), so a missing one is a broken test
+    # environment and fails here with ImportError. The refusal without it is the test above.
+    import bitsandbytes  # noqa: F401
+
     from edgevlm.compress.lora import LoraSpec, apply_lora, merge_lora
 
     vlm = _tiny()
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        with pytest.raises(BackendUnavailableError, match="bitsandbytes"):
-            apply_lora(vlm, LoraSpec(quantize="nf4"))
-        return
     ids = torch.tensor([[5, 9, 33, 2, 7]])
     with torch.no_grad():
         full = vlm.language_model(input_ids=ids).logits

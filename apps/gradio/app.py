@@ -432,7 +432,9 @@ def build_app(bundles, *, decoder: str | None = None, max_upload_mb: float = 10,
     def backend_choices(info: BundleInfo) -> list[str]:
         return [AUTO] + info.backends
 
-    with gr.Blocks(title="edgevlm demo", analytics_enabled=False) as demo:
+    # delete_cache: gradio keeps every upload on disk while the demo runs (bad ones too, since they are checked after
+    # gradio stored them); drop those older than an hour, checked every 10 minutes (the soak benchmark found it).
+    with gr.Blocks(title="edgevlm demo", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown("## edgevlm demo\nAnswers come from the bundle itself through `edgevlm.runtime` (ONNX Runtime or "
                     "llama.cpp, no PyTorch): what you see is what the device runs. Each question about an image is "
                     "answered on its own; the conversation stays visible.")
@@ -618,7 +620,9 @@ def launch(bundles=None, *, port: int | None = None, decoder: str | None = None,
     app.queue(max_size=queue_size, default_concurrency_limit=concurrency, api_open=False)
     try:
         _, url, _ = app.launch(server_name=LOCALHOST, server_port=port, share=False, inbrowser=open_browser,
-                               max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=True, show_error=True,
+                               # bytes, as vetted() counts them: gradio's "<n>mb" takes integers only, and
+                               # --max-upload-mb is a float ("10.0mb" failed to parse)
+                               max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=True, show_error=True,
                                allowed_paths=app.example_files,        # these files only, not their folders
                                quiet=True, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False,
                                footer_links=["api"])

@@ -10,10 +10,14 @@ bundle runtimes call the same function). Reference: vikhyat/moondream ``moondrea
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+# Extra image layouts, the modes an ImageSpec may name besides crop and squash (edgevlm.processor re-exports
+# it): name -> fn(img, spec) -> (V, 3, H, W) float32.
+IMAGE_LAYOUTS: dict[str, Callable[..., np.ndarray]] = {}
 OVERLAP_DEFAULTS = {"patch_size": 14, "overlap_margin": 4, "max_crops": 12, "resample": "lanczos"}
 _RESAMPLE = {"lanczos": Image.LANCZOS, "bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -96,10 +100,4 @@ def overlap_crops(img: Image.Image, spec) -> np.ndarray:
     return overlap_crops_with_grid(img, spec)[0]
 
 
-def _register() -> None:
-    from ..processor import IMAGE_LAYOUTS
-
-    IMAGE_LAYOUTS.setdefault("overlap_crops", overlap_crops)
-
-
-_register()
+IMAGE_LAYOUTS.setdefault("overlap_crops", overlap_crops)

@@ -37,10 +37,55 @@ def _check_size(w: int, h: int, what: str) -> None:
         )
 
 
+def _reason(e: Exception) -> str:
+    msg = str(e).splitlines()[0][:100] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _high_depth_to_8bit(img: Image.Image, what: str) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit 'L', scaled by its value range.
+
+    Pillow's ``convert("RGB")`` clips these modes at 255, so a 16-bit grayscale PNG (0..65535) would reach
+    the model all white. Conventions: 'I;16*' is 0..65535; 'I' from a PNG is a 16-bit PNG, otherwise 0..255
+    if it fits there, else 0..65535; 'F' is 0..1 if it fits there, else 0..255. Anything else is refused.
+    """
+    a = np.asarray(img)
+    if a.ndim != 2:
+        raise ImageError(f"{what} has mode {img.mode} with an array of shape {a.shape}", "save it as 8-bit RGB")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ImageError(f"{what} is a float image with NaN or infinite pixels", "save it as 8-bit RGB")
+    lo, hi = (a.min().item(), a.max().item()) if a.size else (0, 0)
+    if img.mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif img.mode == "I":
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"{what} is a 32-bit integer image with values {lo}..{hi}, outside 16-bit 0..65535",
+                             "convert it to 8-bit (or 16-bit) with the display window you want, e.g. in Pillow "
+                             "or numpy, before passing it")
+        scale = 255 / 65535 if img.format == "PNG" or hi > 255 else 1.0
+    else:  # "F"
+        if lo < 0 or hi > 255:
+            raise ImageError(f"{what} is a float image with values {lo:g}..{hi:g}, neither 0..1 nor 0..255",
+                             "scale it to 0..1 or 0..255 (or save it as 8-bit RGB) before passing it")
+        scale = 255.0 if hi <= 1 else 1.0
+    x = np.rint(a.astype(np.float64) * scale)
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(img: Image.Image, what: str) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = _high_depth_to_8bit(img, what)
+    return img.convert("RGB")             # a copy, loaded here (a lazily opened file fails inside load_image)
+
+
 def load_image(src: ImageLike) -> Image.Image:
-    """Decode an image to RGB with the decompression-bomb guard on and clear errors."""
+    """Decode an image to RGB with the decompression-bomb guard on and clear errors.
+
+    16-bit and 32-bit grayscale images are scaled to 8 bits by their range (not clipped, as Pillow's
+    ``convert`` would); any failure to decode or convert is an :class:`ImageError` naming the input.
+    """
     if isinstance(src, Image.Image):
-        img, what = src, "image"
+        img, what = src, str(getattr(src, "filename", "") or "image")[:200]
     elif isinstance(src, np.ndarray):
         arr = src
         if arr.ndim == 2:
@@ -51,16 +96,22 @@ def load_image(src: ImageLike) -> Image.Image:
             raise ImageError(f"array of dtype {arr.dtype} is not an 8-bit image", "pass uint8 values 0-255")
         img, what = Image.fromarray(arr[..., :3] if arr.shape[-1] != 1 else arr[..., 0]), "array"
     else:
-        what = str(src)[:200] if not isinstance(src, bytes) else "image bytes"
+        if not isinstance(src, (str, Path, bytes, bytearray)):
+            raise ImageError(f"a {type(src).__name__} is not an image",
+                             "pass a file path, image bytes, a PIL image or an HxWx3 uint8 array")
+        what = str(src)[:200] if isinstance(src, (str, Path)) else "image bytes"
         if isinstance(src, (str, Path)):
             path = Path(src)
             if not path.is_file():
                 raise ImageError(f"no image file at {path}", "check the path")
             if path.stat().st_size > MAX_FILE_BYTES:
                 raise ImageError(f"{path} is over {MAX_FILE_BYTES >> 20} MiB", "use a smaller image file")
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise ImageError(f"{path} cannot be read ({_reason(e)})", "check the file's permissions") from None
         else:
-            data = src
+            data = bytes(src)
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         try:
             with warnings.catch_warnings():
@@ -72,11 +123,17 @@ def load_image(src: ImageLike) -> Image.Image:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{what} is a decompression bomb (too many pixels)", "use a smaller image") from None
-        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-            raise ImageError(f"{what} is not a decodable image ({type(e).__name__})",
-                             "pass a PNG, JPEG, BMP or WebP file") from None
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+            raise ImageError(f"{what} is not a decodable image ({_reason(e)})",
+                             "pass a complete PNG, JPEG, BMP or WebP file (re-save or re-download it)") from None
     _check_size(*img.size, what)
-    return img.convert("RGB")
+    try:
+        return _to_rgb(img, what)
+    except ImageError:
+        raise
+    except Exception as e:  # a lazily opened PIL image that is truncated, a mode Pillow cannot convert (LAB, ...)
+        raise ImageError(f"{what} (mode {img.mode}) cannot be decoded or converted to RGB ({_reason(e)})",
+                         "save it as an 8-bit RGB or grayscale PNG or JPEG") from None
 
 
 def preprocess(img: ImageLike, pre) -> np.ndarray:

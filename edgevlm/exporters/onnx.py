@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..config import Precision
 from ..errors import ExportError
+from ..scratch import scratch as scratch_dir
 from . import EXPORTERS
 from .base import INPUT_NAME, OUTPUT_NAME, Artifact, ExportContext, io_spec
 from .validate import validate_onnx
@@ -89,7 +89,7 @@ def build_onnx(ctx: ExportContext, scratch: Path) -> tuple[Path, dict, dict]:
 
 @EXPORTERS.register("onnx")
 def export(ctx: ExportContext) -> list[Artifact]:
-    with tempfile.TemporaryDirectory(prefix="edgevlm-onnx-") as tmp:
+    with scratch_dir("onnx") as tmp:
         path, parity, details = build_onnx(ctx, Path(tmp))
         dst = ctx.workdir / "model.onnx"
         Path(path).replace(dst)

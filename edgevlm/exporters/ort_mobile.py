@@ -12,10 +12,10 @@ import contextlib
 import io
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import ExportError
+from ..scratch import scratch as scratch_dir
 from . import EXPORTERS
 from .base import Artifact, ExportContext, io_spec
 from .onnx import build_onnx
@@ -75,7 +75,7 @@ def export(ctx: ExportContext) -> list[Artifact]:
     import onnxruntime as ort
 
     p = ctx.quant.precision
-    with tempfile.TemporaryDirectory(prefix="edgevlm-ort-") as tmp:
+    with scratch_dir("ort") as tmp:
         scratch = Path(tmp)
         onnx_path, onnx_parity, details = build_onnx(ctx, scratch)
         errors = []

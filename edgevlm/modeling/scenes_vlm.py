@@ -15,7 +15,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..processor import ImageSpec, PromptSpec, TextTokenizer
 from ..zoo import VLMRecipe
-from .checkpoint import fit_state_dict, load_state_dict, read_metadata, resolve_file
+from .checkpoint import (_looks_like_safetensors, fit_state_dict, load_state_dict, read_metadata,
+                         read_safetensors_header, resolve_file)
 from .connectors import CompressedProjector, MLPProjector
 from .families import FAMILIES, Family
 from .language import build_lm, check_vocab
@@ -249,10 +250,18 @@ def with_overrides(recipe: VLMRecipe, overrides: dict, where: str = "") -> VLMRe
 
     if not overrides:
         return recipe
+    if not isinstance(overrides, dict):
+        raise CheckpointError(f"{where} has config overrides that are not a mapping ({str(overrides)[:60]})",
+                              "write the file with this edgevlm version's `edgevlm distill`")
     unknown = sorted(set(overrides) - {"vision_tokens", "text_layers"})
     if unknown:
         raise CheckpointError(f"{where} asks for config overrides edgevlm does not know: {unknown}",
                               "write the file with this edgevlm version's `edgevlm distill`")
+    for key, least in (("vision_tokens", 0), ("text_layers", 1)):
+        v = overrides.get(key, least)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise CheckpointError(f"{where} asks for {key}={str(v)[:40]}, not a whole number of at least {least}",
+                                  "write the file again with `edgevlm distill`")
     conf = copy.deepcopy(recipe.config)
     if "vision_tokens" in overrides:
         conf["vision_tokens"] = int(overrides["vision_tokens"])
@@ -262,23 +271,37 @@ def with_overrides(recipe: VLMRecipe, overrides: dict, where: str = "") -> VLMRe
 
 
 def load(recipe: VLMRecipe, path: Path, revision: str | None = None) -> ScenesVLM:
-    """A safetensors file written by :func:`save` (the tokenizer travels in its metadata)."""
-    from safetensors import safe_open
+    """A safetensors file written by :func:`save` (the tokenizer travels in its metadata).
+
+    Only safetensors (nothing is unpickled); its header is checked before anything is read, so a truncated or
+    damaged file, or one of wrong dtypes or shapes, is a CheckpointError naming the file and the fix."""
     from tokenizers import Tokenizer
 
     path = resolve_file(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    fix = (f"download or copy the file again (the shipped weights come with edgevlm: reinstall it), or train it "
+           f"again with `edgevlm train --model {recipe.name}`")
+    if path.suffix != ".safetensors" and not _looks_like_safetensors(path):
+        raise CheckpointError(f"{path} is not a safetensors file ({recipe.name} reads its weights only from "
+                              "safetensors and unpickles nothing)",
+                              f"pass the .safetensors file that `edgevlm train --model {recipe.name}` wrote")
+    meta = read_safetensors_header(path, fix)["metadata"]
     if "tokenizer" not in meta:
         raise CheckpointError(f"{path} carries no tokenizer", "pass a checkpoint written by `edgevlm train "
                               "--model edgevlm_scenes` (its tokenizer is stored in the safetensors metadata)")
     facts = read_metadata(path)
     recipe = with_overrides(recipe, (facts or {}).get("config_overrides") or {}, str(path))
-    tok = Tokenizer.from_str(meta["tokenizer"])
-    tokenizer = TextTokenizer(tok, tok.token_to_id("<s>"), (tok.token_to_id("</s>"),), str(path))
+    try:
+        tok = Tokenizer.from_str(meta["tokenizer"])
+    except Exception as e:
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} carries a tokenizer that does not load ({why})", fix) from None
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    if bos is None or eos is None:
+        raise CheckpointError(f"{path} carries a tokenizer without the <s> and </s> tokens", fix)
+    tokenizer = TextTokenizer(tok, bos, (eos,), str(path))
     with torch.device("cpu"):
         model = build(recipe, tokenizer)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path, fix).items()}
     fit_state_dict(model, sd, str(path), fix=f"pass weights trained for {recipe.name} (`edgevlm train --model "
                    f"{recipe.name}`)")
     check_vocab(model.language_model, tokenizer, str(path))

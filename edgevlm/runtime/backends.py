@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import resolve
 from ..errors import BackendUnavailableError, BundleError
 
 
@@ -102,7 +103,7 @@ def open_session(bundle: Path, manifest: dict, artifact: dict, backend: str | No
                  threads: int | None = None):
     """Pick a backend for the artifact's format: 'onnxruntime' or 'coreml' (None: by format)."""
     fmt = artifact["format"]
-    path = Path(bundle) / artifact["path"]
+    path = resolve(bundle, manifest, artifact["path"], "artifact")
     backend = backend or ("coreml" if fmt == "coreml" else "onnxruntime")
     if backend == "coreml":
         if fmt != "coreml":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, ConfigError
+from .gguf_header import read_gguf_header
 
 # ggml_log_level (ggml/include/ggml.h)
 LEVELS = {0: "NONE", 1: "DEBUG", 2: "INFO", 3: "WARN", 4: "ERROR"}
@@ -228,10 +229,8 @@ class LlamaCppDecoder:
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"GGUF decoder {path} is missing", _FIX_REBUILD)
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise BundleError(f"{path.name} is not a GGUF file (it starts with {magic!r})", _FIX_REBUILD)
+        # the whole header, checked in Python before llama.cpp's native parser reads the file (untrusted input)
+        self.header = read_gguf_header(path)
         if kv_cache not in _KV_TYPES:
             raise ConfigError(f"unknown KV cache type {kv_cache!r}", f"use one of: {', '.join(_KV_TYPES)}")
         if int(n_ctx) < 1:

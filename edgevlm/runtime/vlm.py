@@ -26,22 +26,46 @@ from ..errors import BundleError, ConfigError
 from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token_np
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
-from ..exporters.vlm_onnx import attention_mask, merge_crops_numpy, splice_llava_mini   # numpy only
 from .backends import OrtSession, usable_cpus
+from ..bundle import resolve
+from .vlm_ops import attention_mask, merge_crops_numpy, splice_llava_mini
 
 DECODERS = ("onnxruntime", "llama.cpp")
 
 
 class _Graph:
-    """One ONNX part in ONNX Runtime with named inputs (a thin layer over backends.OrtSession)."""
+    """One ONNX part in ONNX Runtime with named inputs (a thin layer over backends.OrtSession).
 
-    def __init__(self, path: Path, providers: list[str], precision: str, threads: int | None, **session):
+    ``expect``: the input names the runtime will feed; a graph without them (another part's graph in this part's
+    place) is refused at load, and a failing run becomes a :class:`BundleError` naming the file."""
+
+    def __init__(self, path: Path, providers: list[str], precision: str, threads: int | None,
+                 expect: tuple[str, ...] = (), **session):
+        self.path = Path(path)
         self.ort = OrtSession(path, providers, precision, threads, **session)
         self.session = self.ort.session
         self.outputs = [o.name for o in self.session.get_outputs()]
+        have = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in expect if n not in have]
+        if missing:
+            raise BundleError(f"{self.path.name} is not the graph this part needs: it lacks the input(s) "
+                              f"{', '.join(missing[:4])} (it takes {', '.join(sorted(have)[:4])})",
+                              "re-export the bundle with `edgevlm export`")
 
     def __call__(self, **feeds) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+        try:
+            return self.session.run(None, feeds)
+        except Exception as e:          # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise BundleError(f"ONNX Runtime failed running {self.path.name}: {why}",
+                              "re-export the bundle with `edgevlm export`; if it persists, report it") from None
+
+
+# The inputs each ONNX part of a VLM bundle is fed (see VLMPipeline); the decoder's are checked in OrtDecoder.
+PART_INPUTS = {"vision_encoder": ("pixel_values",), "vision_tower": ("pixel_values",),
+               "vision_projector": ("merged_features",), "embed_tokens": ("input_ids",),
+               "prefusion": ("inputs_embeds", "keep")}
+DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
 
 
 class OrtDecoder:
@@ -65,10 +89,16 @@ class OrtDecoder:
         self.kernel = kernel or {"decode_kernel": "onnxruntime", "decode_kernel_why": "not asked for"}
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.providers = graph.ort.providers
-        self.shared_kv = "seqlens_k" in {i.name for i in graph.session.get_inputs()}
+        have = {i.name for i in graph.session.get_inputs()}
+        self.shared_kv = "seqlens_k" in have
+        self._kv_names = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        need = list(DECODER_INPUTS) + [f"past_key_values.{n}" for n in self._kv_names]
+        missing = [n for n in need if n not in have]
+        if missing:
+            raise BundleError(f"{graph.path.name} is not a decoder with {layers} layers: it lacks the input(s) "
+                              f"{', '.join(missing[:4])}", "re-export the bundle with `edgevlm export`")
         if step is not None and not self.shared_kv:
             raise ValueError("a step graph needs the shared-KV decoder (fuse_attention)")
-        self._kv_names = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self.reset()
 
     def reset(self) -> None:
@@ -119,12 +149,17 @@ class OrtDecoder:
             b.bind_cpu_input("position_ids", pos)
             b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
             b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-            g.session.run_with_iobinding(b)
+            try:
+                g.session.run_with_iobinding(b)
+            except Exception as e:       # onnxruntime's own exception types
+                raise BundleError(f"ONNX Runtime failed running {g.path.name}: {str(e).splitlines()[0][:160]}",
+                                  "re-export the bundle with `edgevlm export`; if it persists, report it") from None
             logits = np.array(b.get_outputs()[0].numpy())      # a copy: ORT reuses that memory next call
         else:
-            outs = self.graph.session.run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos,
-                                                 **self.past})
+            outs = self.graph(inputs_embeds=x, attention_mask=mask, position_ids=pos, **self.past)
             names = self.graph.outputs
+            if "logits" not in names:
+                raise BundleError(f"{self.graph.path.name} has no logits output", "re-export the bundle")
             logits = outs[names.index("logits")]
             for n in self._kv_names:
                 self.past[f"past_key_values.{n}"] = outs[names.index(f"present.{n}")]
@@ -195,7 +230,12 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
             why = "needs the onnx package (pip install onnx)"
     model = None
     if why is None:
-        model = onnx.load(str(path))
+        try:
+            model = onnx.load(str(path))
+        except Exception as e:           # onnx raises DecodeError, ValidationError, OSError ... for a bad file
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise BundleError(f"{path} is not an ONNX graph onnx can read: {why}",
+                              "re-export the bundle with `edgevlm export`") from None
         why = _kernel_misfit(model)
     if why is not None:
         model = None
@@ -257,11 +297,10 @@ def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: st
     an empty sparse file, which ONNX Runtime checks exists and never reads. The graphs and that file live in a
     temporary directory only while the sessions load.
     """
-    import tempfile
-
     import onnx
 
     from .. import kernels as _kernels
+    from ..scratch import scratch
 
     model = handed.pop()
     values, biggest = {}, 0
@@ -282,8 +321,7 @@ def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: st
     import onnxruntime as ort
 
     shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()}
-    with tempfile.TemporaryDirectory(prefix="edgevlm-kernel-") as tmp:
-        d = Path(tmp)
+    with scratch("kernel") as d:
         with open(d / PLACEHOLDER, "wb") as f:
             f.truncate(biggest)
         onnx.save(model, d / path.name)
@@ -313,12 +351,15 @@ class VLMPipeline:
         self.image_spec = ImageSpec.from_dict(gen["image"])
         self.context_length = int(gen["context_length"])
         self.stop_ids = tuple(int(i) for i in gen["stop_ids"])
-        tok_file = self.path / gen.get("tokenizer", "tokenizer.json")
-        if not tok_file.is_file():
-            raise BundleError(f"{path} has no {tok_file.name}", "copy the whole bundle directory again")
+        tok_file = self.file(gen.get("tokenizer", "tokenizer.json"), "the tokenizer")
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(tok_file))
+        try:
+            tok = Tokenizer.from_file(str(tok_file))
+        except Exception as e:           # tokenizers raises its own Exception subclass for any bad file
+            raise BundleError(f"{tok_file} is not a tokenizer the tokenizers package can read: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}",
+                              "re-export the bundle with `edgevlm export`") from None
         self.tokenizer = TextTokenizer(tok, gen["prompt"].get("bos_id"), tuple(gen.get("eos_ids", self.stop_ids)),
                                        str(tok_file))
         providers = list(manifest["target"].get("providers", ["CPUExecutionProvider"]))
@@ -329,7 +370,8 @@ class VLMPipeline:
             rec = parts.get(name)
             if rec is None:
                 raise BundleError(f"{path} has no {name} part", "copy the whole bundle directory again, or re-export")
-            return _Graph(self.path / rec["path"], providers, rec.get("precision", "fp32"), self.threads)
+            return _Graph(self.file(rec["path"], f"part {name!r}"), providers, rec.get("precision", "fp32"),
+                          self.threads, expect=PART_INPUTS.get(name, ()))
 
         vision = gen.get("vision", {}).get("kind", "encoder")
         if vision == "moondream_crops":
@@ -359,11 +401,15 @@ class VLMPipeline:
             rec = parts["decoder_gguf"]
             # F32 bundles keep the KV cache in F32 (llama.cpp then runs attention without its F16 flash kernel),
             # so they reproduce eager greedy tokens; quantized ones use llama.cpp's default F16 cache.
-            return LlamaCppDecoder(self.path / rec["path"], n_ctx=self.context_length, n_threads=self.threads,
+            return LlamaCppDecoder(self.file(rec["path"], "part 'decoder_gguf'"), n_ctx=self.context_length, n_threads=self.threads,
                                    kv_cache="f32" if rec.get("precision") == "fp32" else "f16")
         g, rec = self.spec, parts["decoder"]
-        return open_ort_decoder(self.path / rec["path"], self._providers, rec.get("precision", "fp32"), self.threads,
+        return open_ort_decoder(self.file(rec["path"], "part 'decoder'"), self._providers, rec.get("precision", "fp32"), self.threads,
                                 self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]))
+
+    def file(self, rel, what: str) -> Path:
+        """A file the manifest names, after the bundle's containment checks (see :func:`edgevlm.bundle.resolve`)."""
+        return resolve(self.path, self.manifest, rel, what)
 
     @property
     def backend(self) -> str:

@@ -218,7 +218,7 @@ def load_vqa(data: str, split: str = "train", limit: int | None = None, kinds: t
 
     if data == "scenes":
         from ..data import scenes
-        from .scenes_vlm import qa_pairs
+        from ..evaluate_scenes import qa_pairs
 
         n = scenes.SPLIT_SIZES[split] if limit is None else min(int(limit), scenes.SPLIT_SIZES[split])
         out = VQAData(f"scenes/{split}")

@@ -16,34 +16,12 @@ import numpy as np
 from PIL import Image
 
 from ..data import scenes
+from ..evaluate_scenes import CAPTION_PROMPT, qa_pairs  # noqa: F401  (the benchmark's questions; re-exported)
 
-CAPTION_PROMPT = "describe the image."
 SPECIAL = ["<s>", "</s>", "<pad>", "<image>"]
 MARKUP = ["<box>", "</box>", "<point>", "</point>"]
 # Units the tokenizer keeps whole: a 2-decimal coordinate, a word, digits, punctuation, whitespace.
 PRE_TOKEN = r" ?[01]\.\d\d| ?[a-z]+| ?\d+| ?[^\sa-z\d]+|\s+"
-
-
-def qa_pairs(split: str, index: int, draws: int = 1, color_lookups: bool = False
-             ) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
-    """Every (kind, question, answer) of a scene, the caption included (kind "caption").
-
-    ``draws`` > 1 adds the questions of further seeded draws of the generator (duplicates dropped): the
-    evaluation asks draw 0's questions; training on several draws shows each image with more of the
-    questions one can ask about it (one "is there ...?" per draw, and so on). ``color_lookups`` adds every
-    question that finds objects by their colour (:func:`scenes.color_lookups`); training only, off in the recipe."""
-    scene = scenes.make_scene(split, index)
-    rng = np.random.default_rng([scenes.SPLIT_SEED[split], index, 7])
-    qa = scenes.questions(scene, rng)
-    seen = {q for _, q, _ in qa}
-    more = [scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d]))
-            for d in range(1, draws)]
-    for extra in more + ([scenes.color_lookups(scene)] if color_lookups else []):
-        for kind, q, a in extra:
-            if q not in seen:
-                seen.add(q)
-                qa.append((kind, q, a))
-    return scene, qa + [("caption", CAPTION_PROMPT, scenes.caption(scene))]
 
 
 def kind_weight_table(kind_weights: dict | None) -> dict:
