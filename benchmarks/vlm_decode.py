@@ -37,7 +37,7 @@ at these lengths).
 The edgevlm engines run as the ``edgevlm`` command runs them: started with glibc asked for transparent huge pages
 (``edgevlm.runtime.memory``; ``huge_pages_mib`` in the table is how much memory got them). transformers and
 llama.cpp's own path run as their users start them, without; llama.cpp gains about as much as edgevlm's engines
-when started that way (README, "Huge pages").
+when started that way (docs/vlm-bundles.md, "Huge pages").
 
 The CPUs' load from other jobs is sampled before timing and recorded; above 25% a warning is printed: on a
 shared 2-core machine, engines whose threads wait on each other slow down badly (torch eager at 2 threads

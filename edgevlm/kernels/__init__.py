@@ -3,7 +3,7 @@
 ``MatMulQ4`` (q4_matmul.c) runs a 4-bit decoder's matrix-vector products during decode steps: it reads the
 weights of ONNX Runtime's ``MatMulNBits`` (bits 4, blocks of 32, 64, 128, ..., symmetric) as they are and streams them with
 AVX-512 VNNI (AVX2 on CPUs without it), where ONNX Runtime's kernel is compute-bound on small CPUs (see
-README, "Decode kernels").
+docs/vlm-bundles.md, "Decode kernels").
 
 The library is built once per machine with ``edgevlm kernels build``: a C compiler, and ONNX Runtime's C API
 header, which the ``onnxruntime`` wheel does not ship: it is taken from ``$EDGEVLM_ORT_INCLUDE``, a system

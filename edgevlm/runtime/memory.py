@@ -9,7 +9,7 @@ glibc 2.35+ asks when the process starts with ``GLIBC_TUNABLES=glibc.malloc.huge
 ``madvise(MADV_HUGEPAGE)``s what it maps), so the ``edgevlm`` command restarts itself once with that
 setting (:func:`reexec_with_huge_pages`); library users set it before starting Python. Measured on the
 project's 2-vCPU machine: 1.3B INT4 decoder 52 -> 47 ms per token, llama.cpp Q4_K_M 17.6 -> 19.1 tok/s, same
-resident memory (README, "Huge pages"). ``EDGEVLM_HUGE_PAGES=0`` turns it off.
+resident memory (docs/vlm-bundles.md, "Huge pages"). ``EDGEVLM_HUGE_PAGES=0`` turns it off.
 """
 from __future__ import annotations
 
