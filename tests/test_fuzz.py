@@ -177,3 +177,36 @@ def test_gguf_header_refuses_integer_weights_and_duplicate_tokens(tmp_path):
     w.close()
     with pytest.raises(BundleError, match="twice"):
         read_gguf_header(p)
+
+
+# -- the safetensors header reader (edgevlm/modeling/checkpoint.py): what fuzz/fuzz_safetensors.py found --------
+@pytest.mark.parametrize("case", ["nan", "surrogate", "overflow", "dtype"])
+def test_safetensors_header_refuses_what_safetensors_refuses(case, tmp_path):
+    """Each file here made read_safetensors_header raise a TypeError or accept a header the safetensors library
+    refuses; now both refuse it, the header reader with a CheckpointError naming the file."""
+    import struct
+
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import load_file
+
+    from edgevlm.errors import CheckpointError
+    from edgevlm.modeling.checkpoint import read_safetensors_header
+
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    name, data = "a", b"\0" * 4
+    if case == "nan":
+        entry["note"] = float("nan")                      # Python's json writes and reads NaN; JSON has none
+    elif case == "surrogate":
+        name = "\ud800"                                   # a lone surrogate: no UTF-8 for it
+    elif case == "overflow":
+        entry, data = {"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}, b""
+    else:
+        entry["dtype"] = ["F32"]                          # was a TypeError (unhashable) in the header reader
+    header = json.dumps({name: entry}).encode()
+    p = tmp_path / f"{case}.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    with pytest.raises(CheckpointError) as e:
+        read_safetensors_header(p)
+    assert p.name in str(e.value) and "fix:" in str(e.value)
+    with pytest.raises(Exception):
+        load_file(str(p))

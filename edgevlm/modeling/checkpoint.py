@@ -36,6 +36,11 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _not_json(name: str):
+    """Python's json reads NaN and Infinity; JSON (and the safetensors library) does not."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def read_safetensors_header(path: Path, fix: str = REDOWNLOAD) -> dict:
     """The parsed, checked header of a safetensors file: ``{"metadata": {...}, "tensors": {name: info}}``.
 
@@ -59,7 +64,8 @@ def read_safetensors_header(path: Path, fix: str = REDOWNLOAD) -> dict:
                                   f"larger than the file ({size:,} bytes; truncated?)", fix)
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")    # a lone surrogate (\ud800) is not UTF-8
     except RecursionError:              # nesting deeper than the interpreter's limit
         raise CheckpointError(f"{path} is not a valid safetensors file: its header nests too deeply", fix) from None
     except ValueError as e:             # UnicodeDecodeError, JSONDecodeError, an integer of over 4300 digits
@@ -84,6 +90,11 @@ def read_safetensors_header(path: Path, fix: str = REDOWNLOAD) -> dict:
                                   f"(it reads {', '.join(SAFETENSORS_DTYPE_BITS)})", fix)
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise CheckpointError(f"{where} has shape {str(shape)[:80]}, not a list of non-negative sizes", fix)
+        count = 1
+        for d in shape:                 # as safetensors counts: left to right in 64 bits, even past a 0
+            count *= d
+            if d >= 1 << 64 or count >= 1 << 64:
+                raise CheckpointError(f"{where} has shape {str(shape)[:80]}, over 2^64 elements", fix)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where} has data offsets {str(offsets)[:80]}, not [begin, end]", fix)

@@ -196,7 +196,7 @@ def extra_buffers_choice() -> tuple[bool, str]:
     if broken:
         return False, (f"llama.cpp offers {', '.join(names)}; its {', '.join(broken)} weight buffers crash "
                        "(llama.cpp issue 20824), so plain CPU buffers are used; a llama-cpp-python built without "
-                       "AMX keeps the repacked kernels (README)")
+                       "AMX keeps the repacked kernels (docs/vlm-bundles.md)")
     return True, f"llama.cpp offers {', '.join(names) or 'no extra buffer types'}"
 
 
