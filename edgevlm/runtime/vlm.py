@@ -356,7 +356,9 @@ class VLMPipeline:
 
         try:
             tok = Tokenizer.from_file(str(tok_file))
-        except Exception as e:           # tokenizers raises its own Exception subclass for any bad file
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:       # tokenizers' errors, and a Rust panic (pyo3's PanicException is a BaseException)
             raise BundleError(f"{tok_file} is not a tokenizer the tokenizers package can read: "
                               f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}",
                               "re-export the bundle with `edgevlm export`") from None
