@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from edgevlm import bundle as _bundle
 from edgevlm.errors import BundleError
-from edgevlm.manifest import (GENERATION_VERSION, KIND, MAX_DEPTH, MAX_MANIFEST_BYTES, MANIFEST_SCHEMA,
-                              SCHEMA_VERSION, load_manifest, parse_manifest, validate_manifest)
+from edgevlm.manifest import (GENERATION_VERSION, MAX_DEPTH, MAX_MANIFEST_BYTES, MANIFEST_SCHEMA,
+                              load_manifest, parse_manifest, validate_manifest)
 
 from test_vlm_bundle import HAVE_LLAMA, NO_GGUF, export  # the VLM bundle tests' own export helper
 
