@@ -5,6 +5,12 @@ The CLI prints ``str(err)`` on one line and exits non-zero; nothing else of a st
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of a third-party exception's message (its type name when it has none), for a one-line error."""
+    lines = str(e).splitlines()
+    return lines[0][:limit] if lines and lines[0] else type(e).__name__
+
+
 class EdgeVLMError(Exception):
     """Base error. ``problem`` says what is wrong, ``fix`` what to do about it."""
 

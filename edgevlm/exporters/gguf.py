@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -491,13 +490,3 @@ def _fallbacks(lines) -> list[dict]:
         elif (m := re.search(r"falling back to\s+(\S+)", line)) and out and out[-1]["used"] is None:
             out[-1]["used"] = m[1]
     return out
-
-
-def read_gguf_header(path) -> dict:
-    """Magic, version and counts of a GGUF file (a cheap integrity check before llama.cpp opens it)."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise ExportError(f"{path} is not a GGUF file", "write it again")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    return {"version": version, "tensors": n_tensors, "kv": n_kv}

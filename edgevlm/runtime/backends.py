@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import resolve
-from ..errors import BackendUnavailableError, BundleError
+from ..errors import BackendUnavailableError, BundleError, first_line
 
 
 def usable_cpus() -> int:
@@ -64,7 +64,7 @@ class OrtSession:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:
-            raise BundleError(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0][:160]}",
+            raise BundleError(f"ONNX Runtime cannot load {path.name}: {first_line(e)}",
                               "upgrade onnxruntime to the version in the manifest, or re-export") from None
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime ({self.providers[0]})"

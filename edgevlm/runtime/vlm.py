@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import BundleError, ConfigError
+from ..errors import BundleError, ConfigError, first_line
 from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token_np
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
@@ -56,8 +56,7 @@ class _Graph:
         try:
             return self.session.run(None, feeds)
         except Exception as e:          # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
-            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise BundleError(f"ONNX Runtime failed running {self.path.name}: {why}",
+            raise BundleError(f"ONNX Runtime failed running {self.path.name}: {first_line(e)}",
                               "re-export the bundle with `edgevlm export`; if it persists, report it") from None
 
 
@@ -152,7 +151,7 @@ class OrtDecoder:
             try:
                 g.session.run_with_iobinding(b)
             except Exception as e:       # onnxruntime's own exception types
-                raise BundleError(f"ONNX Runtime failed running {g.path.name}: {str(e).splitlines()[0][:160]}",
+                raise BundleError(f"ONNX Runtime failed running {g.path.name}: {first_line(e)}",
                                   "re-export the bundle with `edgevlm export`; if it persists, report it") from None
             logits = np.array(b.get_outputs()[0].numpy())      # a copy: ORT reuses that memory next call
         else:
@@ -233,8 +232,7 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
         try:
             model = onnx.load(str(path))
         except Exception as e:           # onnx raises DecodeError, ValidationError, OSError ... for a bad file
-            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            raise BundleError(f"{path} is not an ONNX graph onnx can read: {why}",
+            raise BundleError(f"{path} is not an ONNX graph onnx can read: {first_line(e, 120)}",
                               "re-export the bundle with `edgevlm export`") from None
         why = _kernel_misfit(model)
     if why is not None:
@@ -360,7 +358,7 @@ class VLMPipeline:
             raise
         except BaseException as e:       # tokenizers' errors, and a Rust panic (pyo3's PanicException is a BaseException)
             raise BundleError(f"{tok_file} is not a tokenizer the tokenizers package can read: "
-                              f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}",
+                              f"{first_line(e, 120)}",
                               "re-export the bundle with `edgevlm export`") from None
         self.tokenizer = TextTokenizer(tok, gen["prompt"].get("bos_id"), tuple(gen.get("eos_ids", self.stop_ids)),
                                        str(tok_file))
