@@ -2,7 +2,7 @@
 
 Heavy modules (torch, onnx, coremltools) load only when used; ``import edgevlm`` is cheap.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "export", "load_vlm", "runtime"]
 
@@ -17,7 +17,7 @@ def __getattr__(name):
 
         return load_vlm
     if name == "export":
-        from .build import export_bundle
+        from .api import export
 
-        return export_bundle
+        return export
     raise AttributeError(name)

@@ -1,21 +1,18 @@
-"""`edgevlm export` as a library call: a chain of small stages from recipe to verified bundle.
+"""A vision backbone (classifier) as a job of the one export pipeline (:mod:`edgevlm.pipeline`).
 
-load weights -> reparameterize (checked) -> parity and calibration images -> export and
-quantize for the target (each artifact validated against eager) -> task accuracy -> bundle.
+load weights -> parity and calibration images -> reparameterize (checked) -> export and quantize for the
+target (each artifact validated against eager) -> task accuracy -> the classifier's manifest blocks.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .bundle import check_out, file_table, staging, write_manifest
+from .bundle import file_table
 from .config import ExportConfig, Precision
 from .data import calibration as calib
-from .progress import Stages
+from .pipeline import ExportJob, run
 from .targets import get_target
 from .zoo import PreprocessSpec, get_recipe
 
@@ -24,19 +21,6 @@ PARITY_IMAGES = 8
 
 def default_out(cfg: ExportConfig, precision: Precision) -> Path:
     return Path("bundles") / f"{cfg.model}-{cfg.target}-{precision.value}"
-
-
-def _versions(fmt: str) -> dict:
-    import importlib.metadata as md
-
-    names = ["torch", "timm", "onnx", "onnxruntime", "onnxscript"] + (["coremltools"] if fmt == "coreml" else [])
-    out = {"edgevlm": __version__, "python": platform.python_version()}
-    for n in names:
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _check_calibration_early(cfg: ExportConfig) -> None:
@@ -98,7 +82,13 @@ def accuracy_report(backbone, artifact, workdir: Path, pre: PreprocessSpec, eage
 
 
 def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
-    """Build, validate and write one bundle; returns (bundle path, manifest)."""
+    """Build, validate and write one classifier bundle through the one pipeline; returns (path, manifest)."""
+    return run(classifier_job(cfg), quiet=quiet)
+
+
+def classifier_job(cfg: ExportConfig) -> ExportJob:
+    """A vision backbone as an :class:`~edgevlm.pipeline.ExportJob`: one part, the classifier graph, in the
+    target's format."""
     from .compress.reparam import reparameterize_checked
     from .exporters import get_exporter
     from .exporters.base import ExportContext
@@ -111,53 +101,54 @@ def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
     cfg.quant.precision = precision
     _check_calibration_early(cfg)
     _check_toolchain(target)
-    out = Path(cfg.out) if cfg.out else default_out(cfg, precision)
-    check_out(out, cfg.overwrite)
-    stages = Stages(6, quiet=quiet)
-    log = stages.log
+    st: dict = {}
 
-    with stages(f"load {recipe.name} weights ({cfg.weights or recipe.default_weights or 'none'})"):
-        bb = load_backbone(recipe.name, cfg.weights, cfg.num_classes, seed=cfg.seed)
-        pre = bb.preprocess
-        if cfg.img_size and cfg.img_size != pre.input_size:
-            pre = PreprocessSpec(cfg.img_size, pre.interpolation, pre.crop_pct, pre.mean, pre.std)
-        log(f"      {count_params(bb.model) / 1e6:.2f}M params, {bb.num_classes} classes, "
-            f"{pre.input_size} px, weights: {bb.weights['kind']}")
+    def load(stages) -> None:
+        log = stages.log
+        with stages(f"load {recipe.name} weights ({cfg.weights or recipe.default_weights or 'none'})"):
+            bb = load_backbone(recipe.name, cfg.weights, cfg.num_classes, seed=cfg.seed)
+            pre = bb.preprocess
+            if cfg.img_size and cfg.img_size != pre.input_size:
+                pre = PreprocessSpec(cfg.img_size, pre.interpolation, pre.crop_pct, pre.mean, pre.std)
+            log(f"      {count_params(bb.model) / 1e6:.2f}M params, {bb.num_classes} classes, "
+                f"{pre.input_size} px, weights: {bb.weights['kind']}")
 
-    with stages("prepare parity and calibration images"):
-        parity_src = "builtin:digits" if bb.dataset == "digits" else "builtin:photos"
-        example = calib.as_batch(calib.calibration_images(parity_src, bb.dataset, PARITY_IMAGES, seed=1,
-                                                          split="val"), pre)
-        calib_src = cfg.quant.calib or calib.default_source(bb.dataset)
-        calib_cache: dict = {}
+        with stages("prepare parity and calibration images"):
+            parity_src = "builtin:digits" if bb.dataset == "digits" else "builtin:photos"
+            example = calib.as_batch(calib.calibration_images(parity_src, bb.dataset, PARITY_IMAGES, seed=1,
+                                                              split="val"), pre)
+            calib_src = cfg.quant.calib or calib.default_source(bb.dataset)
+            cache: dict = {}
 
-        def calibration() -> np.ndarray:
-            if "x" not in calib_cache:
-                calib_cache["x"] = calib.as_batch(
-                    calib.calibration_images(calib_src, bb.dataset, cfg.quant.calib_size, seed=cfg.seed), pre)
-            return calib_cache["x"]
+            def calibration() -> np.ndarray:
+                if "x" not in cache:
+                    cache["x"] = calib.as_batch(
+                        calib.calibration_images(calib_src, bb.dataset, cfg.quant.calib_size, seed=cfg.seed), pre)
+                return cache["x"]
 
-        if precision == Precision.INT8:
-            calibration()
-            log(f"      {len(calibration())} calibration images from {calib_src}")
+            if precision == Precision.INT8:
+                log(f"      {len(calibration())} calibration images from {calib_src}")
 
-    with stages("reparameterize" if recipe.reparameterizable else "reparameterize (nothing to fold)"):
-        if recipe.reparameterizable:
-            model, reparam = reparameterize_checked(bb.model, example)
-            log(f"      folded {reparam['blocks_folded']} blocks, params {reparam['params_before']:,} -> "
-                f"{reparam['params_after']:,}, max rel diff {reparam['max_rel_diff']:.1e}")
-        else:
-            model, reparam = bb.model, {"applied": False, "reason": f"{recipe.family} has no reparameterizable blocks"}
+        with stages("reparameterize" if recipe.reparameterizable else "reparameterize (nothing to fold)"):
+            if recipe.reparameterizable:
+                model, reparam = reparameterize_checked(bb.model, example)
+                log(f"      folded {reparam['blocks_folded']} blocks, params {reparam['params_before']:,} -> "
+                    f"{reparam['params_after']:,}, max rel diff {reparam['max_rel_diff']:.1e}")
+            else:
+                model, reparam = bb.model, {"applied": False,
+                                            "reason": f"{recipe.family} has no reparameterizable blocks"}
+        st.update(bb=bb, pre=pre, example=example, calibration=calibration, calib_src=calib_src, model=model,
+                  reparam=reparam)
 
-    with staging(out, overwrite=cfg.overwrite) as work:
+    def build(work: Path, scratch: Path, stages) -> dict:
+        bb, pre, model, log = st["bb"], st["pre"], st["model"], stages.log
         with stages(f"export {target.format} for {target.name} at {precision.value}"):
-            ctx = ExportContext(model=model, target=target, quant=cfg.quant, workdir=work, example=example,
-                                calibration=calibration, opset=cfg.opset, log=log)
+            ctx = ExportContext(model=model, target=target, quant=cfg.quant, workdir=work, example=st["example"],
+                                calibration=st["calibration"], opset=cfg.opset, log=log)
             artifacts = get_exporter(target.format)(ctx)
-        art = artifacts[0]
         with stages("measure task accuracy"):
             if cfg.validate_accuracy:
-                acc = accuracy_report(bb, art, work, pre, model)
+                acc = accuracy_report(bb, artifacts[0], work, pre, model)
             else:
                 acc = {"status": "not measured", "reason": "--no-accuracy"}
             if "bundle" in acc:
@@ -165,27 +156,29 @@ def export_bundle(cfg: ExportConfig, quiet: bool = False) -> tuple[Path, dict]:
                     f"bundle {acc['bundle']:.4f} ({acc['delta_points']:+.2f} points)")
             else:
                 log(f"      {acc['status']}: {acc.get('reason', '')}")
-        with stages(f"write bundle {out}"):
-            manifest = {
-                "edgevlm_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "task": "classification",
-                "model": {"name": recipe.name, "family": recipe.family, "params": count_params(model),
-                          "params_before_reparameterization": count_params(bb.model),
-                          "num_classes": bb.num_classes, "input_size": pre.input_size},
-                "weights": bb.weights,
-                "target": target.to_dict(),
-                "precision": precision.value,
-                "reparameterization": reparam,
-                "preprocessing": pre.to_dict(),
-                "labels": bb.labels,
-                "artifacts": [a.to_dict() for a in artifacts],
-                "accuracy": acc,
-                "versions": _versions(target.format),
-                "device_files": ["model.plan", "trt_cache/"] if target.tensorrt else [],
-            }
-            if precision == Precision.INT8:
-                manifest["calibration"] = {"source": calib_src, "images": int(len(calibration())),
-                                           "method": cfg.quant.calib_method.value}
-            manifest = write_manifest(work, manifest)
-    return out, manifest
+        blocks = {
+            "model": {"name": recipe.name, "family": recipe.family, "params": count_params(model),
+                      "params_before_reparameterization": count_params(bb.model),
+                      "num_classes": bb.num_classes, "input_size": pre.input_size},
+            "weights": bb.weights,
+            "target": target.to_dict(),
+            "precision": precision.value,
+            "reparameterization": st["reparam"],
+            "preprocessing": pre.to_dict(),
+            "labels": bb.labels,
+            "artifacts": [a.to_dict() for a in artifacts],
+            "accuracy": acc,
+            "device_files": ["model.plan", "trt_cache/"] if target.tensorrt else [],
+        }
+        if precision == Precision.INT8:
+            blocks["calibration"] = {"source": st["calib_src"], "images": int(len(st["calibration"]())),
+                                     "method": cfg.quant.calib_method.value}
+        return blocks
+
+    out = Path(cfg.out) if cfg.out else default_out(cfg, precision)
+    packages = ("torch", "timm", "onnx", "onnxruntime", "onnxscript") + FORMAT_PACKAGES.get(target.format, ())
+    return ExportJob("classification", out, cfg.overwrite, 5, load, build, packages)
+
+
+# Converters whose versions a bundle of a format records besides the common ones.
+FORMAT_PACKAGES = {"coreml": ("coremltools",)}

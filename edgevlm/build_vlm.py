@@ -1,71 +1,34 @@
-"""`edgevlm export` for vision-language models: named parts, each validated, then the whole bundle
-run by the torch-free runtime against eager PyTorch before the bundle is written.
+"""A vision-language model as a job of the one export pipeline (:mod:`edgevlm.pipeline`): named parts, each
+validated, then the whole bundle run by the torch-free runtime against eager PyTorch before it is written.
 
-load -> reparameterize the tower (if it can) -> export parts (vision encoder, token embedding,
-decoder with KV cache; GGUF decoder for llama.cpp) -> quantize -> end-to-end parity (greedy tokens
-and logit divergence through the runtime itself) -> manifest -> atomic rename.
+load -> reparameterize the tower (if it can) -> the parts the family declares (``model.export_parts``: vision
+encoder, or Moondream's tower + projector, LLaVA-Mini's pre-fusion, ...) -> token embedding -> decoder with KV
+cache (+ the target's rewrites) -> quantize each part by the target profile's rules (``export/*.yaml``: ``int8``
+for parts that read pixels, ``vlm.decoder_int8/int4`` for the decoder) -> GGUF decoder for llama.cpp (when the
+profile's ``vlm.decoders`` allows it) -> end-to-end parity (greedy tokens and logit divergence through the
+runtime itself) -> the VLM's manifest blocks.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .bundle import check_out, file_table, staging, write_manifest
-from .config import Precision
-from .errors import ConfigError, ExportError, ValidationError
+from .bundle import file_table
+from .config import DecoderChoice, Precision, Rewrite, VLMExportConfig
+from .errors import ExportError, ValidationError
 from .manifest import GENERATION_VERSION
-from .scratch import scratch as scratch_dir
-from .progress import Stages
+from .pipeline import ExportJob, header, run
 from .targets import get_target
 
-DECODER_CHOICES = ("onnx", "gguf", "both")
 GGUF_TYPES = {Precision.FP32: "f32", Precision.FP16: "f16", Precision.INT8: "q8_0", Precision.INT4: "q4_k_m"}
-PARITY_TOKENS = 32
+PACKAGES = ("torch", "transformers", "timm", "onnx", "onnxruntime", "tokenizers", "gguf", "llama_cpp_python")
 
 
-@dataclass
-class VLMExportConfig:
-    model: str
-    weights: str | None = None
-    revision: str | None = None
-    target: str = "cpu"
-    precision: str = "int8"
-    decoder: str = "onnx"                 # onnx | gguf | both
-    out: str | None = None
-    overwrite: bool = False
-    calib: str | None = None              # images for the vision encoder's INT8 calibration
-    calib_size: int = 32
-    block_size: int = 32
-    parity_tokens: int = PARITY_TOKENS
-    opset: int = 18
-
-    def __post_init__(self) -> None:
-        self.precision = Precision.parse(self.precision)
-        if self.decoder not in DECODER_CHOICES:
-            raise ConfigError(f"unknown decoder {self.decoder!r}", f"use one of: {', '.join(DECODER_CHOICES)}")
-
-
-def default_out(cfg: VLMExportConfig) -> Path:
-    suffix = "" if cfg.decoder == "onnx" else f"-{cfg.decoder}"
-    return Path("bundles") / f"{cfg.model}-{cfg.target}-{cfg.precision.value}{suffix}"
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"edgevlm": __version__, "python": platform.python_version()}
-    for n in ("torch", "transformers", "timm", "onnx", "onnxruntime", "tokenizers", "gguf", "llama_cpp_python"):
-        try:
-            out[n] = md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return out
+def default_out(cfg: VLMExportConfig, precision: Precision) -> Path:
+    suffix = "" if cfg.decoder == DecoderChoice.ONNX else f"-{cfg.decoder.value}"
+    return Path("bundles") / f"{cfg.model}-{cfg.target}-{precision.value}{suffix}"
 
 
 def parity_inputs(model) -> tuple[object, str]:
@@ -73,8 +36,7 @@ def parity_inputs(model) -> tuple[object, str]:
     from .data import scenes
 
     img = scenes.render(scenes.make_scene("val", 0))
-    prompt = "describe the image." if model.family == "edgevlm" else "What is in this image?"
-    return img, prompt
+    return img, model.parity_prompt
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -142,81 +104,81 @@ def compare_traces(ref: dict, got: dict, precision: str, backend: str) -> dict:
 
 
 def export_vlm_bundle(cfg: VLMExportConfig, quiet: bool = False, model=None) -> tuple[Path, dict]:
-    """Build, validate and write one VLM bundle; returns (bundle path, manifest).
+    """Build, validate and write one VLM bundle through the one pipeline; returns (bundle path, manifest).
 
     ``model``: an already loaded (e.g. fine-tuned) :class:`VisionLanguageModel` of ``cfg.model``'s recipe
     to export instead of loading ``cfg.weights``.
     """
+    return run(vlm_job(cfg, model), quiet=quiet)
+
+
+def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
+    """A VLM as an :class:`~edgevlm.pipeline.ExportJob`: the parts its family declares (``model.export_parts``),
+    the token embedding and the decoder, each exported, quantized by the target profile's rules and validated."""
     from .modeling.families import load_vlm
     from .zoo import get_vlm_recipe
 
     recipe = get_vlm_recipe(cfg.model)
     target = get_target(cfg.target)
-    if target.format != "onnx":
-        raise ConfigError(f"VLM bundles are built for the cpu and jetson ONNX targets so far, not {target.name}",
-                          "export with --target cpu")
-    target.check_precision(cfg.precision)
-    want_gguf = cfg.decoder in ("gguf", "both")
-    if want_gguf:
+    prof = target.require_vlm()
+    p = cfg.precision or target.default_precision
+    target.check_precision(p)
+    prof.check_decoder(cfg.decoder, target.name)
+    formats = cfg.decoder.formats()
+    if "gguf" in formats:
         try:
             import gguf  # noqa: F401
         except ImportError:
             raise ExportError("a GGUF decoder needs the gguf package", "pip install 'edgevlm[gguf]'") from None
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    check_out(out, cfg.overwrite)
-    stages = Stages(6, quiet=quiet)
-    log = stages.log
-    p = cfg.precision
+    st: dict = {"model": model}
 
-    with stages(f"load {recipe.name} ({cfg.weights or recipe.default_weights or recipe.hub_id or 'no weights'})"):
-        if model is None:
-            model = load_vlm(recipe.name, cfg.weights, cfg.revision)
-        model = model.eval()
-        model.require_tokenizer()
-        n_params = sum(t.numel() for t in model.parameters())
-        reparam = _reparameterize(model, log)
-        log(f"      {n_params / 1e6:.2f}M parameters, family {model.family}")
-        image, prompt = parity_inputs(model)
-        ref = eager_trace(model, image, prompt, cfg.parity_tokens)
+    def load(stages) -> None:
+        log = stages.log
+        with stages(f"load {recipe.name} ({cfg.weights or recipe.default_weights or recipe.hub_id or 'no weights'})"):
+            m = st["model"] if st["model"] is not None else load_vlm(recipe.name, cfg.weights, cfg.revision)
+            m = m.eval()
+            m.require_tokenizer()
+            st["params"] = sum(t.numel() for t in m.parameters())
+            st["reparam"] = _reparameterize(m, log)
+            log(f"      {st['params'] / 1e6:.2f}M parameters, family {m.family}")
+            st["image"], st["prompt"] = parity_inputs(m)
+            st["ref"] = eager_trace(m, st["image"], st["prompt"], cfg.parity_tokens)
+            st["model"] = m
 
-    with staging(out, overwrite=cfg.overwrite) as work, scratch_dir("vlm") as tmp:
-        scratch = Path(tmp)
+    def build(work: Path, scratch: Path, stages) -> dict:
+        m, log, ref = st["model"], stages.log, st["ref"]
         parts: dict = {}
-        with stages(f"export ONNX parts at {p.value}"):
-            parts.update(_export_onnx(model, image, p, cfg, work, scratch, log, want_onnx_decoder=cfg.decoder != "gguf"))
-        with stages("write GGUF decoder" if want_gguf else "GGUF decoder (not requested)"):
-            if want_gguf:
-                parts["decoder_gguf"] = _export_gguf(model, p, work, scratch, log)
-        model.tokenizer.tok.save(str(work / "tokenizer.json"))
-        generation = dict(model.runtime_spec(), version=GENERATION_VERSION, tokenizer="tokenizer.json",
-                          **parts.pop("_decoder_facts", {}))
-        manifest = {
-            "edgevlm_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "task": "vlm",
-            "model": {"name": recipe.name, "family": model.family, "params": int(n_params),
+        with stages(f"export ONNX parts at {p.value} ({target.name} rules)"):
+            parts.update(_export_image_parts(m, st["image"], p, cfg, target, work, scratch, log))
+            facts = _export_text_parts(m, p, cfg, target, work, scratch, log, parts, onnx_decoder="onnx" in formats)
+        with stages("write GGUF decoder" if "gguf" in formats else "GGUF decoder (not requested)"):
+            if "gguf" in formats:
+                parts["decoder_gguf"] = _export_gguf(m, p, work, scratch, log)
+        m.tokenizer.tok.save(str(work / "tokenizer.json"))
+        blocks = {
+            "model": {"name": recipe.name, "family": m.family, "params": int(st["params"]),
                       "vision_tokens": ref["image_tokens"]},
-            "weights": {"source": str(cfg.weights or getattr(model, "weights_source", None) or recipe.default_weights
+            "weights": {"source": str(cfg.weights or getattr(m, "weights_source", None) or recipe.default_weights
                                       or recipe.hub_id),
-                        "revision": cfg.revision, "dataset": getattr(model, "facts", {}).get("dataset"),
-                        "trained_with": getattr(model, "facts", {}).get("trained_with")},
-            "target": target.to_dict(),
+                        "revision": cfg.revision, "dataset": getattr(m, "facts", {}).get("dataset"),
+                        "trained_with": getattr(m, "facts", {}).get("trained_with")},
+            "target": {**target.to_dict(), "vlm": target.vlm_dict()},
             "precision": p.value,
-            "reparameterization": reparam,
-            "generation": generation,
+            "reparameterization": st["reparam"],
+            "generation": dict(m.runtime_spec(), version=GENERATION_VERSION, tokenizer="tokenizer.json", **facts),
             "parts": parts,
             "artifacts": [{"path": v["path"], "format": v["format"], "precision": v["precision"], "part": k}
                           for k, v in parts.items()],
         }
         with stages(f"end-to-end parity through the runtime ({len(ref['ids'])} greedy tokens)"):
-            manifest["parity"] = _end_to_end(work, manifest, image, prompt, ref, log)
+            blocks["parity"] = _end_to_end(work, {**header("vlm"), **blocks}, st["image"], st["prompt"], ref, log)
         with stages("task accuracy"):
-            manifest["accuracy"] = {"status": "not measured",
-                                    "reason": "run `edgevlm eval BUNDLE` (the scenes task) for edgevlm's own model"}
-        with stages(f"write bundle {out}"):
-            manifest["versions"] = _versions()
-            manifest = write_manifest(work, manifest)
-    return out, manifest
+            blocks["accuracy"] = {"status": "not measured",
+                                  "reason": "run `edgevlm eval BUNDLE` (the scenes task) for edgevlm's own model"}
+        return blocks
+
+    out = Path(cfg.out) if cfg.out else default_out(cfg, p)
+    return ExportJob("vlm", out, cfg.overwrite, 5, load, build, PACKAGES)
 
 
 def _reparameterize(model, log) -> dict:
@@ -236,8 +198,7 @@ def _reparameterize(model, log) -> dict:
 def _calibration_pixels(model, cfg: VLMExportConfig) -> np.ndarray:
     from .data import calibration as calib
 
-    dataset = "scenes" if model.family == "edgevlm" else None
-    imgs = calib.calibration_images(cfg.calib, dataset, cfg.calib_size, seed=0)
+    imgs = calib.calibration_images(cfg.calib, model.calibration_dataset, cfg.calib_size, seed=0)
     views = np.concatenate([model.pixel_values(im).numpy() for im in imgs]).astype(np.float32)
     if len(views) > MAX_CALIB_VIEWS:       # families with crops give several views per image: keep an even spread
         views = views[np.linspace(0, len(views) - 1, MAX_CALIB_VIEWS).round().astype(int)]
@@ -269,97 +230,102 @@ def _place_onnx(src: Path, dst: Path) -> None:
         shutil.move(str(src), dst)
 
 
-def _export_onnx(model, image, p: Precision, cfg: VLMExportConfig, work: Path, scratch: Path, log,
-                 want_onnx_decoder: bool) -> dict:
-    from .exporters import vlm_onnx
+def _export_image_parts(model, image, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path,
+                        log) -> dict:
+    """Every part the family declares (``model.export_parts``): FP32 export and parity, then the part's precision
+    by its role: a part that reads pixels goes to FP16, or to INT8 static with the target profile's int8 rules,
+    calibrated on ``--calib`` images (default: the family's calibration set); parts that read features stay FP32."""
+    from .compress import quantize
+    from .exporters import get_vlm_parts
+    from .parts import PartRole
 
+    fx = get_vlm_parts(target.format)             # the target format's part exporter
+
+    pixel_prec = {Precision.FP32: "fp32", Precision.FP16: "fp16"}.get(p, "int8")
+    parts = {}
+    for spec in model.export_parts(image):
+        src = scratch / spec.file
+        log(f"  {spec.name} ({spec.what or spec.name}): fp32 export")
+        facts = fx.export_part(spec, scratch, cfg.opset)
+        parity32 = fx.part_parity(spec, src, "fp32")
+        log(f"    parity fp32: max abs {parity32['max_abs_diff']:.2e} [ok]")
+        rec = {"path": spec.file, "format": "onnx", "precision": "fp32", "details": {"export": facts},
+               "parity": parity32}
+        prec = pixel_prec if spec.role is PartRole.PIXELS else "fp32"
+        if prec != "fp32":
+            q = scratch / f"{spec.name}.{prec}.onnx"
+            if prec == "fp16":
+                rec["details"]["quantization"] = quantize.to_fp16(src, q)
+            else:
+                data = _calibration_pixels(model, cfg)
+                log(f"    calibrating INT8 on {len(data)} views ({cfg.calib or 'built-in images'}, {target.name} rules)")
+                rec["details"]["quantization"] = quantize.to_int8(src, q, data, batch=1,
+                                                                  progress=_calibration_progress(log),
+                                                                  **target.int8_options())
+            src.unlink()
+            q.replace(src)
+            rec.update(precision=prec, parity=fx.part_parity(spec, src, prec), parity_fp32=parity32)
+            log(f"    parity {prec}: max rel {rec['parity']['max_rel_diff']:.2e} [recorded]")
+        shutil.move(str(src), work / spec.file)
+        parts[spec.name] = rec
+    return parts
+
+
+def _export_text_parts(model, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path, log, parts: dict,
+                       onnx_decoder: bool) -> dict:
+    """The token embedding (FP32) and, when an ONNX decoder is wanted, the decoder: FP32 export, the target
+    profile's rewrites (``vlm.rewrites``), then its quantization method for ``p`` (``vlm.decoder_int8/int4``).
+    Returns the decoder's sizes for the ``generation`` block."""
+    from .exporters import get_vlm_parts
+
+    vlm_onnx, prof = get_vlm_parts(target.format), target.require_vlm()
     lm = model.language_model
-    parts: dict = {}
-    pixels = model.pixel_values(image)
-    vis_prec = {Precision.FP32: "fp32", Precision.FP16: "fp16"}.get(p, "int8")
-    parts.update(_export_vision(model, pixels, vis_prec, cfg, work, scratch, log))
     log("  token embedding (fp32)")
     facts = vlm_onnx.export_embed_tokens(lm, work / "embed_tokens.onnx", opset=cfg.opset)
     parts["embed_tokens"] = {"path": "embed_tokens.onnx", "format": "onnx", "precision": "fp32", "details": facts}
     dec_fp32 = scratch / "decoder.fp32.onnx"
     log("  decoder with KV cache (fp32 export)")
-    dfacts = vlm_onnx.export_decoder(lm, dec_fp32, opset=cfg.opset)
-    parts["_decoder_facts"] = {k: dfacts[k] for k in ("num_layers", "num_kv_heads", "head_dim")}
-    if want_onnx_decoder:
+    dfacts = vlm_onnx.export_decoder(lm, dec_fp32, opset=cfg.opset, outputs=model.decoder_outputs)
+    if onnx_decoder:
         rec = {"path": "decoder.onnx", "format": "onnx", "precision": p.value, "details": {"export": dfacts}}
-        heads = getattr(lm.config, "num_attention_heads", None)
         src = dec_fp32
-        if cfg.target == "cpu" and p != Precision.FP16 and heads:
-            # ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy) and
-            # the model's RoPE inside it; fused on the FP32 graph, where the check against the model's own
-            # RoPE ops is exact, then quantized. FP16 keeps float32 KV I/O around fp16 compute, and other
-            # providers run the plain graph.
-            fused = scratch / "decoder.fused.onnx"
-            att = vlm_onnx.fuse_attention(dec_fp32, int(heads), dfacts["num_kv_heads"], dfacts["head_dim"],
-                                          dst=fused, rotary=vlm_onnx.rotary_tables(lm, model.max_context))
-            if att["kv_cache"] != "concat":
-                src = fused
-            rec["details"]["attention"] = att
-            log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else "")
-                + (f"; RoPE: {att['rope']}" if "rope" in att else "")
-                + (f" ({att['rope_why']})" if "rope_why" in att else ""))
+        for rewrite in prof.rewrites:
+            key, fn = REWRITES[rewrite]
+            src, rec["details"][key] = fn(model, src, p, dfacts, scratch, log)
         if p == Precision.FP32:
             _place_onnx(src, work / "decoder.onnx")
         else:
-            log(f"  quantizing the decoder to {p.value}")
+            method = {Precision.INT8: prof.decoder_int8.value, Precision.INT4: prof.decoder_int4.value}.get(p)
+            log(f"  quantizing the decoder to {p.value}" + (f" ({method})" if method else ""))
             rec["details"]["quantization"] = vlm_onnx.quantize_decoder(src, work / "decoder.onnx", p.value,
-                                                                       block_size=cfg.block_size)
+                                                                       block_size=cfg.block_size, method=method)
         parts["decoder"] = rec
-    return parts
+    return {k: dfacts[k] for k in ("num_layers", "num_kv_heads", "head_dim")}
 
 
-VISION_PARTS = {"vision_encoder.onnx": "vision_encoder", "vision_tower.onnx": "vision_tower",
-                "vision_projector.onnx": "vision_projector", "prefusion.onnx": "prefusion"}
-
-
-def _export_vision(model, pixels, precision: str, cfg: VLMExportConfig, work: Path, scratch: Path, log) -> dict:
-    """Vision graphs (and LLaVA-Mini's pre-fusion): FP32 export, parity, then FP16 or INT8 static on images.
-
-    INT8 covers the graph that reads pixels (encoder, or Moondream's tower), calibrated on ``--calib``
-    images (default: the scenes for edgevlm's model, photos otherwise); projector and pre-fusion stay FP32.
-    """
-    from .compress import quantize
+def _attention_fusion(model, src: Path, p: Precision, dfacts: dict, scratch: Path, log) -> tuple[Path, dict]:
+    """ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy) and the model's
+    RoPE inside it; fused on the FP32 graph, where the check against the model's own RoPE ops is exact, then
+    quantized. FP16 keeps float32 KV I/O around fp16 compute and runs the plain graph."""
     from .exporters import vlm_onnx
 
-    grid = None
-    if model.family == "moondream2":
-        pixels, grid = model.image_views(parity_inputs(model)[0])
-    log(f"  vision graphs (fp32 export, then {precision})")
-    files = vlm_onnx.export_vision_encoder(model, pixels, scratch / "vision_encoder.onnx", opset=cfg.opset)
-    first = "vision_tower.onnx" if "vision_tower.onnx" in files else "vision_encoder.onnx"
-    parity32 = vlm_onnx.vision_parity(model, scratch / first, pixels, "fp32", grid)
-    log(f"    parity fp32: max abs {parity32['max_abs_diff']:.2e} [ok]")
-    parts = {}
-    for name, facts in files.items():
-        part = VISION_PARTS[name]
-        src = scratch / name
-        rec = {"path": name, "format": "onnx", "precision": "fp32", "details": {"export": facts}}
-        if name == first:
-            rec["parity"] = parity32
-            if precision != "fp32":
-                q = scratch / f"{part}.{precision}.onnx"
-                if precision == "fp16":
-                    rec["details"]["quantization"] = quantize.to_fp16(src, q)
-                else:
-                    data = _calibration_pixels(model, cfg)
-                    log(f"    calibrating INT8 on {len(data)} views ({cfg.calib or 'built-in images'})")
-                    rec["details"]["quantization"] = quantize.to_int8(
-                        src, q, data, exclude_depthwise=True, exclude_activation_matmuls=True,
-                        op_types=["Conv", "MatMul", "Gemm"], batch=1, progress=_calibration_progress(log))
-                src.unlink()
-                q.replace(src)
-                rec["precision"] = precision
-                rec["parity"] = vlm_onnx.vision_parity(model, scratch / first, pixels, precision, grid)
-                rec["parity_fp32"] = parity32
-                log(f"    parity {precision}: max rel {rec['parity']['max_rel_diff']:.2e} [recorded]")
-        shutil.move(str(src), work / name)
-        parts[part] = rec
-    return parts
+    lm = model.language_model
+    heads = getattr(lm.config, "num_attention_heads", None)
+    if p == Precision.FP16 or not heads:
+        why = "fp16 decoders keep float32 KV I/O around fp16 compute" if heads else "the config names no head count"
+        log(f"  attention: concat ({why})")
+        return src, {"kv_cache": "concat", "why": why}
+    fused = scratch / "decoder.fused.onnx"
+    att = vlm_onnx.fuse_attention(src, int(heads), dfacts["num_kv_heads"], dfacts["head_dim"], dst=fused,
+                                  rotary=vlm_onnx.rotary_tables(lm, model.max_context))
+    log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else "")
+        + (f"; RoPE: {att['rope']}" if "rope" in att else "") + (f" ({att['rope_why']})" if "rope_why" in att else ""))
+    return (src if att["kv_cache"] == "concat" else fused), att
+
+
+# The graph rewrites a target profile may name (``vlm.rewrites``): the details key they record under, and the
+# function (model, FP32 graph, precision, decoder facts, scratch, log) -> (graph to go on with, record).
+REWRITES = {Rewrite.ATTENTION_FUSION: ("attention", _attention_fusion)}
 
 
 def _export_gguf(model, p: Precision, work: Path, scratch: Path, log) -> dict:

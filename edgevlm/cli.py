@@ -47,26 +47,29 @@ def _cmd_list(args) -> int:
 
 
 def _export_config(args):
-    """The one place CLI arguments become an ExportConfig."""
-    from .config import ExportConfig, QuantConfig
-    from .zoo import DEFAULT_MODEL
+    """The one place `edgevlm export` arguments become a typed config (:class:`ExportConfig` for a backbone,
+    :class:`VLMExportConfig` for a VLM); unset options take the config's defaults and the target profile's."""
+    from .config import ExportConfig, QuantConfig, VLMExportConfig
+    from .zoo import DEFAULT_MODEL, is_vlm
 
-    quant = QuantConfig(precision=args.quant, calib=args.calib, calib_method=args.calib_method,
-                        calib_size=args.calib_size, block_size=args.block_size)
-    return ExportConfig(model=args.model or DEFAULT_MODEL, target=args.target, quant=quant, weights=args.weights,
-                        num_classes=args.num_classes, img_size=args.img_size, out=args.out, opset=args.opset,
-                        seed=args.seed, validate_accuracy=not args.no_accuracy, overwrite=args.overwrite)
+    model = args.model or DEFAULT_MODEL
+    given = {k: v for k, v in (("calib_size", args.calib_size),) if v is not None}
+    if is_vlm(model):
+        return VLMExportConfig(model=model, weights=args.weights, revision=args.revision, target=args.target,
+                               precision=args.quant, decoder=args.decoder or "onnx", out=args.out,
+                               overwrite=args.overwrite, calib=args.calib, block_size=args.block_size,
+                               opset=args.opset if args.opset is not None else 18, **given)
+    quant = QuantConfig(precision=args.quant, calib=args.calib, calib_method=args.calib_method or "minmax",
+                        block_size=args.block_size, **given)
+    return ExportConfig(model=model, target=args.target, quant=quant, weights=args.weights,
+                        num_classes=args.num_classes, img_size=args.img_size, out=args.out,
+                        opset=args.opset if args.opset is not None else 20, seed=args.seed,
+                        validate_accuracy=not args.no_accuracy, overwrite=args.overwrite)
 
 
-def _cmd_export_vlm(args) -> int:
-    from .build_vlm import VLMExportConfig, export_vlm_bundle
+def _print_vlm_export(out, m) -> None:
     from .report import table
 
-    cfg = VLMExportConfig(model=args.model, weights=args.weights, revision=args.revision, target=args.target,
-                          precision=args.quant or "int8", decoder=args.decoder, out=args.out, overwrite=args.overwrite,
-                          calib=args.calib, calib_size=min(args.calib_size, 64), block_size=args.block_size,
-                          opset=args.opset)
-    out, m = export_vlm_bundle(cfg, quiet=args.quiet)
     rows = [{"part": k, "file": v["path"], "precision": v["precision"],
              "size (MB)": round(m["files"][v["path"]]["size"] / 1e6, 2)} for k, v in m["parts"].items()]
     print(table(rows, title=f"{out} ({m['model']['name']}, target {m['target']['name']})"))
@@ -74,13 +77,12 @@ def _cmd_export_vlm(args) -> int:
             "first divergence": r["first_divergence"], "top-1 (teacher forced)": r["teacher_forced_top1_agreement"],
             "KL mean": r["kl_mean"]} for r in m["parity"]["results"]]
     print("\n" + table(par, title=f"parity with eager PyTorch over {len(m['parity']['eager_tokens'])} greedy tokens"))
-    return 0
 
 
 # export flags that only one model kind reads, with their defaults: given to the other kind they are refused, never
 # silently ignored
-_BACKBONE_ONLY = {"num_classes": None, "img_size": None, "calib_method": "minmax", "seed": 0, "no_accuracy": False}
-_VLM_ONLY = {"revision": None, "decoder": "onnx"}
+_BACKBONE_ONLY = {"num_classes": None, "img_size": None, "calib_method": None, "seed": 0, "no_accuracy": False}
+_VLM_ONLY = {"revision": None, "decoder": None}
 
 
 def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
@@ -96,17 +98,17 @@ def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .build import export_bundle
+    from .api import export_config
     from .report import table
     from .zoo import DEFAULT_MODEL, is_vlm
 
     args.model = args.model or DEFAULT_MODEL
     vlm = is_vlm(args.model)
     _refuse_flags_of_the_other_kind(args, vlm)
+    out, m = export_config(_export_config(args), quiet=args.quiet)
     if vlm:
-        return _cmd_export_vlm(args)
-
-    out, m = export_bundle(_export_config(args), quiet=args.quiet)
+        _print_vlm_export(out, m)
+        return 0
     art = m["artifacts"][0]
     par = art["parity"]
     size = sum(f["size"] for f in m["files"].values())
@@ -135,11 +137,20 @@ def _check_generation_args(args) -> None:
 def _cmd_run_vlm(args, vlm) -> int:
     from .errors import ConfigError
 
-    if not args.prompt:
+    skill = getattr(args, "skill", None)
+    if skill in ("detect", "point"):
+        return _print_located(args, vlm, skill)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed, "stream": True}
+    if skill == "caption":
+        pieces = vlm.caption(args.image, length=args.prompt or "normal", **sampling)
+    elif not args.prompt:
         raise ConfigError(f"{args.bundle} is a vision-language bundle and needs a question",
                           "pass --prompt 'How many circles?'")
-    pieces = vlm.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stream=True)
+    elif skill == "query":
+        pieces = vlm.query(args.image, args.prompt, **sampling)
+    else:
+        pieces = vlm.generate(args.image, args.prompt, **sampling)
     try:
         for piece in pieces:
             print(piece, end="", flush=True)
@@ -151,6 +162,24 @@ def _cmd_run_vlm(args, vlm) -> int:
     return 0
 
 
+def _print_located(args, vlm, skill: str) -> int:
+    """`edgevlm run --skill detect|point`: the boxes or points of --prompt's object, as a table or --json."""
+    from .errors import ConfigError
+    from .report import table
+
+    if not args.prompt:
+        raise ConfigError(f"--skill {skill} needs the object to find", "pass --prompt OBJECT, e.g. --prompt car")
+    found = getattr(vlm, skill)(args.image, args.prompt, max_objects=args.max_objects)
+    if args.json:
+        print(json.dumps(found))
+        return 0
+    what = "boxes" if skill == "detect" else "points"
+    print(table([{"#": i + 1, **{k: round(v, 4) for k, v in f.items()}} for i, f in enumerate(found)]
+                or [{"#": "-", "found": "none"}],
+                title=f"{args.image}: {len(found)} {what} of {args.prompt!r} ([0, 1] image coordinates, {vlm.backend})"))
+    return 0
+
+
 def _cmd_run(args) -> int:
     from . import runtime
     from .report import table
@@ -159,6 +188,10 @@ def _cmd_run(args) -> int:
     clf = runtime.load(args.bundle, backend=args.backend, decoder=args.decoder_backend)
     if clf.manifest.get("task") == "vlm":
         return _cmd_run_vlm(args, clf)
+    if args.skill:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{args.bundle} is a classifier and has no {args.skill} skill", "drop --skill")
     if args.image is None:
         from .errors import ConfigError
 
@@ -398,7 +431,24 @@ def _add_training_args(s) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_sampling_args(s) -> None:
+    """The decoding flags `edgevlm run` (bundles) and `edgevlm generate` (eager) share."""
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+
+
+def _alts(values) -> str:
+    """A flag's choices for --help, from the enum or profiles that define them. The values themselves are checked
+    by the typed configs (one-line errors with the fix), not by argparse."""
+    return "|".join(str(v) for v in values)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import CalibMethod, DecoderChoice, ExportConfig, Precision, QuantConfig, VLMExportConfig
+    from .targets import list_targets
+
     p = argparse.ArgumentParser(prog="edgevlm", description="Take small vision and vision-language models onto "
                                 "edge devices: export, quantize, validate, run.")
     p.add_argument("--version", action="version", version=f"edgevlm {__version__}")
@@ -410,20 +460,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="export a model to a validated bundle for a target device")
     s.add_argument("--model", help="zoo name (default: the shipped default model; see `edgevlm list`)")
-    s.add_argument("--target", default="cpu", help="cpu | jetson | ios | android (default cpu)")
-    s.add_argument("--quant", help="fp32 | fp16 | int8 | int4 (default: the target's)")
+    s.add_argument("--target", default="cpu", metavar=_alts(t.name for t in list_targets()),
+                   help="the device profile, export/TARGET.yaml (default cpu)")
+    s.add_argument("--quant", metavar=_alts(Precision), help="default: the target profile's")
     s.add_argument("--weights", help="PATH (safetensors/.pth), HUB_ID (e.g. fastvit_t8.apple_in1k), a shipped "
                    "tag (digits), or random (default: the model's shipped weights)")
-    s.add_argument("--num-classes", type=int, help="head size (read from the checkpoint when omitted)")
-    s.add_argument("--img-size", type=int, help="input side in pixels, a multiple of 32 (default: the weights')")
+    s.add_argument("--num-classes", type=int, help="backbones: head size (read from the checkpoint when omitted)")
+    s.add_argument("--img-size", type=int, help="backbones: input side in pixels, a multiple of 32 (default: the "
+                   "weights')")
     s.add_argument("--calib", help="INT8 calibration images: a folder, builtin:digits or builtin:photos")
-    s.add_argument("--calib-method", default="minmax", help="minmax | entropy | percentile (default minmax)")
-    s.add_argument("--calib-size", type=int, default=64, help="calibration images to use (default 64)")
+    s.add_argument("--calib-method", metavar=_alts(CalibMethod), help="backbones (default minmax)")
+    s.add_argument("--calib-size", type=int, help=f"calibration images (default {QuantConfig.calib_size} for "
+                   f"backbones, {VLMExportConfig.calib_size} for VLMs)")
     s.add_argument("--block-size", type=int, default=32, help="INT4 block size (default 32)")
-    s.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20, at least 17)")
+    s.add_argument("--opset", type=int, help=f"ONNX opset, at least 17 (default {ExportConfig.opset} for backbones, "
+                   f"{VLMExportConfig.opset} for VLMs)")
     s.add_argument("--revision", help="VLM checkpoint revision (e.g. 2025-01-09 for moondream2)")
-    s.add_argument("--decoder", default="onnx", choices=["onnx", "gguf", "both"],
-                   help="VLMs: the language model as ONNX (ONNX Runtime), GGUF (llama.cpp) or both (default onnx)")
+    s.add_argument("--decoder", metavar=_alts(DecoderChoice),
+                   help="VLMs: the language model as ONNX (ONNX Runtime/TensorRT), GGUF (llama.cpp) or both, as the "
+                        "target's profile allows (default onnx)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, help="bundle directory (default bundles/MODEL-TARGET-PRECISION)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
@@ -434,15 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="classify an image, or answer a question about it (VLM bundles; streams)")
     s.add_argument("bundle", type=Path)
     s.add_argument("--image", type=Path, help="image file (required for classifiers; optional for VLMs)")
-    s.add_argument("--prompt", help="VLM bundles: the question")
+    s.add_argument("--prompt", help="VLM bundles: the question; with --skill detect/point the object, with --skill "
+                   "caption the length (short, normal, long; default normal)")
+    s.add_argument("--skill", choices=["caption", "query", "detect", "point"], help="Moondream2 bundles' skills "
+                   "(detect/point print a table of boxes/points in [0, 1] image coordinates, JSON with --json; they "
+                   "need the ONNX decoder)")
+    s.add_argument("--max-objects", type=int, default=50, help="--skill detect/point: at most this many (default 50)")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--backend", help="onnxruntime | coreml (default: by the bundle's format)")
     s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"],
                    help="VLM bundles carrying both decoders: which runs (default: the ONNX one)")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    _add_sampling_args(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_run)
 
@@ -478,10 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --skill caption the length (short, normal, long)")
     s.add_argument("--skill", choices=["caption", "detect", "point"], help="Moondream2's structured skills "
                    "(detect/point print JSON boxes/points in [0, 1] image coordinates)")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    _add_sampling_args(s)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("kernels", help="build edgevlm's CPU kernels on this machine (4-bit decode steps), or show "

@@ -9,6 +9,10 @@ from .errors import ConfigError
 from .registry import suggest
 
 
+_LABELS = {"DecoderChoice": "decoder", "DecoderInt8": "INT8 decoder method", "DecoderInt4": "INT4 decoder method",
+           "CalibMethod": "calibration method", "Rewrite": "graph rewrite"}   # how errors name each choice
+
+
 class _Choice(str, Enum):
     @classmethod
     def parse(cls, value: "str | _Choice") -> "_Choice":
@@ -19,7 +23,7 @@ class _Choice(str, Enum):
         except ValueError:
             names = [m.value for m in cls]
             raise ConfigError(
-                f"unknown {cls.__name__.lower()} {value!r}.{suggest(str(value), names)}",
+                f"unknown {_LABELS.get(cls.__name__, cls.__name__.lower())} {value!r}.{suggest(str(value), names)}",
                 f"choose one of: {', '.join(names)}",
             ) from None
 
@@ -32,6 +36,37 @@ class Precision(_Choice):
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
+
+
+class DecoderChoice(_Choice):
+    """Which decoders a VLM bundle carries: ONNX (ONNX Runtime / TensorRT), GGUF (llama.cpp), or both."""
+
+    ONNX = "onnx"
+    GGUF = "gguf"
+    BOTH = "both"
+
+    def formats(self) -> tuple[str, ...]:
+        return ("onnx", "gguf") if self is DecoderChoice.BOTH else (self.value,)
+
+
+class DecoderInt8(_Choice):
+    """How a target quantizes a VLM decoder to INT8 (its profile's ``vlm.decoder_int8``)."""
+
+    DYNAMIC = "dynamic"           # MatMulInteger, activations quantized at run time (ONNX Runtime)
+    WEIGHTS_QDQ = "weights_qdq"   # per-channel symmetric INT8 DequantizeLinear on MatMul weights (TensorRT)
+
+
+class DecoderInt4(_Choice):
+    """How a target quantizes a VLM decoder to INT4 (its profile's ``vlm.decoder_int4``)."""
+
+    MATMULNBITS = "matmulnbits"   # ONNX Runtime's MatMulNBits
+    QDQ = "qdq"                   # blocked INT4 DequantizeLinear (opset 21), TensorRT's weight-only INT4
+
+
+class Rewrite(_Choice):
+    """Graph rewrites a target profile may name for a VLM decoder (``vlm.rewrites``)."""
+
+    ATTENTION_FUSION = "attention_fusion"     # GroupQueryAttention over a KV buffer shared in place (ONNX Runtime)
 
 
 class CalibMethod(_Choice):
@@ -86,6 +121,38 @@ class ExportConfig:
                 f"input size {self.img_size} is out of range",
                 "use a multiple of 32 between 32 and 1024 (e.g. 224 or 256)",
             )
+        if self.opset < 17:
+            raise ConfigError(f"ONNX opset {self.opset} is too old", "use --opset 17 or newer")
+        if self.out is not None:
+            self.out = Path(self.out)
+
+
+@dataclass
+class VLMExportConfig:
+    """Everything `edgevlm export` needs to build one VLM bundle (the CLI builds it in one place)."""
+
+    model: str
+    weights: str | None = None          # path, hub id, or "random"; None = recipe default
+    revision: str | None = None
+    target: str = "cpu"
+    precision: Precision | None = None  # None: the target profile's default
+    decoder: DecoderChoice = DecoderChoice.ONNX
+    out: Path | None = None
+    overwrite: bool = False
+    calib: str | None = None            # images for the vision encoder's INT8 calibration
+    calib_size: int = 32                # images (families with crops give several views each; see MAX_CALIB_VIEWS)
+    block_size: int = 32                # INT4 block length along the reduction axis
+    parity_tokens: int = 32             # greedy tokens compared with eager through the runtime
+    opset: int = 18
+
+    def __post_init__(self) -> None:
+        if self.precision is not None:
+            self.precision = Precision.parse(self.precision)
+        self.decoder = DecoderChoice.parse(self.decoder)
+        # the same checks as the classifier's options (one rule for each)
+        QuantConfig(precision=self.precision, calib_size=self.calib_size, block_size=self.block_size)
+        if not 1 <= self.parity_tokens <= 4096:
+            raise ConfigError(f"parity tokens must be 1..4096, got {self.parity_tokens}", "pass e.g. 32")
         if self.opset < 17:
             raise ConfigError(f"ONNX opset {self.opset} is too old", "use --opset 17 or newer")
         if self.out is not None:

@@ -110,6 +110,7 @@ TARGET = Dict({
     "description": Str(), "runtime": Str(),
     "providers": List(Str(nonempty=True)),
     "batch": Any(), "tensorrt": Dict(), "minimum_deployment_target": Dict(),
+    "vlm": Dict({"decoders": List(Str()), "rewrites": List(Str())}),     # a VLM bundle's target rules (recorded)
 }, required=True)
 WEIGHTS = Dict({"source": Any(), "kind": Str(null=True), "dataset": Str(null=True), "revision": Str(null=True),
                 "trained_with": Any()}, required=True)
@@ -194,6 +195,18 @@ VISION = Dict({"kind": Str()}, default={}, variant={
                             "requires_parts": ["vision_tower", "vision_projector"]},
     },
 })
+# Moondream2's skills (``edgevlm.runtime.skills``; optional, added in version 1 without a bump: a reader that does not
+# know the block ignores it): caption templates by length, detect/point templates around the object, the EOS id that
+# ends an object list, whether size bins are log2-scaled, the default answer length. detect/point also need the
+# ``region`` part, checked when they are asked for (caption and query run without it).
+TEMPLATE = Dict({"prefix": List(ID, required=True), "suffix": List(ID, required=True)})
+SKILLS = Dict({
+    "caption": Dict(key=Str(nonempty=True), values=List(ID, min_len=1)),
+    "detect": TEMPLATE, "point": TEMPLATE,
+    "eos_id": Int(min=0, required=True),
+    "log_sizes": Bool(),
+    "max_tokens": Int(min=1),
+})
 GENERATION = Dict({
     "version": Int(min=1),
     "family": Str(),
@@ -213,6 +226,7 @@ GENERATION = Dict({
     "vision": VISION,
     # LLaVA-Mini: pre-fusion over [image tokens ; text], keeping ``n_tokens`` image tokens
     "prefusion": Dict({"n_tokens": Int(min=1, required=True), "skip_ids": IDS}, requires_parts=["prefusion"]),
+    "skills": SKILLS,
 }, required=True, version={"key": "version", "current": GENERATION_VERSION})
 PARITY_RESULT = Dict({
     "backend": Str(required=True, nonempty=True), "precision": Str(),

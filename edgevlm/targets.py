@@ -6,10 +6,39 @@ from functools import lru_cache
 
 import yaml
 
-from .config import Precision
+from .config import DecoderChoice, DecoderInt4, DecoderInt8, Precision, Rewrite
 from .errors import ConfigError
 from .registry import Registry
 from .resources import targets_dir
+
+
+@dataclass(frozen=True)
+class VLMProfile:
+    """How a target takes a VLM (its profile's ``vlm`` block): the decoder formats it may carry, the FP32
+    decoder's graph rewrites and the decoder's INT8/INT4 methods. Image-side parts follow the profile's own
+    ``int8`` rules."""
+
+    decoders: tuple[str, ...]
+    rewrites: tuple[Rewrite, ...] = ()
+    decoder_int8: DecoderInt8 = DecoderInt8.DYNAMIC
+    decoder_int4: DecoderInt4 = DecoderInt4.MATMULNBITS
+
+    @classmethod
+    def from_dict(cls, d: dict, target: str) -> "VLMProfile":
+        unknown = set(d) - {"decoders", "rewrites", "decoder_int8", "decoder_int4"}
+        if unknown:
+            raise ConfigError(f"target {target}: unknown vlm key(s) {sorted(unknown)}", "fix export/" + target + ".yaml")
+        decoders = tuple(DecoderChoice.parse(x).value for x in d.get("decoders", ("onnx",)))
+        if not decoders or "both" in decoders:
+            raise ConfigError(f"target {target}: vlm.decoders must list onnx and/or gguf", f"fix export/{target}.yaml")
+        return cls(decoders, tuple(Rewrite.parse(r) for r in d.get("rewrites") or ()),
+                   DecoderInt8.parse(d.get("decoder_int8", "dynamic")), DecoderInt4.parse(d.get("decoder_int4", "matmulnbits")))
+
+    def check_decoder(self, choice: DecoderChoice, target: str) -> None:
+        missing = [f for f in choice.formats() if f not in self.decoders]
+        if missing:
+            raise ConfigError(f"target {target} does not take a {' or '.join(missing).upper()} decoder",
+                              f"use --decoder {' | '.join(self.decoders)}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +56,23 @@ class TargetProfile:
     tensorrt: dict = field(default_factory=dict)
     minimum_deployment_target: dict = field(default_factory=dict)
     compute_units: str | None = None
+    vlm: VLMProfile | None = None          # None: VLM bundles are not written for this target yet
+
+    def require_vlm(self) -> VLMProfile:
+        if self.vlm is None:
+            raise ConfigError(f"VLM bundles for target {self.name} ({self.format}) are not written yet: its profile "
+                              f"(export/{self.name}.yaml) has no vlm block",
+                              f"export with --target {' or '.join(t.name for t in list_targets() if t.vlm)}")
+        return self.vlm
+
+    def int8_options(self) -> dict:
+        """The profile's static INT8 rules as :func:`edgevlm.compress.quantize.to_int8` keywords."""
+        s = self.int8
+        return {"symmetric_activations": bool(s.get("symmetric_activations", False)),
+                "activations": s.get("activations", "uint8"), "op_types": s.get("op_types"),
+                "quantize_bias": bool(s.get("quantize_bias", True)),
+                "exclude_depthwise": bool(s.get("exclude_depthwise", False)),
+                "exclude_activation_matmuls": bool(s.get("exclude_activation_matmuls", False))}
 
     def check_precision(self, precision: Precision) -> None:
         if precision not in self.precisions:
@@ -45,6 +91,12 @@ class TargetProfile:
             d["providers"] = list(self.providers)
         return d
 
+    def vlm_dict(self) -> dict:
+        """The ``vlm`` block as recorded in a VLM bundle's manifest."""
+        v = self.require_vlm()
+        return {"decoders": list(v.decoders), "rewrites": [r.value for r in v.rewrites],
+                "decoder_int8": v.decoder_int8.value, "decoder_int4": v.decoder_int4.value}
+
 
 TARGETS: Registry[TargetProfile] = Registry("target")
 
@@ -56,6 +108,8 @@ def _load() -> Registry[TargetProfile]:
         d["precisions"] = tuple(Precision.parse(p) for p in d["precisions"])
         d["default_precision"] = Precision.parse(d["default_precision"])
         d["providers"] = tuple(d.get("providers", ()))
+        if d.get("vlm") is not None:
+            d["vlm"] = VLMProfile.from_dict(d["vlm"], d["name"])
         TARGETS.add(d["name"], TargetProfile(**d))
     return TARGETS
 

@@ -157,7 +157,8 @@ def test_quantized_bundles_record_agreement_and_divergence(tmp_path, precision):
     if precision == "int4":
         assert ops.get("MatMulNBits", 0) > 0
     if precision == "fp16":                     # FP16 keeps the plain graph
-        assert "attention" not in dec["details"] and "GroupQueryAttention" not in ops
+        assert dec["details"]["attention"]["kv_cache"] == "concat" and "GroupQueryAttention" not in ops
+        assert "fp16" in dec["details"]["attention"]["why"]
     else:                                       # fused at FP32 (RoPE and one q/k/v projection in the op), then quantized
         att = dec["details"]["attention"]
         assert att["rope"].startswith("in GroupQueryAttention") and att["packed_qkv_layers"] == att["fused_layers"]

@@ -67,7 +67,8 @@ def _exported(name: str, tmp_path_factory) -> SimpleNamespace:
                          pixels=pixels, grid=grid)
     ns.decoder = vlm_onnx.export_decoder(vlm.language_model, out / "decoder.onnx")
     ns.embed = vlm_onnx.export_embed_tokens(vlm.language_model, out / "embed_tokens.onnx")
-    ns.vision = vlm_onnx.export_vision_encoder(vlm, pixels, out / "vision_encoder.onnx")
+    ns.specs = vlm.export_parts(img)              # the family's parts, as data
+    ns.vision = {spec.file: vlm_onnx.export_part(spec, out) for spec in ns.specs}
     ns.reference = vlm_onnx.eager_reference(vlm.language_model, embeds, N_NEW, prefix)
     _EXPORTS[name] = ns
     return ns
@@ -102,9 +103,28 @@ def test_decoder_fp32_gives_eagers_greedy_tokens(exported):
     assert par["max_logit_abs_diff"] <= 1e-4 and par["mean_kl"] < 1e-8
 
 
+def _image_embeds_onnx(e) -> np.ndarray:
+    """image_embeds through the ONNX graphs as the runtime chains them (Moondream: tower -> merge -> projector)."""
+    x = e.pixels.float().numpy()
+    if "vision_tower.onnx" in e.vision:
+        feats = _session(e.dir / "vision_tower.onnx").run(None, {"pixel_values": x})[0]
+        merged = vlm_onnx.merge_crops_numpy(feats, e.grid, e.vlm.connector.side, e.vlm.connector.margin)
+        return _session(e.dir / "vision_projector.onnx").run(None, {"merged_features": merged})[0]
+    return _session(e.dir / "vision_encoder.onnx").run(None, {"pixel_values": x})[0]
+
+
 def test_vision_encoder_parity(exported):
     e = exported
-    rec = vlm_onnx.vision_parity(e.vlm, e.dir / "vision_encoder.onnx", e.pixels, grid=e.grid)
+    for spec in e.specs:                        # each declared part against its own eager module
+        rec = vlm_onnx.part_parity(spec, e.dir / spec.file)
+        assert rec["passed"] and rec["max_abs_diff"] <= 1e-4 * max(1.0, rec["output_scale"]), (spec.name, rec)
+        assert e.vision[spec.file]["inputs"] == list(spec.inputs) and e.vision[spec.file]["role"] == spec.role.value
+    # and the chain of parts against the eager model's encode_image (Moondream: with the image's real grid)
+    with torch.inference_mode():
+        ref = (e.vlm.encode_image(e.pixels, e.grid) if e.grid else e.vlm.encode_image(e.pixels)).float().numpy()
+    from edgevlm.exporters.validate import compare
+
+    rec = compare(ref, _image_embeds_onnx(e), "fp32", "image_embeds")
     print(f"\n{e.name} vision: max |diff| {rec['max_abs_diff']:.2e} (scale {rec['output_scale']:.2f})")
     # LLaVA-Mini's encoder gives M projected + N compressed tokens; the LLM reads the N (after pre-fusion)
     n_img = e.vision["vision_encoder.onnx"]["image_tokens"] if e.vlm.family == "llava_mini" else e.n_img
@@ -113,7 +133,7 @@ def test_vision_encoder_parity(exported):
     assert rec["shape"] == [1, n_img, e.vlm.hidden_size]
     names = set(e.vision)
     if e.vlm.family == "moondream2":
-        assert names == {"vision_tower.onnx", "vision_projector.onnx"}
+        assert names == {"vision_tower.onnx", "vision_projector.onnx"} | ({"region.onnx"} if e.vlm.region else set())
         tower = _session(e.dir / "vision_tower.onnx")       # dynamic views: one view and the full set
         for v in (1, e.pixels.shape[0]):
             got = tower.run(None, {"pixel_values": e.pixels[:v].numpy()})[0]
@@ -338,8 +358,6 @@ def test_llava_mini_prefusion_and_splice(tmp_path_factory):
     keep = np.ones(img.shape[1] + len(ids), bool)
     keep[img.shape[1] + np.flatnonzero(np.isin(ids, vlm.prefusion_skip_ids))] = False
     x = np.concatenate([img, text], 1)
-    rec = vlm_onnx.prefusion_parity(vlm, e.dir / "prefusion.onnx", x, keep)
-    assert rec["passed"] and rec["max_abs_diff"] <= 1e-4
     fused = _session(e.dir / "prefusion.onnx").run(None, {"inputs_embeds": x, "keep": keep})[0]
     got = vlm_onnx.splice_llava_mini(fused, img.shape[1], vlm.n_tokens, len(pieces.before))
     with torch.inference_mode():

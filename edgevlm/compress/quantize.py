@@ -241,6 +241,45 @@ def int4_qdq(model, block_size: int, op_types: tuple[str, ...]) -> dict[str, int
     return quantized
 
 
+def int8_weights_qdq(model, op_types: tuple[str, ...] = ("MatMul",)) -> dict[str, int]:
+    """Replace constant weights of ``op_types`` by per-channel symmetric INT8 DequantizeLinear (weight-only: the
+    product runs in float, as TensorRT's weight-only INT8 and any ONNX runtime take it). One positive scale per
+    output channel (MatMul/Gemm N, Conv out-channels), values in [-127, 127]. Returns {node: weight elements}."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            users[name] = users.get(name, 0) + 1
+    done, new_nodes, quantized = {}, [], {}
+    for node in model.graph.node:
+        red = _reduction_axis(node) if node.op_type in op_types else None
+        wname = node.input[1] if red is not None and len(node.input) > 1 else None
+        if wname in inits and inits[wname].data_type == TensorProto.FLOAT and len(inits[wname].dims) == 2:
+            if wname not in done:
+                w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+                axis = 1 - red                                          # the output-channel axis of a 2-D weight
+                scale = np.abs(w).max(axis=red) / 127.0
+                scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+                q = np.clip(np.round(w / np.expand_dims(scale, red)), -127, 127).astype(np.int8)
+                qname, sname, out = f"{wname}_int8", f"{wname}_int8_scale", f"{wname}_dq"
+                model.graph.initializer.append(numpy_helper.from_array(q, qname))
+                model.graph.initializer.append(numpy_helper.from_array(scale, sname))
+                new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [out], axis=axis,
+                                                  name=f"{wname}_DequantizeLinear"))
+                done[wname] = out
+                quantized[node.name or wname] = int(w.size)
+            node.input[1] = done[wname]
+    for wname in done:
+        if users.get(wname, 0) == sum(1 for n in model.graph.node for i in n.input if i == done[wname]):
+            model.graph.initializer.remove(inits[wname])
+    nodes = new_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return quantized
+
+
 INT4_FORMATS = ("mixed", "qdq", "matmulnbits")
 
 

@@ -18,3 +18,19 @@ def get_exporter(fmt: str):
     if fmt not in EXPORTERS and fmt in _MODULES:
         importlib.import_module(f"{__name__}.{_MODULES[fmt]}")
     return EXPORTERS.get(fmt)
+
+
+# A VLM's parts per target format: the module that exports, checks and quantizes them (export_part, part_parity,
+# export_embed_tokens, export_decoder, quantize_decoder, and the rewrites the profiles name). A new format for VLMs
+# registers its module here; the pipeline (edgevlm.build_vlm) looks it up by the target profile's ``format``.
+VLM_PART_FORMATS = {"onnx": "vlm_onnx"}
+
+
+def get_vlm_parts(fmt: str):
+    """The part exporter module for VLM parts in a target format."""
+    from ..errors import ConfigError
+
+    if fmt not in VLM_PART_FORMATS:
+        raise ConfigError(f"no exporter writes VLM parts in the {fmt} format yet",
+                          f"export for a target whose format is one of: {', '.join(VLM_PART_FORMATS)}")
+    return importlib.import_module(f"{__name__}.{VLM_PART_FORMATS[fmt]}")

@@ -64,21 +64,14 @@ def build_onnx(ctx: ExportContext, scratch: Path) -> tuple[Path, dict, dict]:
     if p == Precision.FP32:
         return fp32, fp32_parity, details
     out = scratch / f"model.{p.value}.onnx"
-    trt = bool(ctx.target.tensorrt)
     if p == Precision.FP16:
         ctx.log("  converting to FP16")
         details["quantization"] = quantize.to_fp16(fp32, out)
     elif p == Precision.INT8:
         data = ctx.calibration()
         ctx.log(f"  calibrating INT8 on {len(data)} images ({ctx.quant.calib_method.value})")
-        spec = ctx.target.int8
-        details["quantization"] = quantize.to_int8(
-            fp32, out, data, ctx.quant.calib_method,
-            symmetric_activations=bool(spec.get("symmetric_activations", False)),
-            activations=spec.get("activations", "uint8"),
-            op_types=["Conv", "MatMul", "Gemm", "ConvTranspose"] if trt else spec.get("op_types"),
-            quantize_bias=not trt, exclude_depthwise=bool(spec.get("exclude_depthwise", False)),
-            exclude_activation_matmuls=bool(spec.get("exclude_activation_matmuls", False)))
+        details["quantization"] = quantize.to_int8(fp32, out, data, ctx.quant.calib_method,
+                                                   **ctx.target.int8_options())
     elif p == Precision.INT4:
         fmt = ctx.target.int4.get("format", "mixed")
         ctx.log(f"  quantizing weights to INT4 (block {ctx.quant.block_size}, {fmt})")

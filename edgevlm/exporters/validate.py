@@ -50,7 +50,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, name: 
     return rec
 
 
-def run_onnx(path, x: np.ndarray, providers=("CPUExecutionProvider",)) -> np.ndarray:
+def ort_session(path, providers=("CPUExecutionProvider",)):
+    """The one exporter-side ONNX Runtime session (quiet, this process's usable CPUs): every parity check opens
+    its graph here."""
     import onnxruntime as ort
 
     from ..runtime.backends import usable_cpus
@@ -58,7 +60,11 @@ def run_onnx(path, x: np.ndarray, providers=("CPUExecutionProvider",)) -> np.nda
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = usable_cpus()
-    sess = ort.InferenceSession(str(path), opts, providers=list(providers))
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+
+def run_onnx(path, x: np.ndarray, providers=("CPUExecutionProvider",)) -> np.ndarray:
+    sess = ort_session(path, providers)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

@@ -1,5 +1,8 @@
 """A VLM as ONNX parts with the I/O of /work/notes/vlm_export_contract.md (names are fixed there).
 
+The image-side parts are data each family declares (``model.export_parts``, :mod:`edgevlm.parts`), exported
+and checked by :func:`export_part` and :func:`part_parity`; today they are:
+
     vision_encoder.onnx   pixel_values (V, 3, H, W)               -> image_embeds (1, T, D)
       Moondream instead:  vision_tower.onnx      pixel_values (V, 3, S, S) -> image_features (V, N, C)
                           [runtime: merge_crops_numpy (stitch + pool)] -> (N, 2C)
@@ -30,6 +33,7 @@ import numpy as np
 
 # numpy only and shared with the torch-free runtime, so they live there (the runtime imports nothing from here)
 from ..runtime.vlm_ops import MASK_MIN, attention_mask, decoder_io_names, merge_crops_numpy, splice_llava_mini
+from .validate import ort_session          # the one exporter-side ONNX Runtime session
 
 # Protobuf cannot serialize a model of 2 GiB or more; above this many bytes of weights (headroom left for
 # the graph itself) a graph is saved with its weights in ``<file>.data`` next to it.
@@ -127,32 +131,58 @@ def _export(module, args: tuple, path: Path, opset: int, input_names, output_nam
     return bool(external_data)
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    from ..runtime.backends import usable_cpus
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = usable_cpus()
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 # -- decoder ----------------------------------------------------------------------------------------
-def _decoder_wrapper(language_model):
+# Extra decoder outputs a family may declare (``VisionLanguageModel.decoder_outputs``), after the present KV outputs.
+DECODER_EXTRA_OUTPUTS = {"hidden": "the last position's hidden state before the final norm, (1, D) float32"}
+
+
+def _final_norm(language_model):
+    """The causal LM's final norm (Phi: ``final_layernorm``, Llama/Qwen-style: ``norm``), or None."""
+    base = getattr(language_model, "model", None)
+    for name in ("final_layernorm", "norm"):
+        m = getattr(base, name, None)
+        if m is not None:
+            return m
+    return None
+
+
+def _decoder_wrapper(language_model, outputs: tuple[str, ...] = ()):
     import torch
     from torch import nn
     from transformers import DynamicCache
 
+    from ..errors import ExportError
+
+    unknown = [o for o in outputs if o not in DECODER_EXTRA_OUTPUTS]
+    if unknown:
+        raise ExportError(f"the decoder cannot give the output(s) {', '.join(unknown)}",
+                          f"declare only {', '.join(DECODER_EXTRA_OUTPUTS)} in the model's decoder_outputs")
+    norm = _final_norm(language_model) if "hidden" in outputs else None
+    if "hidden" in outputs and norm is None:
+        raise ExportError(f"{type(language_model).__name__} has no final norm (model.final_layernorm or model.norm) "
+                          "to read the hidden state before", "report the model")
+
     class DecoderWithCache(nn.Module):
         """Flat tensors in and out around the causal LM: the past becomes a DynamicCache, the grown
-        cache comes back as present.{i}.key/value, logits of the last position only."""
+        cache comes back as present.{i}.key/value, logits of the last position only; with ``hidden``
+        also the last position's input to the final norm (a forward pre-hook while tracing)."""
 
         def __init__(self, lm):
             super().__init__()
             self.lm = lm
 
         def forward(self, inputs_embeds, attention_mask, position_ids, past: tuple):
+            if norm is None:
+                return self._forward(inputs_embeds, attention_mask, position_ids, past)
+            seen = []
+            hook = norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+            try:
+                out = self._forward(inputs_embeds, attention_mask, position_ids, past)
+            finally:
+                hook.remove()
+            return (*out, seen[-1][:, -1, :].float())
+
+        def _forward(self, inputs_embeds, attention_mask, position_ids, past: tuple):
             # float32 I/O whatever the LM's dtype (a no-op for the FP32 export every precision starts from)
             dt = self.lm.get_input_embeddings().weight.dtype
             cache = DynamicCache(ddp_cache_data=[(past[2 * i].to(dt), past[2 * i + 1].to(dt))
@@ -176,18 +206,21 @@ def _decoder_wrapper(language_model):
     return wrapper, sizes, dtype
 
 
-def export_decoder(language_model, path, opset: int = 18, external_data: bool | None = None) -> dict:
+def export_decoder(language_model, path, opset: int = 18, external_data: bool | None = None,
+                   outputs: tuple[str, ...] = ()) -> dict:
     """The causal LM as decoder.onnx (contract I/O, dynamic S and P, P = 0 for the first prefill).
 
     torch.onnx's dynamo exporter handles transformers' DynamicCache built from the flat inputs, including
     an empty past: the cache concatenates (1, H, 0, hd) with the new keys and the graph has no branch on P
     (checked by tests at P = 0). ``external_data``: None saves weights to ``decoder.onnx.data`` when the
-    model is over ~2 GB (protobuf's limit), True/False forces it.
+    model is over ~2 GB (protobuf's limit), True/False forces it. ``outputs``: extra outputs the model declares
+    (:data:`DECODER_EXTRA_OUTPUTS`), after the present KV; each is checked against eager on the trace inputs.
     """
     import torch
 
     path = Path(path)
-    wrapper, sizes, dtype = _decoder_wrapper(language_model)
+    outputs = tuple(outputs)
+    wrapper, sizes, dtype = _decoder_wrapper(language_model, outputs)
     n, h, hd, d = sizes["num_layers"], sizes["num_kv_heads"], sizes["head_dim"], sizes["hidden_size"]
     s, p = _TRACE_SEQ, _TRACE_PAST
     past = tuple(torch.zeros(1, h, p, hd) for _ in range(2 * n))
@@ -196,6 +229,7 @@ def export_decoder(language_model, path, opset: int = 18, external_data: bool | 
     # the mask's last axis is past + seq; torch.export derives it (AUTO) from the ops that combine them
     dyn = ({1: seq}, {2: seq, 3: torch.export.Dim.AUTO}, {1: seq}, tuple({2: past_len} for _ in past))
     ins, outs = decoder_io_names(n)
+    outs = outs + list(outputs)
     # Traced with transformers' eager attention (q @ k^T, mask, softmax, @ v), whatever the model runs with:
     # its k^T is a Transpose ONNX Runtime folds into the matmul, where SDPA's decomposition copies every
     # layer's whole key cache through Reshape/Transpose/Reshape at each step (0.5B Phi INT4 decode in
@@ -205,12 +239,29 @@ def export_decoder(language_model, path, opset: int = 18, external_data: bool | 
     cfg._attn_implementation = "eager"
     try:
         ext = _export(wrapper, args, path, opset, ins, outs, dyn, external_data, "language model")
+        extra = _extra_outputs_check(wrapper, args, path, ins, outs, outputs) if outputs else None
     finally:
         cfg._attn_implementation = attn
     return {**sizes, "opset": opset, "exporter": "torch.onnx dynamo", "attention": "eager (matmul, softmax)",
-            "inputs": ins, "outputs": outs,
+            "inputs": ins, "outputs": outs, **({"extra_outputs": extra} if extra else {}),
             "dtype": str(dtype).replace("torch.", ""), "external_data": ext, "checker": _check(path),
             "file_bytes": _file_bytes(path), "ops": _ops(path)}
+
+
+def _extra_outputs_check(wrapper, args, path: Path, ins: list, outs: list, outputs: tuple) -> dict:
+    """The declared extra outputs of decoder.onnx against the traced wrapper on the trace inputs (FP32: within
+    1e-4 x scale, else ValidationError); {name: parity record}."""
+    import torch
+
+    from .validate import compare
+
+    with torch.no_grad():
+        ref = wrapper(*args)
+    flat = [args[0], args[1], args[2], *args[3]]
+    got = ort_session(path).run(None, {n: t.numpy() for n, t in zip(ins, flat)})
+    return {o: {**compare(ref[outs.index(o)].numpy(), got[outs.index(o)], "fp32", o),
+                "meaning": DECODER_EXTRA_OUTPUTS[o]} for o in outputs}
+
 
 
 # -- embeddings -------------------------------------------------------------------------------------
@@ -255,120 +306,44 @@ def export_embed_tokens(language_model, path, opset: int = 18) -> dict:
             "external_data": ext, "checker": _check(path), "file_bytes": _file_bytes(path), "ops": _ops(path)}
 
 
-# -- vision ----------------------------------------------------------------------------------------
-def _moondream_parts(model):
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Projector(nn.Module):
-        """MoondreamConnector.forward after merge: fc1 -> GELU (tanh) -> fc2, (N, 2C) -> (1, N, D)."""
-
-        def __init__(self, conn):
-            super().__init__()
-            self.fc1, self.fc2 = conn.fc1, conn.fc2
-
-        def forward(self, merged_features):
-            return self.fc2(F.gelu(self.fc1(merged_features), approximate="tanh"))[None]
-
-    return model.vision, Projector(model.connector).eval()
-
-
-def _encode_module(model):
-    """``model.encode_image`` as a module."""
-    from torch import nn
-
-    class EncodeImage(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, pixel_values):
-            return self.m.encode_image(pixel_values).float()
-
-    return EncodeImage(model).eval()
-
-
-def _prefusion_module(model):
-    import torch
-    from torch import nn
-
-    class Fuse(nn.Module):
-        """LLaVA-Mini's pre-fusion over [M vision ; N compressed ; L text] with the keep mask; dropped
-        (keep = False) positions come out as their input embedding, as LlavaMiniModel.splice uses them."""
-
-        def __init__(self, fusion):
-            super().__init__()
-            self.fusion = fusion
-
-        def forward(self, inputs_embeds, keep):
-            x = self.fusion(inputs_embeds, keep)
-            return torch.where(keep[None, :, None], x, inputs_embeds).float()
-
-    return Fuse(model.fusion).eval()
-
-
-def export_vision_encoder(model, pixel_values, path, opset: int = 18) -> dict:
-    """``model.encode_image`` (tower + connector) as vision_encoder.onnx: pixel_values (V, 3, H, W) ->
-    image_embeds (1, T, D), shapes as ``pixel_values`` (every non-Moondream family reads one view).
-
-    Moondream (``family == "moondream2"``): its connector stitches crops along a Python grid, so two graphs
-    are written next to ``path`` instead: vision_tower.onnx (dynamic V) and vision_projector.onnx; the
-    runtime merges with :func:`merge_crops_numpy`. LLaVA-Mini (``family == "llava_mini"``) also gets
-    prefusion.onnx (dynamic length). Returns {file name: facts}.
-    """
+# -- the family-declared parts (vision, projector, pre-fusion, heads) ------------------------------------
+def export_part(spec, folder, opset: int = 18) -> dict:
+    """One :class:`edgevlm.parts.PartSpec` as ``folder/<name>.onnx`` (torch.onnx dynamo, the spec's names and
+    dynamic axes); returns the facts recorded in the part's manifest record."""
     import torch
 
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    px = pixel_values if isinstance(pixel_values, torch.Tensor) else torch.from_numpy(np.asarray(pixel_values))
-    px = px.to(next(model.vision.parameters()).dtype)
-    model = model.eval()
-    files: dict[str, dict] = {}
+    path = Path(folder) / spec.file
+    dims: dict[str, object] = {}
+    dyn = None
+    if spec.dynamic:
+        dyn = tuple({ax: dims.setdefault(n, torch.export.Dim(n, min=1)) for ax, n in spec.dynamic.get(i, {}).items()}
+                    for i in spec.inputs)
+    ext = _export(spec.module, tuple(spec.example), path, opset, spec.inputs, spec.outputs, dyn,
+                  what=spec.what or spec.name)
+    facts = {"opset": opset, "exporter": "torch.onnx dynamo", "inputs": list(spec.inputs),
+             "outputs": list(spec.outputs), "role": str(spec.role), **spec.facts}
+    if spec.dynamic:
+        facts["dynamic_axes"] = {i: {str(a): n for a, n in ax.items()} for i, ax in spec.dynamic.items()}
+    return {**facts, "external_data": ext, "checker": _check(path), "file_bytes": _file_bytes(path), "ops": _ops(path)}
 
-    def facts(p: Path, ext: bool, **kw) -> dict:
-        return {"opset": opset, "exporter": "torch.onnx dynamo", **kw, "external_data": ext,
-                "checker": _check(p), "file_bytes": _file_bytes(p), "ops": _ops(p)}
 
-    if getattr(model, "family", "") == "moondream2":
-        tower, projector = _moondream_parts(model)
-        views = px if px.shape[0] >= 2 else torch.cat([px, px])       # V traced at >= 2 (dynamic)
-        with torch.no_grad():
-            feats = tower(views)
-        p = folder / "vision_tower.onnx"
-        ext = _export(tower, (views,), p, opset, ["pixel_values"], ["image_features"],
-                      ({0: torch.export.Dim("views", min=1)},), what="Moondream vision tower")
-        files[p.name] = facts(p, ext, inputs=["pixel_values"], outputs=["image_features"],
-                              dynamic_axes={"pixel_values": {0: "views"}, "image_features": {0: "views"}},
-                              features=[int(feats.shape[1]), int(feats.shape[2])])
-        merged = torch.cat([feats[0], feats[0]], dim=-1)
-        p = folder / "vision_projector.onnx"
-        ext = _export(projector, (merged,), p, opset, ["merged_features"], ["image_embeds"], None,
-                      what="Moondream projector")
-        files[p.name] = facts(p, ext, inputs=["merged_features"], outputs=["image_embeds"],
-                              merge={"side": int(model.connector.side), "margin": int(model.connector.margin),
-                                     "function": "edgevlm.runtime.vlm_ops.merge_crops_numpy"})
-        return files
+def part_parity(spec, path, precision: str = "fp32") -> dict:
+    """The part's graph in ONNX Runtime against its eager module on the spec's example inputs
+    (validate.compare: FP32 within 1e-4 x max(1, scale), FP16 within 1e-2 relative, or ValidationError)."""
+    import torch
 
-    enc = _encode_module(model)
-    with torch.no_grad():
-        ref = enc(px)
-    p = path if not path.is_dir() else folder / "vision_encoder.onnx"
-    ext = _export(enc, (px,), p, opset, ["pixel_values"], ["image_embeds"], None, what="vision encoder")
-    files[p.name] = facts(p, ext, inputs=["pixel_values"], outputs=["image_embeds"],
-                          input_shape=list(px.shape), image_tokens=int(ref.shape[1]))
-    if getattr(model, "family", "") == "llava_mini" and model.compress:
-        fuse = _prefusion_module(model)
-        d = int(ref.shape[-1])
-        x = torch.randn(1, int(ref.shape[1]) + _TRACE_SEQ, d, dtype=ref.dtype)
-        keep = torch.ones(x.shape[1], dtype=torch.bool)
-        length = torch.export.Dim("length", min=1)
-        p = folder / "prefusion.onnx"
-        ext = _export(fuse, (x, keep), p, opset, ["inputs_embeds", "keep"], ["fused"],
-                      ({1: length}, {0: length}), what="LLaVA-Mini pre-fusion")
-        files[p.name] = facts(p, ext, inputs=["inputs_embeds", "keep"], outputs=["fused"],
-                              image_tokens=int(ref.shape[1]), vision_tokens=int(model.n_tokens),
-                              skip_ids=list(model.prefusion_skip_ids))
-    return files
+    from .validate import compare
+
+    with torch.inference_mode():
+        ref = spec.module(*spec.example)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    feeds = {n: (t.float() if t.is_floating_point() else t).numpy() for n, t in zip(spec.inputs, spec.example)}
+    got = ort_session(path).run(None, feeds)
+    recs = [compare(r.float().numpy(), g, precision, n) for r, g, n in zip(refs, got, spec.outputs)]
+    rec = recs[0] if len(recs) == 1 else {**recs[0], "outputs": recs,
+                                          "passed": None if recs[0]["passed"] is None else all(r["passed"] for r in recs)}
+    rec["runtime"] = "onnxruntime CPUExecutionProvider"
+    return rec
 
 
 # -- quantization -----------------------------------------------------------------------------------
@@ -377,14 +352,21 @@ def _fp32_weights(model) -> int:
     from onnx import TensorProto
 
     return sum(int(np.prod(i.dims)) for i in model.graph.initializer
-               if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2)
+               if i.data_type == TensorProto.FLOAT and len(i.dims) >= 2 and not i.name.endswith("_scale"))
 
 
-def quantize_decoder(src, dst, precision: str, block_size: int = 32) -> dict:
-    """decoder.onnx at ``precision``: ``int8`` (dynamic quantization, INT8 per-channel MatMul weights,
-    activations quantized at run time), ``int4`` (block-wise symmetric MatMulNBits), ``fp16`` (FP16
-    weights and compute, FP32 inputs/outputs so the KV cache I/O stays float32). Large results are saved
-    with external data. Returns facts: method, layers/weights quantized, weight coverage, file size.
+def quantize_decoder(src, dst, precision: str, block_size: int = 32, method: str | None = None) -> dict:
+    """decoder.onnx at ``precision`` by the target profile's ``method`` (``vlm.decoder_int8`` / ``decoder_int4``):
+
+    - ``int8`` ``dynamic`` (default): INT8 per-channel MatMul weights, activations quantized at run time
+      (MatMulInteger; ONNX Runtime); ``weights_qdq``: per-channel symmetric INT8 DequantizeLinear on MatMul
+      weights, computed in float (what TensorRT takes)
+    - ``int4`` ``matmulnbits`` (default): block-wise symmetric MatMulNBits (ONNX Runtime); ``qdq``: blocked INT4
+      DequantizeLinear at opset 21 (TensorRT 10's weight-only INT4)
+    - ``fp16``: FP16 weights and compute, FP32 inputs/outputs so the KV cache I/O stays float32.
+
+    Large results are saved with external data. Returns facts: method, layers/weights quantized, weight
+    coverage, file size.
     """
     import onnx
 
@@ -397,7 +379,27 @@ def quantize_decoder(src, dst, precision: str, block_size: int = 32) -> dict:
     base = onnx.load(str(src))
     total = _fp32_weights(base)
     src_bytes = _file_bytes(src)
-    if precision == "int8":
+    if (precision, method) == ("int8", "weights_qdq"):
+        from ..compress.quantize import int8_weights_qdq
+
+        done = int8_weights_qdq(base, ("MatMul", "Gemm"))
+        model = base
+        save_model(model, dst)
+        facts = {"method": "weight-only INT8: per-channel symmetric DequantizeLinear on MatMul/Gemm weights, "
+                           "computed in float", "weight_bits": 8, "dequantize_linear": len(done)}
+    elif (precision, method) == ("int4", "qdq"):
+        from ..compress.quantize import _to_opset, int4_qdq
+
+        model = _to_opset(base, 21)
+        done = int4_qdq(model, block_size, ("MatMul", "Gemm"))
+        save_model(model, dst)
+        facts = {"method": f"block-wise symmetric weight-only INT4 (block {block_size}) as DequantizeLinear "
+                           "(opset 21) on MatMul/Gemm weights", "dequantize_linear": len(done)}
+    elif method not in (None, "dynamic", "matmulnbits") or (precision, method) in (("int8", "matmulnbits"),
+                                                                                   ("int4", "dynamic")):
+        raise ConfigError(f"{method!r} is not a {precision} decoder method", "fix the target profile's vlm block "
+                          "(decoder_int8: dynamic | weights_qdq, decoder_int4: matmulnbits | qdq)")
+    elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         from ..compress.quantize import REDUCE_RANGE      # 7-bit weights: the same answers on CPUs without VNNI
@@ -435,7 +437,7 @@ def quantize_decoder(src, dst, precision: str, block_size: int = 32) -> dict:
         save_model(model, dst)
         facts = {"method": "float16 weights and compute, float32 inputs/outputs (KV cache I/O float32)"}
     left = _fp32_weights(model)
-    return {**facts, "precision": precision, "weights_total": total, "weights_quantized": total - left,
+    return {**facts, "precision": precision, "profile_method": method, "weights_total": total, "weights_quantized": total - left,
             "weight_coverage": round((total - left) / total, 4) if total else 0.0,
             "external_data": dst.with_name(dst.name + ".data").exists(), "file_bytes": _file_bytes(dst),
             "fp32_file_bytes": src_bytes, "ops": _ops(dst)}
@@ -844,7 +846,7 @@ def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirec
     n_new, prefix, x0 = len(eager_tokens), int(ref["bidirectional_prefix"]), ref["prompt_embeds"]
     s = int(x0.shape[1])
     table = None if embed_path else language_model.get_input_embeddings().weight.detach().float().numpy()
-    embed = _session(embed_path) if embed_path else None
+    embed = ort_session(embed_path) if embed_path else None
     dec = _runtime_decoder(path)
     onnx_logits = [dec.prefill(x0, prefix).astype(np.float32)]
     for step in range(n_new - 1):
@@ -872,53 +874,6 @@ def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirec
             "runtime": "onnxruntime CPUExecutionProvider", "teacher_forced": True}
 
 
-def vision_parity(model, path, pixel_values, precision: str = "fp32", grid: tuple[int, int] | None = None) -> dict:
-    """image_embeds from the ONNX vision graphs against ``model.encode_image`` (validate.compare: FP32 must
-    agree within 1e-4 or ValidationError). Moondream: ``path`` is vision_tower.onnx (or its folder), its
-    sibling vision_projector.onnx runs after :func:`merge_crops_numpy` with ``grid`` (guessed if None)."""
-    import torch
-
-    from .validate import compare
-
-    px = pixel_values if isinstance(pixel_values, torch.Tensor) else torch.from_numpy(np.asarray(pixel_values))
-    px = px.to(next(model.vision.parameters()).dtype)
-    x = px.float().numpy()
-    path = Path(path)
-    with torch.inference_mode():
-        if getattr(model, "family", "") == "moondream2":
-            ref = model.encode_image(px, grid).float().numpy()
-        else:
-            ref = model.encode_image(px).float().numpy()
-    if getattr(model, "family", "") == "moondream2":
-        folder = path if path.is_dir() else path.parent
-        grid = grid or model.connector.guess_grid(x.shape[0] - 1)
-        feats = _session(folder / "vision_tower.onnx").run(None, {"pixel_values": x})[0]
-        merged = merge_crops_numpy(feats, grid, model.connector.side, model.connector.margin)
-        got = _session(folder / "vision_projector.onnx").run(None, {"merged_features": merged})[0]
-    else:
-        p = path / "vision_encoder.onnx" if path.is_dir() else path
-        got = _session(p).run(None, {"pixel_values": x})[0]
-    rec = compare(ref, got, precision, "image_embeds")
-    rec["runtime"] = "onnxruntime CPUExecutionProvider"
-    return rec
-
-
-def prefusion_parity(model, path, inputs_embeds, keep, precision: str = "fp32") -> dict:
-    """prefusion.onnx against LLaVA-Mini's eager pre-fusion (with splice's pass-through of dropped tokens)."""
-    import torch
-
-    from .validate import compare
-
-    x = inputs_embeds if isinstance(inputs_embeds, torch.Tensor) else torch.from_numpy(np.asarray(inputs_embeds))
-    k = keep if isinstance(keep, torch.Tensor) else torch.from_numpy(np.asarray(keep))
-    with torch.inference_mode():
-        ref = _prefusion_module(model)(x, k.bool()).float().numpy()
-    got = _session(path).run(None, {"inputs_embeds": x.float().numpy(), "keep": k.bool().numpy()})[0]
-    rec = compare(ref, got, precision, "fused")
-    rec["runtime"] = "onnxruntime CPUExecutionProvider"
-    return rec
-
-
 __all__ = ["MASK_MIN", "attention_mask", "decoder_io_names", "decoder_parity", "eager_reference", "export_decoder",
-           "export_embed_tokens", "export_vision_encoder", "merge_crops_numpy", "prefusion_parity",
-           "quantize_decoder", "fuse_attention", "rotary_tables", "save_model", "splice_llava_mini", "vision_parity"]
+           "export_embed_tokens", "export_part", "merge_crops_numpy", "part_parity",
+           "quantize_decoder", "fuse_attention", "rotary_tables", "save_model", "splice_llava_mini"]

@@ -41,6 +41,19 @@ from .llava import HFVisionTower, LlavaModel
 from .vlm import VisionLanguageModel
 
 
+class _Fuse(nn.Module):
+    """Pre-fusion over [M vision ; N compressed ; L text] with the keep mask; dropped (keep = False) positions
+    come out as their input embedding, as :meth:`LlavaMiniModel.splice` uses them."""
+
+    def __init__(self, fusion):
+        super().__init__()
+        self.fusion = fusion
+
+    def forward(self, inputs_embeds, keep):
+        x = self.fusion(inputs_embeds, keep)
+        return torch.where(keep[None, :, None], x, inputs_embeds).float()
+
+
 class LlavaMiniModel(VisionLanguageModel):
     """vision -> connector (projector + compressor) -> pre-fusion (in :meth:`splice`) -> language model."""
 
@@ -108,6 +121,25 @@ class LlavaMiniModel(VisionLanguageModel):
         vis = x[:, n_img - n:n_img]                                                 # (1, N, D)
         b = len(pieces.before)
         return torch.cat([fused_text[:, :b], vis, fused_text[:, b:]], dim=1)        # (1, L + N, D)
+
+    def export_parts(self, image) -> list:
+        """The vision encoder, and (compressed) ``prefusion``: [M + N image tokens ; text] with the keep mask,
+        dynamic length, dropped positions passed through as their input embedding (as :meth:`splice` does)."""
+        from ..parts import PartRole, PartSpec
+
+        parts = super().export_parts(image)
+        if not self.compress:
+            return parts
+        m = parts[0].facts["image_tokens"]
+        x = torch.randn(1, m + 8, self.hidden_size, generator=torch.Generator().manual_seed(0))
+        keep = torch.ones(x.shape[1], dtype=torch.bool)
+        keep[m + 1] = False                                   # one skipped text position, as a prompt's id 0
+        parts.append(PartSpec("prefusion", _Fuse(self.fusion).eval(), ("inputs_embeds", "keep"), ("fused",),
+                              (x, keep), role=PartRole.FEATURES, dynamic={"inputs_embeds": {1: "length"},
+                                                                          "keep": {0: "length"}},
+                              facts={"image_tokens": m, "vision_tokens": int(self.n_tokens),
+                                     "skip_ids": list(self.prefusion_skip_ids)}, what="LLaVA-Mini pre-fusion"))
+        return parts
 
     def runtime_spec(self) -> dict:
         """Compressed: the runtime pre-fuses [M + N image tokens ; text] and keeps the last N image tokens."""

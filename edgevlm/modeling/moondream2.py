@@ -184,6 +184,26 @@ class MoondreamConnector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))[None]            # (1, N, D)
 
 
+class _Float(nn.Module):
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x).float()
+
+
+class _Projector(nn.Module):
+    """MoondreamConnector after the merge: fc1 -> GELU (tanh) -> fc2, (N, 2C) -> (1, N, D)."""
+
+    def __init__(self, conn: MoondreamConnector):
+        super().__init__()
+        self.fc1, self.fc2 = conn.fc1, conn.fc2
+
+    def forward(self, merged_features):
+        return self.fc2(F.gelu(self.fc1(merged_features), approximate="tanh"))[None].float()
+
+
 # -- region heads -------------------------------------------------------------------------------------
 class MoondreamRegion(nn.Module):
     """Moondream ``region.py``: Fourier-feature encoders that turn a coordinate / a (w, h) size into an
@@ -225,6 +245,30 @@ class MoondreamRegion(nn.Module):
         return w_bin / bins, h_bin / bins
 
 
+class RegionGraph(nn.Module):
+    """The region heads as one graph of four independent rows-in, rows-out paths (the bundle's ``region`` part):
+
+        coord (Nc, 1) -> coord_embed (Nc, 1, D)          coord_hidden (Nh, D) -> coord_logits (Nh, bins)
+        size (Ns, 2)  -> size_embed (Ns, 1, D)           size_hidden (Nz, D)  -> size_logits (Nz, 2, bins)
+
+    Each path has its own input and row count, and any count may be 0: ONNX Runtime runs every node of a graph
+    whatever outputs are fetched, so a call feeds 0 rows to the paths it does not need (the decoders are 25M and
+    33M MACs at Moondream2's size; the encoders nearly nothing). Float32 in and out whatever the heads' dtype."""
+
+    def __init__(self, region: MoondreamRegion):
+        super().__init__()
+        self.r = region
+
+    def forward(self, coord, size, coord_hidden, size_hidden):
+        r, dt = self.r, self.r.coord_features.dtype
+        coord_embed = r.coord_encoder(r.fourier(coord.to(dt), r.coord_features))[:, None]       # (Nc, 1, D)
+        size_embed = r.size_encoder(r.fourier(size.to(dt), r.size_features))[:, None]           # (Ns, 1, D)
+        coord_logits = r.coord_decoder(coord_hidden.to(dt))                                      # (Nh, bins)
+        size_logits = r.size_decoder(size_hidden.to(dt))                                         # (Nz, 2 * bins)
+        size_logits = size_logits.reshape(size_logits.shape[0], 2, size_logits.shape[-1] // 2)  # rows: w, h
+        return coord_embed.float(), size_embed.float(), coord_logits.float(), size_logits.float()
+
+
 # -- the model ----------------------------------------------------------------------------------------
 class MoondreamModel(VisionLanguageModel):
     """Moondream2: BOS + image embeddings form a bidirectional prefix, prompts are the reference's
@@ -232,6 +276,7 @@ class MoondreamModel(VisionLanguageModel):
 
     family = "moondream2"
     bidirectional_image_prefix = True
+    decoder_outputs = ("hidden",)    # detect/point read the pre-final-LN hidden state (see _lm_step)
 
     def __init__(self, vision, connector, language_model, region: MoondreamRegion | None, *, tokens: dict,
                  revision: str, **kw):
@@ -264,6 +309,27 @@ class MoondreamModel(VisionLanguageModel):
     def encode_image(self, pixel_values: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(V, 3, S, S) -> (1, N, D). Pass the grid from :meth:`image_views` (guessed if square)."""
         return self.connector(self.vision(pixel_values), grid)                   # (1, N, D)
+
+    def export_parts(self, image) -> list:
+        """Two graphs, since the connector stitches crops along a Python grid: ``vision_tower`` (dynamic views)
+        and ``vision_projector`` over the merged features (the runtime merges with ``merge_crops_numpy``); and, when
+        the checkpoint has them, the ``region`` heads that detect and point read on the decoder's hidden state."""
+        from ..parts import PartRole, PartSpec
+
+        views, _ = self.image_views(image)
+        views = views if views.shape[0] >= 2 else torch.cat([views, views])       # traced at V >= 2 (dynamic)
+        with torch.no_grad():
+            feats = self.vision(views)                                            # (V, N, C)
+        merged = torch.cat([feats[0], feats[0]], dim=-1).float()                  # (N, 2C)
+        return [
+            PartSpec("vision_tower", _Float(self.vision).eval(), ("pixel_values",), ("image_features",), (views,),
+                     dynamic={"pixel_values": {0: "views"}}, what="Moondream vision tower",
+                     facts={"features": [int(feats.shape[1]), int(feats.shape[2])]}),
+            PartSpec("vision_projector", _Projector(self.connector).eval(), ("merged_features",), ("image_embeds",),
+                     (merged,), role=PartRole.FEATURES, what="Moondream projector",
+                     facts={"merge": {"side": int(self.connector.side), "margin": int(self.connector.margin),
+                                      "function": "edgevlm.runtime.vlm_ops.merge_crops_numpy"}}),
+        ] + self._region_part()
 
     def embed_prompt(self, image, ids: list[int]) -> tuple[torch.Tensor, int]:
         """[BOS, image embeddings, prompt ids] -> ((1, T, D), length of the bidirectional prefix)."""
@@ -314,7 +380,38 @@ class MoondreamModel(VisionLanguageModel):
         spec["prompt"] = {"kind": "moondream", "bos_id": int(self.tokens["bos_id"]), "prefix": [int(i) for i in q["prefix"]],
                           "suffix": [int(i) for i in q["suffix"]], "space_before_text": bool(self.rules.space_before_text)}
         spec["vision"] = {"kind": "moondream_crops", "side": int(self.connector.side), "margin": int(self.connector.margin)}
+        spec["skills"] = self.skills_spec()
         return spec
+
+    def skills_spec(self) -> dict:
+        """What the torch-free runtime's skills (``edgevlm.runtime.skills``) need: the caption lengths of this
+        revision and their token ids, the detect/point templates, the EOS id that ends the object list, the size
+        bin rule and the default answer length."""
+        ids = lambda xs: [int(i) for i in xs]  # noqa: E731
+        t = self.tokens
+        return {"caption": {k: ids(v) for k, v in t["caption"].items() if k in self.rules.captions},
+                **{k: {"prefix": ids(t[k]["prefix"]), "suffix": ids(t[k]["suffix"])} for k in ("detect", "point")},
+                "eos_id": int(t["eos_id"]), "log_sizes": bool(self.rules.log_sizes),
+                "max_tokens": int(self.rules.max_tokens)}
+
+    def _region_part(self) -> list:
+        """The region heads as the bundle's ``region`` part (:class:`RegionGraph`, role ``heads``: kept FP32 at every
+        bundle precision, since the runtime takes the argmax of its bins), when the checkpoint has them."""
+        from ..parts import PartRole, PartSpec
+
+        if self.region is None:
+            return []
+        r, d = self.region, self.hidden_size
+        g = torch.Generator().manual_seed(0)
+        example = (torch.rand(3, 1, generator=g), torch.rand(3, 2, generator=g) * 0.5,
+                   torch.randn(2, d, generator=g), torch.randn(2, d, generator=g))
+        rows = {"coord": "n_coord", "size": "n_size", "coord_hidden": "n_coord_hidden", "size_hidden": "n_size_hidden"}
+        return [PartSpec("region", RegionGraph(r).eval(), tuple(rows), ("coord_embed", "size_embed", "coord_logits",
+                         "size_logits"), example, role=PartRole.HEADS, dynamic={k: {0: v} for k, v in rows.items()},
+                         what="Moondream region heads",
+                         facts={"coord_bins": int(r.coord_decoder.fc2.out_features),
+                                "size_bins": int(r.size_decoder.fc2.out_features) // 2,
+                                "reads": "decoder output 'hidden' (pre-final-LN hidden state of the last position)"})]
 
     # -- text skills ----------------------------------------------------------------------------------
     def _text(self, image, ids: list[int], stream: bool, max_new_tokens: int, temperature: float = 0.0,

@@ -206,6 +206,8 @@ def cell_words(tower: "FastViTTower", lm, tokenizer: TextTokenizer, name: str) -
 
 class ScenesVLM(VisionLanguageModel):
     family = "edgevlm"
+    parity_prompt = "describe the image."       # its own task's prompt and pictures (edgevlm.data.scenes)
+    calibration_dataset = "scenes"
 
 
 def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None) -> ScenesVLM:

@@ -39,6 +39,17 @@ def pick_token(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class EncodeImage(nn.Module):
+    """``model.encode_image`` as a module with float32 output: the traced vision encoder part."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, pixel_values):
+        return self.m.encode_image(pixel_values).float()
+
+
 class VisionLanguageModel(nn.Module):
     """vision tower + connector + Hugging Face causal LM, with a processor and a KV-cache decode loop."""
 
@@ -46,6 +57,13 @@ class VisionLanguageModel(nn.Module):
     # Moondream lets BOS and the image tokens attend to each other both ways during prefill; set to
     # True and the prefill gets a 4D mask with that prefix bidirectional (the rest stays causal).
     bidirectional_image_prefix = False
+    # Extra outputs the family needs from decoder.onnx besides logits and the KV cache (names the exporter knows:
+    # "hidden" = the last position's hidden state before the final norm, (1, D), which Moondream's region heads read).
+    decoder_outputs: tuple[str, ...] = ()
+    # What export-time parity and calibration use for this family (the scenes model reads its own task's prompt
+    # and pictures; others a generic question and photos).
+    parity_prompt = "What is in this image?"
+    calibration_dataset: str | None = None
 
     def __init__(self, vision: nn.Module, connector: nn.Module, language_model: nn.Module, *,
                  image_spec: ImageSpec, prompt_spec: PromptSpec, tokenizer: TextTokenizer | None = None,
@@ -60,6 +78,19 @@ class VisionLanguageModel(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         """The named parts, in data-flow order (what `edgevlm info` lists and exporters split on)."""
         return {"vision": self.vision, "connector": self.connector, "language_model": self.language_model}
+
+    def export_parts(self, image) -> list:
+        """The bundle's graphs besides the token embedding and the decoder, as data (:class:`edgevlm.parts.PartSpec`),
+        with example inputs made from ``image``: here one vision encoder (tower + connector). Families whose image
+        path is not one graph (Moondream's crops, LLaVA-Mini's pre-fusion) return their own list."""
+        from ..parts import PartSpec
+
+        px = self.pixel_values(image)
+        enc = EncodeImage(self).eval()
+        with torch.no_grad():
+            n = int(enc(px).shape[1])
+        return [PartSpec("vision_encoder", enc, ("pixel_values",), ("image_embeds",), (px,),
+                         facts={"input_shape": list(px.shape), "image_tokens": n}, what="vision encoder")]
 
     @property
     def hidden_size(self) -> int:

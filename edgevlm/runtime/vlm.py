@@ -26,6 +26,7 @@ from ..errors import BundleError, ConfigError, first_line
 from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token_np
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
+from . import skills
 from .backends import OrtSession, usable_cpus
 from ..bundle import resolve
 from .vlm_ops import attention_mask, merge_crops_numpy, splice_llava_mini
@@ -60,10 +61,13 @@ class _Graph:
                               "re-export the bundle with `edgevlm export`; if it persists, report it") from None
 
 
+# The session class that runs a VLM bundle's parts, by the target's format (a new format adds its session here).
+PART_SESSIONS = {"onnx": _Graph, "ort": _Graph}
+
 # The inputs each ONNX part of a VLM bundle is fed (see VLMPipeline); the decoder's are checked in OrtDecoder.
 PART_INPUTS = {"vision_encoder": ("pixel_values",), "vision_tower": ("pixel_values",),
                "vision_projector": ("merged_features",), "embed_tokens": ("input_ids",),
-               "prefusion": ("inputs_embeds", "keep")}
+               "prefusion": ("inputs_embeds", "keep"), "region": ("coord", "size", "coord_hidden", "size_hidden")}
 DECODER_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
 
 
@@ -77,6 +81,10 @@ class OrtDecoder:
 
     ``step``: the same decoder with edgevlm's 4-bit kernel (``edgevlm.kernels``), sharing the weights and KV
     buffers, for one-position calls (decode steps); prompts run ``graph`` (see :func:`open_ort_decoder`).
+
+    A decoder exported with the ``hidden`` output (a family that declares it, as Moondream2 for detect/point) also
+    keeps the last position's pre-final-norm hidden state of each call in ``last_hidden`` (D,); ``gives_hidden``
+    says whether it does.
     """
 
     name = "onnxruntime"
@@ -90,6 +98,7 @@ class OrtDecoder:
         self.providers = graph.ort.providers
         have = {i.name for i in graph.session.get_inputs()}
         self.shared_kv = "seqlens_k" in have
+        self.gives_hidden = "hidden" in graph.outputs
         self._kv_names = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         need = list(DECODER_INPUTS) + [f"past_key_values.{n}" for n in self._kv_names]
         missing = [n for n in need if n not in have]
@@ -102,6 +111,7 @@ class OrtDecoder:
 
     def reset(self) -> None:
         self.n_past = 0
+        self.last_hidden: np.ndarray | None = None
         if self.shared_kv:
             self._buffers, self._bindings, self.capacity = None, {}, 0
         else:
@@ -125,6 +135,8 @@ class OrtDecoder:
                 continue
             b = g.session.io_binding()
             b.bind_output("logits", "cpu")                       # output 0
+            if self.gives_hidden:
+                b.bind_output("hidden", "cpu")                   # output 1
             for n, v in values.items():                           # ORT writes into the numpy arrays
                 b.bind_ortvalue_input(f"past_key_values.{n}", v)
                 b.bind_ortvalue_output(f"present.{n}", v)
@@ -153,7 +165,10 @@ class OrtDecoder:
             except Exception as e:       # onnxruntime's own exception types
                 raise BundleError(f"ONNX Runtime failed running {g.path.name}: {first_line(e)}",
                                   "re-export the bundle with `edgevlm export`; if it persists, report it") from None
-            logits = np.array(b.get_outputs()[0].numpy())      # a copy: ORT reuses that memory next call
+            got = b.get_outputs()
+            logits = np.array(got[0].numpy())                  # a copy: ORT reuses that memory next call
+            if self.gives_hidden:
+                self.last_hidden = np.array(got[1].numpy()).reshape(-1)
         else:
             outs = self.graph(inputs_embeds=x, attention_mask=mask, position_ids=pos, **self.past)
             names = self.graph.outputs
@@ -162,6 +177,8 @@ class OrtDecoder:
             logits = outs[names.index("logits")]
             for n in self._kv_names:
                 self.past[f"past_key_values.{n}"] = outs[names.index(f"present.{n}")]
+            if self.gives_hidden:
+                self.last_hidden = outs[names.index("hidden")].reshape(-1)
         self.n_past += s
         return logits.reshape(-1)
 
@@ -333,7 +350,9 @@ def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: st
 
 
 class VLMPipeline:
-    """A loaded VLM bundle: ``generate(image, prompt, ...)`` streams or returns a :class:`Generation`."""
+    """A loaded VLM bundle: ``generate(image, prompt, ...)`` streams or returns a :class:`Generation`. Bundles with
+    a ``generation.skills`` block (Moondream2) also have ``caption``, ``query``, ``detect`` and ``point``
+    (:mod:`edgevlm.runtime.skills`)."""
 
     def __init__(self, path: Path, manifest: dict, decoder: str | None = None, threads: int | None = None):
         self.path, self.manifest = Path(path), manifest
@@ -342,7 +361,7 @@ class VLMPipeline:
         if not isinstance(gen, dict) or not isinstance(parts, dict):
             raise BundleError(f"{path} lacks the generation/parts blocks of a VLM bundle", "export it again")
         fmt = manifest["target"].get("format")
-        if fmt not in ("onnx", "ort"):
+        if fmt not in PART_SESSIONS:
             raise BundleError(f"{path} was exported for target {manifest['target'].get('name')!r} ({fmt}), which this "
                               "runtime cannot run here", "export the model again with --target cpu")
         self.spec = gen
@@ -370,8 +389,8 @@ class VLMPipeline:
             rec = parts.get(name)
             if rec is None:
                 raise BundleError(f"{path} has no {name} part", "copy the whole bundle directory again, or re-export")
-            return _Graph(self.file(rec["path"], f"part {name!r}"), providers, rec.get("precision", "fp32"),
-                          self.threads, expect=PART_INPUTS.get(name, ()))
+            return PART_SESSIONS[fmt](self.file(rec["path"], f"part {name!r}"), providers,
+                                      rec.get("precision", "fp32"), self.threads, expect=PART_INPUTS.get(name, ()))
 
         vision = gen.get("vision", {}).get("kind", "encoder")
         if vision == "moondream_crops":
@@ -381,6 +400,7 @@ class VLMPipeline:
             self.vision = graph("vision_encoder")
         self.embed = graph("embed_tokens")
         self.prefusion = graph("prefusion") if "prefusion" in gen else None
+        self._graph, self._region = graph, None          # optional parts open on first use (region_heads)
         self.decoder = self._open_decoder(decoder, parts, graph)
 
     # -- backends ---------------------------------------------------------------------------------
@@ -499,11 +519,41 @@ class VLMPipeline:
                  top_k: int = 0, seed: int | None = None, stream: bool = False):
         """Answer ``prompt`` about ``image`` (path, bytes, PIL image or array; None for text only)."""
         embeds, cfg, stats, prefix = self.start(image, prompt, max_new_tokens, temperature, top_p, top_k, seed)
+        return self.run_embeds(embeds, cfg, stats, prefix, stream)
+
+    def run_embeds(self, embeds: np.ndarray, cfg: GenerationConfig, stats: GenerationStats, prefix: int = 0,
+                   stream: bool = False):
+        """Decode after assembled ``embeds``: a :class:`Generation`, or text pieces with ``stream``."""
         if stream:
             return self._stream(embeds, cfg, stats, prefix)
         ids = list(self.decode_tokens(embeds, cfg, stats, prefix))
         stats.time_to_first_token_s += stats.encode_s
         return Generation(self.tokenizer.decode(ids), ids, stats)
+
+    # -- Moondream2's skills (edgevlm.runtime.skills; the bundle's generation.skills block) ----------
+    def caption(self, image, length: str = "normal", stream: bool = False, max_new_tokens: int | None = None,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        """A caption of ``length`` (short, normal, long): text, or pieces with ``stream``."""
+        return skills.caption(self, image, length, stream, max_new_tokens, temperature, top_p, seed)
+
+    def query(self, image, question: str, stream: bool = False, max_new_tokens: int | None = None,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        """The answer text to ``question`` (or pieces with ``stream``); greedy by default."""
+        return skills.query(self, image, question, stream, max_new_tokens, temperature, top_p, seed)
+
+    def detect(self, image, object: str, max_objects: int = 50) -> list[dict]:
+        """Boxes of ``object`` as {x_min, y_min, x_max, y_max} in [0, 1] (needs the region part and the ONNX decoder)."""
+        return skills.detect(self, image, object, max_objects)
+
+    def point(self, image, object: str, max_objects: int = 50) -> list[dict]:
+        """Centre points of ``object`` as {x, y} in [0, 1) (needs the region part and the ONNX decoder)."""
+        return skills.point(self, image, object, max_objects)
+
+    def region_heads(self) -> skills.Region:
+        """The ``region`` part, opened on first use."""
+        if self._region is None:
+            self._region = skills.Region(self._graph("region"), int(self.spec["hidden_size"]))
+        return self._region
 
     def _stream(self, embeds, cfg, stats, prefix) -> Iterator[str]:
         self.last_stats = stats
