@@ -60,6 +60,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +128,6 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
 
 
-def _file_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 # -- the model ----------------------------------------------------------------------------------------------
 def build_lm(size: str):
     """The random-weight Phi-shaped decoder (seeded: every process builds the same weights)."""
@@ -161,7 +157,7 @@ def _fuse(size: str, path: Path, dst: Path | None = None) -> str:
     import transformers
     from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
-    from edgevlm.exporters.vlm_onnx import fuse_attention, rotary_tables
+    from edgevlm.compress.attention import fuse_attention, rotary_tables
 
     c = {**SIZES[size], **_PHI}
     say(f"  fusing attention in {(dst or path).name} (RoPE checked against the model's own ops)")
@@ -640,7 +636,23 @@ def _plot(rows: list[dict], path: Path, title: str) -> str:
     return f"wrote {path}"
 
 
-def main(argv=None) -> int:
+# -- the parent run, stage by stage (main) ------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What the parent run times, settled before timing: engines (and why others are skipped), artifacts, context."""
+    cache: Path
+    engines: list[str]
+    comp_engines: list[str]
+    skipped: dict[str, str]
+    llama_version: str | None
+    arts: dict = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    n_ctx: int = 0
+    prompt: Path | None = None
+
+
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line (the run's options and the worker modes' hidden ones): (parser, arguments)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="1.3b")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per engine (after one warm-up)")
@@ -656,37 +668,48 @@ def main(argv=None) -> int:
     ap.add_argument("--flash-attn", choices=("on", "off"), default="on",
                     help="llama.cpp flash attention for both llama.cpp paths (edgevlm's default 'auto' is on for CPU)")
     ap.add_argument("--cache", type=Path, default=Path("/work/bench_cache"), help="artifacts, reused when present")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results directory")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="results directory (created if missing): vlm_decode-<size>.json and .png are written into it "
+                         "(vlm_decode-<size>-compression.json for --compression without engines)")
     ap.add_argument("--prepare", help=argparse.SUPPRESS)
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--measure-ttft", help=argparse.SUPPRESS)
     ap.add_argument("--measure-bandwidth", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prompt", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--n-ctx", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    cache = args.cache / f"vlm_decode-{args.size}"
-    fa = args.flash_attn == "on"
+    return ap, ap.parse_args(argv)
 
-    # -- worker modes (each in a fresh process) --
+
+def run_worker(args, cache: Path) -> bool:
+    """A worker mode (one stage in a fresh process the parent started) prints its JSON line; False for the parent."""
+    fa = args.flash_attn == "on"
     if args.prepare:
         print(json.dumps(prepare_stage(args.prepare, args.size, cache)))
-        return 0
-    if args.measure_bandwidth:
+    elif args.measure_bandwidth:
         print(json.dumps(measure_bandwidth()))
-        return 0
-    if args.measure:
+    elif args.measure:
         print(json.dumps(measure(args.measure, args.size, cache, args.prompt[0], args.runs, args.new_tokens,
                                  args.threads, args.n_ctx, fa)))
-        return 0
-    if args.measure_ttft:
+    elif args.measure_ttft:
         print(json.dumps(measure_ttft(args.measure_ttft, args.size, cache, args.prompt, args.runs, args.threads,
                                       args.n_ctx, fa)))
-        return 0
+    else:
+        return False
+    return True
 
-    from edgevlm.report import table, write_json
 
+def plan_run(args, cache: Path, fail) -> Plan:
+    """Check the options, pick the engines (llama.cpp's skipped without llama-cpp-python), announce the run."""
     if args.new_tokens < 2:
-        ap.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+        fail("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    # --out is a directory (several files, named by size), checked now rather than after the timing
+    if not args.out.is_dir() and (args.out.exists() or args.out.suffix == ".json"):
+        fail(f"--out {args.out}: give the results directory (vlm_decode-<size>.json and .png are written into it), "
+             "not a file")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {args.out}: {e.strerror or e}")
     engines = list(dict.fromkeys(args.engines))
     skipped: dict[str, str] = {}
     try:
@@ -704,32 +727,42 @@ def main(argv=None) -> int:
     say(f"vlm_decode: size {args.size} ({n_params(args.size) / 1e9:.3f}B params, random weights), "
         f"{args.image_tokens} image rows + {TEXT_TOKENS} text tokens, {args.new_tokens} new tokens, "
         f"{args.runs} runs, {args.threads} threads; cache {cache}")
+    return Plan(cache, engines, comp_engines, skipped, llama_version)
 
-    wanted = {"embed_tokens"} | {ENGINES[k][2] for k in engines + comp_engines if ENGINES[k][2]}
-    arts, unavailable = ensure_artifacts(args.size, cache, wanted, args.threads)
-    for k in list(engines):
+
+def build_artifacts(args, plan: Plan) -> None:
+    """Build (or reuse from the cache) the engines' artifacts in subprocesses; engines without theirs are skipped."""
+    wanted = {"embed_tokens"} | {ENGINES[k][2] for k in plan.engines + plan.comp_engines if ENGINES[k][2]}
+    plan.arts, plan.unavailable = ensure_artifacts(args.size, plan.cache, wanted, args.threads)
+    for k in list(plan.engines):
         art = ENGINES[k][2]
-        if art in unavailable:
-            skipped[k] = f"{ARTIFACTS[art][0]} unavailable: {unavailable[art]}"
-            engines.remove(k)
-    comp_engines = [k for k in comp_engines if ENGINES[k][2] not in unavailable]
-    if "embed_tokens" in unavailable:
-        raise SystemExit(f"embed_tokens.onnx could not be built: {unavailable['embed_tokens']}")
+        if art in plan.unavailable:
+            plan.skipped[k] = f"{ARTIFACTS[art][0]} unavailable: {plan.unavailable[art]}"
+            plan.engines.remove(k)
+    plan.comp_engines = [k for k in plan.comp_engines if ENGINES[k][2] not in plan.unavailable]
+    if "embed_tokens" in plan.unavailable:
+        raise SystemExit(f"embed_tokens.onnx could not be built: {plan.unavailable['embed_tokens']}")
 
+
+def context_and_prompt(args, plan: Plan, fail) -> None:
+    """The context every engine gets (longest prompt + new tokens, rounded up to 256) and the prompt's file."""
     n_prompt = args.image_tokens + TEXT_TOKENS
     need = n_prompt + args.new_tokens + 1
-    if comp_engines:
+    if plan.comp_engines:
         need = max(need, max(COMPRESSION_VISION) + TEXT_TOKENS + 1)
-    n_ctx = -(-need // 256) * 256
-    if n_ctx > SIZES[args.size].get("max_position_embeddings", _PHI["max_position_embeddings"]):
-        ap.error(f"the prompt and new tokens need {need} positions; the decoder holds "
-                 f"{_PHI['max_position_embeddings']}")
-    prompt = make_prompt(cache, args.size, args.image_tokens)
+    plan.n_ctx = -(-need // 256) * 256
+    if plan.n_ctx > SIZES[args.size].get("max_position_embeddings", _PHI["max_position_embeddings"]):
+        fail(f"the prompt and new tokens need {need} positions; the decoder holds "
+             f"{_PHI['max_position_embeddings']}")
+    plan.prompt = make_prompt(plan.cache, args.size, args.image_tokens)
 
+
+def prepare_machine(args, plan: Plan) -> tuple[float | None, dict]:
+    """Before timing: other jobs' CPU load, edgevlm's 4-bit kernel built, memory bandwidth; (busy, bandwidth)."""
     busy = cpu_busy()
     if busy is not None:
         say(f"other jobs keep {100 * busy:.0f}% of the CPUs busy")
-    if any(ENGINES[k][1] == "ort" for k in engines) and not args.no_kernel_build:
+    if any(ENGINES[k][1] == "ort" for k in plan.engines) and not args.no_kernel_build:
         from edgevlm import kernels
         from edgevlm.errors import EdgeVLMError
 
@@ -742,16 +775,24 @@ def main(argv=None) -> int:
     bw = _sub(["--measure-bandwidth"], args.threads)
     say(f"  bandwidth {bw['bandwidth_gbs']:.1f} GB/s (copy {bw['copy_gbs']}, read 1 thread {bw['read_1thread_gbs']}, "
         f"2 threads {bw['read_2threads_gbs']})")
+    return busy, bw
 
+
+def _common_args(args, plan: Plan) -> list[str]:
+    """The options every measuring subprocess gets."""
+    return ["--size", args.size, "--cache", str(args.cache), "--threads", str(args.threads),
+            "--n-ctx", str(plan.n_ctx), "--flash-attn", args.flash_attn]
+
+
+def time_engines(args, plan: Plan) -> tuple[dict, dict]:
+    """Each engine in its own fresh process: warm-up + ``--runs`` greedy runs; ({key: timings}, {key: failure})."""
     results, failed = {}, {}
-    common = ["--size", args.size, "--cache", str(args.cache), "--threads", str(args.threads), "--n-ctx", str(n_ctx),
-              "--flash-attn", args.flash_attn]
-    for k in engines:
+    for k in plan.engines:
         say(f"timing {ENGINES[k][0]}: warm-up + {args.runs} runs of {args.new_tokens} tokens, fresh process")
         try:
-            results[k] = _sub(["--measure", k, "--prompt", str(prompt), "--runs", str(args.runs),
-                               "--new-tokens", str(args.new_tokens), *common], args.threads, stream_err=False,
-                              huge_pages=ENGINES[k][1] in EDGEVLM_KINDS)
+            results[k] = _sub(["--measure", k, "--prompt", str(plan.prompt), "--runs", str(args.runs),
+                               "--new-tokens", str(args.new_tokens), *_common_args(args, plan)], args.threads,
+                              stream_err=False, huge_pages=ENGINES[k][1] in EDGEVLM_KINDS)
             r = results[k]
             say(f"  ttft {1000 * np.median(r['ttft_s']):.0f} ms, {np.median(r['tok_s']):.2f} tok/s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB")
@@ -763,16 +804,22 @@ def main(argv=None) -> int:
         except RuntimeError as e:
             failed[k] = str(e)
             say(f"  FAILED: {e}")
+    return results, failed
 
+
+def bandwidth_after(args, bw: dict) -> dict:
+    """The bandwidth measured again after timing; the higher figure is the limit, both are recorded."""
     say("measuring memory bandwidth again (numpy)")
     bw2 = _sub(["--measure-bandwidth"], args.threads)
     say(f"  bandwidth {bw2['bandwidth_gbs']:.1f} GB/s")
-    bw = {**(bw if bw["bandwidth_gbs"] >= bw2["bandwidth_gbs"] else bw2),
-          "before_timing_gbs": bw["bandwidth_gbs"], "after_timing_gbs": bw2["bandwidth_gbs"]}
+    return {**(bw if bw["bandwidth_gbs"] >= bw2["bandwidth_gbs"] else bw2),
+            "before_timing_gbs": bw["bandwidth_gbs"], "after_timing_gbs": bw2["bandwidth_gbs"]}
 
-    # weights: what each engine loads, and what one decoded token reads
-    rows = []
-    for k in engines:
+
+def engine_rows(args, plan: Plan, results: dict, bw: dict) -> list[dict]:
+    """One table row per engine: weights, bytes read per token, bandwidth limit, timings, agreement/speed vs eager."""
+    cache, rows = plan.cache, []
+    for k in plan.engines:
         label, kind, art = ENGINES[k]
         r = results.get(k)
         if kind == "eager":
@@ -810,6 +857,13 @@ def main(argv=None) -> int:
     eager = by.get("eager", {}).get("decode_tok_s")
     for r in rows:
         r["x_decode_vs_eager"] = _ratio(r.get("decode_tok_s"), eager)
+    return rows
+
+
+def ratios_and_targets(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """The speed ratios between engines, and the targets they are held to (met / not met / not measured)."""
+    by = {r["key"]: r for r in rows}
+    eager = by.get("eager", {}).get("decode_tok_s")
 
     def tps(k):
         return by.get(k, {}).get("decode_tok_s")
@@ -846,34 +900,41 @@ def main(argv=None) -> int:
         if r["kind"] in EDGEVLM_KINDS and r["key"] not in REFERENCE_ROWS:
             targets.append(_target(f"{r['engine']} >= 50% of its bandwidth limit", r.get("pct_of_limit"),
                                    TARGET_PCT_LIMIT, "%"))
+    return ratios, targets
 
-    # -- compression: time to first token with 1 / 16 / 576 vision tokens --
-    compression = None
-    if args.compression:
-        compression = {"vision_tokens": list(COMPRESSION_VISION), "text_tokens": TEXT_TOKENS, "rows": [],
-                       "skipped": {k: skipped.get(k) or unavailable.get(ENGINES[k][2], "")
-                                   for k in COMPRESSION_ENGINES if k not in comp_engines}}
-        paths = {n: make_prompt(cache, args.size, n) for n in COMPRESSION_VISION}
-        for k in comp_engines:
-            say(f"compression: time to first token of {ENGINES[k][0]} at {', '.join(map(str, COMPRESSION_VISION))} "
-                "vision tokens, fresh process")
-            try:
-                res = _sub(["--measure-ttft", k, "--prompt", *[str(p) for p in paths.values()], "--runs",
-                            str(args.runs), *common], args.threads, stream_err=False, huge_pages=True)
-            except RuntimeError as e:
-                compression["skipped"][k] = str(e)
-                say(f"  FAILED: {e}")
-                continue
-            base = float(np.median(res["ttft_s"][str(paths[max(COMPRESSION_VISION)])]))
-            for n, p in paths.items():
-                t = float(np.median(res["ttft_s"][str(p)]))
-                compression["rows"].append({"engine": ENGINES[k][0], "vision_tokens": n,
-                                            "prompt_tokens": n + TEXT_TOKENS, "ttft_ms": 1000 * t,
-                                            "speedup_vs_576": base / t, "peak_rss_mib": res["peak_rss_mib"]})
-            say("  " + ", ".join(f"{r['vision_tokens']}: {r['ttft_ms']:.0f} ms" for r in compression["rows"]
-                                 if r["engine"] == ENGINES[k][0]))
 
-    # -- print --
+def time_compression(args, plan: Plan) -> dict:
+    """--compression: time to first token with 1 / 16 / 576 vision tokens, each engine in a fresh process."""
+    compression = {"vision_tokens": list(COMPRESSION_VISION), "text_tokens": TEXT_TOKENS, "rows": [],
+                   "skipped": {k: plan.skipped.get(k) or plan.unavailable.get(ENGINES[k][2], "")
+                               for k in COMPRESSION_ENGINES if k not in plan.comp_engines}}
+    paths = {n: make_prompt(plan.cache, args.size, n) for n in COMPRESSION_VISION}
+    for k in plan.comp_engines:
+        say(f"compression: time to first token of {ENGINES[k][0]} at {', '.join(map(str, COMPRESSION_VISION))} "
+            "vision tokens, fresh process")
+        try:
+            res = _sub(["--measure-ttft", k, "--prompt", *[str(p) for p in paths.values()], "--runs",
+                        str(args.runs), *_common_args(args, plan)], args.threads, stream_err=False, huge_pages=True)
+        except RuntimeError as e:
+            compression["skipped"][k] = str(e)
+            say(f"  FAILED: {e}")
+            continue
+        base = float(np.median(res["ttft_s"][str(paths[max(COMPRESSION_VISION)])]))
+        for n, p in paths.items():
+            t = float(np.median(res["ttft_s"][str(p)]))
+            compression["rows"].append({"engine": ENGINES[k][0], "vision_tokens": n,
+                                        "prompt_tokens": n + TEXT_TOKENS, "ttft_ms": 1000 * t,
+                                        "speedup_vs_576": base / t, "peak_rss_mib": res["peak_rss_mib"]})
+        say("  " + ", ".join(f"{r['vision_tokens']}: {r['ttft_ms']:.0f} ms" for r in compression["rows"]
+                             if r["engine"] == ENGINES[k][0]))
+    return compression
+
+
+def print_report(args, plan: Plan, busy, bw: dict, rows: list[dict], ratios: dict, targets: list[dict],
+                 failed: dict, compression: dict | None) -> str:
+    """The table, ratios, targets, skipped/failed engines and a busy-CPU warning on stdout; returns the title."""
+    from edgevlm.report import table
+
     cpu = platform.processor() or platform.machine()
     title = (f"VLM decoder {args.size} (Phi-shaped, {n_params(args.size) / 1e9:.2f}B params, random weights), "
              f"{cpu}, {args.threads} threads; prompt {args.image_tokens} image rows + {TEXT_TOKENS} text tokens, "
@@ -890,8 +951,8 @@ def main(argv=None) -> int:
         for t in targets:
             verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
             print(f"  target {t['target']:62s} {t['shown']:>8s}  {verdict}")
-    for k, why in {**skipped, **failed}.items():
-        print(f"  {ENGINES[k][0]}: {'skipped' if k in skipped else 'FAILED'}: {why}")
+    for k, why in {**plan.skipped, **failed}.items():
+        print(f"  {ENGINES[k][0]}: {'skipped' if k in plan.skipped else 'FAILED'}: {why}")
     if busy is not None and busy > 0.25:
         print(f"  WARNING: other jobs kept {100 * busy:.0f}% of the CPUs busy before timing; engines whose "
               f"{args.threads} threads wait on each other (torch's OpenMP, llama.cpp) lose the most: these numbers "
@@ -903,10 +964,17 @@ def main(argv=None) -> int:
                           f"+{TEXT_TOKENS} text tokens, median of {args.runs}"))
         for k, why in compression["skipped"].items():
             print(f"  {ENGINES[k][0]}: skipped: {why}")
+    return title
 
+
+def write_results(args, plan: Plan, busy, bw: dict, rows: list[dict], ratios: dict, targets: list[dict],
+                  failed: dict, compression: dict | None) -> Path:
+    """Everything measured, with settings and versions, as ``<out>/vlm_decode-<size>[-compression].json``."""
     import onnxruntime as ort
 
-    versions = {"onnxruntime": ort.__version__, "llama_cpp_python": llama_version, "numpy": np.__version__}
+    from edgevlm.report import write_json
+
+    versions = {"onnxruntime": ort.__version__, "llama_cpp_python": plan.llama_version, "numpy": np.__version__}
     try:
         import torch
         import transformers
@@ -914,6 +982,7 @@ def main(argv=None) -> int:
         versions.update(torch=torch.__version__, transformers=transformers.__version__)
     except ImportError:
         pass
+    cpu = platform.processor() or platform.machine()
     # a --compression run without engines gets its own file (it does not overwrite the engines' results)
     out = args.out / f"vlm_decode-{args.size}{'' if args.engines else '-compression'}.json"
     write_json(out, {
@@ -921,17 +990,37 @@ def main(argv=None) -> int:
         "config": {**SIZES[args.size], **_PHI}, "params": n_params(args.size),
         "prompt": {"image_tokens": args.image_tokens, "text_tokens": TEXT_TOKENS, "new_tokens": args.new_tokens,
                    "stop_tokens": "ignored", "greedy": True},
-        "settings": {"runs": args.runs, "warmup_runs": 1, "threads": args.threads, "n_ctx_llama_cpp": n_ctx,
-                     "n_batch_llama_cpp": n_ctx, "flash_attn_llama_cpp": fa, "kv_cache_llama_cpp": "f16",
-                     "one_process_per_engine": True,
+        "settings": {"runs": args.runs, "warmup_runs": 1, "threads": args.threads, "n_ctx_llama_cpp": plan.n_ctx,
+                     "n_batch_llama_cpp": plan.n_ctx, "flash_attn_llama_cpp": args.flash_attn == "on",
+                     "kv_cache_llama_cpp": "f16", "one_process_per_engine": True,
                      "ttft": "prefill of the whole prompt + picking the first token",
                      "decode_tok_s": "(new tokens - 1) / time after the first token"},
         "cpu_busy_before_timing": busy, "bandwidth": bw, "rows": rows, "ratios": ratios, "targets": targets,
-        "skipped": skipped, "failed": failed, "compression": compression, "artifacts": arts,
-        "cache": str(cache), "machine": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+        "skipped": plan.skipped, "failed": failed, "compression": compression, "artifacts": plan.arts,
+        "cache": str(plan.cache), "machine": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
         "versions": versions, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
     print(f"wrote {out}")
+    return out
+
+
+def main(argv=None) -> int:
+    """Time every engine at one size and report it; in a process the parent started, run that one stage."""
+    ap, args = parse_args(argv)
+    cache = args.cache / f"vlm_decode-{args.size}"
+    if run_worker(args, cache):                         # a stage the parent run started in a fresh process
+        return 0
+    plan = plan_run(args, cache, ap.error)
+    build_artifacts(args, plan)
+    context_and_prompt(args, plan, ap.error)
+    busy, bw = prepare_machine(args, plan)
+    results, failed = time_engines(args, plan)
+    bw = bandwidth_after(args, bw)
+    rows = engine_rows(args, plan, results, bw)
+    ratios, targets = ratios_and_targets(rows)
+    compression = time_compression(args, plan) if args.compression else None
+    title = print_report(args, plan, busy, bw, rows, ratios, targets, failed, compression)
+    out = write_results(args, plan, busy, bw, rows, ratios, targets, failed, compression)
     if any(r.get("decode_tok_s") for r in rows):
         print(_plot(rows, out.with_suffix(".png"), title.split(";")[0]))
     return 0

@@ -39,14 +39,6 @@ def parity_inputs(model) -> tuple[object, str]:
     return img, model.parity_prompt
 
 
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row, from logits (float64)."""
-    from .exporters.vlm_onnx import _log_softmax
-
-    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
 def eager_trace(model, image, prompt: str, n_tokens: int) -> dict:
     """Eager greedy tokens (no early stop) and the logits along that path, (n, V)."""
     import torch
@@ -84,15 +76,16 @@ def runtime_trace(pipe, image, prompt: str, ref_ids: list[int]) -> dict:
 
 def compare_traces(ref: dict, got: dict, precision: str, backend: str) -> dict:
     """Greedy-token agreement and logit divergence of a runtime against eager."""
+    from .exporters.validate import logit_agreement
+
     a, b = ref["ids"], got["ids"]
     first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     same = first_diff is None and len(a) == len(b)
-    kl = _kl(ref["logits"], got["logits"])
-    diff = np.abs(ref["logits"].astype(np.float64) - got["logits"].astype(np.float64))
+    agree = logit_agreement(ref["logits"], got["logits"])          # the one parity implementation
     rec = {"backend": backend, "precision": precision, "new_tokens": len(a), "same_greedy_tokens": bool(same),
            "first_divergence": first_diff, "prefix_agreement": (first_diff if first_diff is not None else len(a)) / max(1, len(a)),
-           "teacher_forced_top1_agreement": float((ref["logits"].argmax(-1) == got["logits"].argmax(-1)).mean()),
-           "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "logits_max_abs_diff": float(diff.max()),
+           "teacher_forced_top1_agreement": agree["top1_agreement"], "kl_mean": agree["kl_mean"],
+           "kl_max": agree["kl_max"], "logits_max_abs_diff": agree["logits_max_abs_diff"],
            "prompt_tokens": ref["prompt_len"]}
     if precision in ("fp32", "f32"):
         rec["criterion"] = "same greedy tokens as eager"
@@ -220,12 +213,12 @@ def _calibration_progress(log):
 def _place_onnx(src: Path, dst: Path) -> None:
     """Move an ONNX file into the bundle; one with external weights names its ``.data`` file, so it is
     saved again under the new name."""
-    from .exporters import vlm_onnx
+    from .compress.onnx_io import save_model
 
     if src.with_name(src.name + ".data").exists():
         import onnx
 
-        vlm_onnx.save_model(onnx.load(str(src)), dst, external_data=True)
+        save_model(onnx.load(str(src)), dst, external_data=True)
     else:
         shutil.move(str(src), dst)
 
@@ -307,7 +300,7 @@ def _attention_fusion(model, src: Path, p: Precision, dfacts: dict, scratch: Pat
     """ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy) and the model's
     RoPE inside it; fused on the FP32 graph, where the check against the model's own RoPE ops is exact, then
     quantized. FP16 keeps float32 KV I/O around fp16 compute and runs the plain graph."""
-    from .exporters import vlm_onnx
+    from .compress.attention import fuse_attention, rotary_tables
 
     lm = model.language_model
     heads = getattr(lm.config, "num_attention_heads", None)
@@ -316,8 +309,8 @@ def _attention_fusion(model, src: Path, p: Precision, dfacts: dict, scratch: Pat
         log(f"  attention: concat ({why})")
         return src, {"kv_cache": "concat", "why": why}
     fused = scratch / "decoder.fused.onnx"
-    att = vlm_onnx.fuse_attention(src, int(heads), dfacts["num_kv_heads"], dfacts["head_dim"], dst=fused,
-                                  rotary=vlm_onnx.rotary_tables(lm, model.max_context))
+    att = fuse_attention(src, int(heads), dfacts["num_kv_heads"], dfacts["head_dim"], dst=fused,
+                         rotary=rotary_tables(lm, model.max_context))
     log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else "")
         + (f"; RoPE: {att['rope']}" if "rope" in att else "") + (f" ({att['rope_why']})" if "rope_why" in att else ""))
     return (src if att["kv_cache"] == "concat" else fused), att

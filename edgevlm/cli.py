@@ -445,18 +445,17 @@ def _alts(values) -> str:
     return "|".join(str(v) for v in values)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import CalibMethod, DecoderChoice, ExportConfig, Precision, QuantConfig, VLMExportConfig
-    from .targets import list_targets
-
-    p = argparse.ArgumentParser(prog="edgevlm", description="Take small vision and vision-language models onto "
-                                "edge devices: export, quantize, validate, run.")
-    p.add_argument("--version", action="version", version=f"edgevlm {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_list(sub) -> None:
+    """`edgevlm list`: the model zoo and targets."""
     s = sub.add_parser("list", help="show the model zoo and targets")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_list)
+
+
+def _add_export(sub) -> None:
+    """`edgevlm export`: a model to a validated bundle for a target device."""
+    from .config import CalibMethod, DecoderChoice, ExportConfig, Precision, QuantConfig, VLMExportConfig
+    from .targets import list_targets
 
     s = sub.add_parser("export", help="export a model to a validated bundle for a target device")
     s.add_argument("--model", help="zoo name (default: the shipped default model; see `edgevlm list`)")
@@ -486,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cmd_export)
 
+
+def _add_run(sub) -> None:
+    """`edgevlm run`: classify an image or answer a question with a bundle."""
     s = sub.add_parser("run", help="classify an image, or answer a question about it (VLM bundles; streams)")
     s.add_argument("bundle", type=Path)
     s.add_argument("--image", type=Path, help="image file (required for classifiers; optional for VLMs)")
@@ -503,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_run)
 
+
+def _add_bench(sub) -> None:
+    """`edgevlm bench`: latency, throughput and peak memory of a bundle."""
     s = sub.add_parser("bench", help="latency, throughput and peak memory of a bundle")
     s.add_argument("bundle", type=Path)
     s.add_argument("--runs", type=int, default=50)
@@ -515,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-NAME.json)")
     s.set_defaults(func=_cmd_bench)
 
+
+def _add_eval(sub) -> None:
+    """`edgevlm eval`: accuracy of a bundle or an eager zoo model."""
     s = sub.add_parser("eval", help="accuracy of a bundle or an eager zoo model: digits for backbones, the scenes "
                        "task for edgevlm_scenes")
     s.add_argument("model_or_bundle")
@@ -525,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path)
     s.set_defaults(func=_cmd_eval)
 
+
+def _add_generate(sub) -> None:
+    """`edgevlm generate`: answer a prompt with an eager VLM."""
     s = sub.add_parser("generate", help="answer a prompt about an image with an eager VLM (PyTorch)")
     s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
     s.add_argument("--weights", help="checkpoint directory or file in the family's released layout, a hub id, "
@@ -538,18 +549,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(s)
     s.set_defaults(func=_cmd_generate)
 
+
+def _add_kernels(sub) -> None:
+    """`edgevlm kernels`: build or show edgevlm's CPU kernels."""
     s = sub.add_parser("kernels", help="build edgevlm's CPU kernels on this machine (4-bit decode steps), or show "
                                        "their state")
     s.add_argument("action", choices=["build", "status"])
     s.add_argument("--force", action="store_true", help="build again even if built")
     s.set_defaults(func=_cmd_kernels)
 
+
+def _add_info(sub) -> None:
+    """`edgevlm info`: parts, parameters, vision tokens and prefill FLOPs of a VLM."""
     s = sub.add_parser("info", help="parts, parameters, vision tokens and prefill FLOPs of a VLM")
     s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
     s.add_argument("--text-tokens", type=int, default=64, help="prompt length for the FLOP count (default 64)")
     s.add_argument("--json", type=Path, help="also write the figures as JSON here")
     s.set_defaults(func=_cmd_info)
 
+
+def _add_demo(sub) -> None:
+    """`edgevlm demo`: bundles in a local Gradio app."""
     s = sub.add_parser("demo", help="try bundles in a local web app (Gradio on 127.0.0.1): chat with a VLM bundle, "
                        "classify with a backbone, compare bundles; each answer shows its cost",
                        description="Serve bundles in a local Gradio app, run by edgevlm.runtime (what the device "
@@ -567,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--open", action="store_true", help="open the app in a browser")
     s.set_defaults(func=_cmd_demo)
 
+
+def _add_train(sub) -> None:
+    """`edgevlm train`: reproduce shipped weights."""
     s = sub.add_parser("train", help="reproduce shipped weights: a backbone on scikit-learn's digits, or "
                        "edgevlm_scenes on the scenes task (the settings of its recipe's `training:` block)")
     s.add_argument("--model", default="fastvit_t8")
@@ -575,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path)
     s.set_defaults(func=_cmd_train)
 
+
+def _add_distill(sub) -> None:
+    """`edgevlm distill`: train a small model from a large one, or attach a token compressor."""
     s = sub.add_parser("distill", help="train a small model from a large one: backbones (soft/hard KD, DeiT token, "
                        "stored sparse teacher logits), VLMs (answer-token KD), or attach a token compressor")
     s.add_argument("--teacher", help="zoo name of the teacher (VLMs: also the model --attach-compressor works on)")
@@ -600,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(s)
     s.set_defaults(func=_cmd_distill)
 
+
+def _add_finetune(sub) -> None:
+    """`edgevlm finetune`: fine-tune one part of a VLM."""
     s = sub.add_parser("finetune", help="fine-tune one part of a VLM: vision | decoder | connector | lora")
     s.add_argument("--model", required=True, help="zoo VLM name")
     s.add_argument("--weights", help="its weights (default: shipped or hub)")
@@ -612,6 +641,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit NF4 base (bitsandbytes)")
     _add_training_args(s)
     s.set_defaults(func=_cmd_finetune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `edgevlm` parser: one subcommand per `_add_*` function, in the order `--help` lists them."""
+    p = argparse.ArgumentParser(prog="edgevlm", description="Take small vision and vision-language models onto "
+                                "edge devices: export, quantize, validate, run.")
+    p.add_argument("--version", action="version", version=f"edgevlm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_list(sub)
+    _add_export(sub)
+    _add_run(sub)
+    _add_bench(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_kernels(sub)
+    _add_info(sub)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_distill(sub)
+    _add_finetune(sub)
     return p
 
 

@@ -141,8 +141,9 @@ class Generation:
         return self.text
 
 
-def pick_token_np(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator | None) -> int:
-    """Greedy, or temperature / top-k / top-p sampling from (V,) logits."""
+def pick_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator | None) -> int:
+    """Greedy, or temperature / top-k / top-p sampling from (V,) logits: the one sampler of eager models and bundles
+    (the same seed gives the same choices on the same logits)."""
     if cfg.temperature == 0:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / cfg.temperature

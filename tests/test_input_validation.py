@@ -16,7 +16,7 @@ from PIL import Image
 
 from edgevlm.cli import main
 from edgevlm.errors import CheckpointError, ConfigError, ImageError
-from edgevlm.generation import GenerationConfig, check_prompt, pick_token_np
+from edgevlm.generation import GenerationConfig, check_prompt, pick_token
 from edgevlm.processor import ImageSpec, PromptSpec, TextTokenizer, preprocess_image, tokenize_prompt
 
 pytestmark = pytest.mark.usefixtures("no_writes_outside")   # see tests/conftest.py
@@ -164,8 +164,8 @@ def test_sampling_settings_at_their_limits_are_accepted():
     logits = np.array([0.0, 5.0, 4.9, -3.0], np.float32)
     rng = np.random.default_rng(0)
     # the smallest temperature allowed samples like greedy, no NaN / inf on the way
-    assert {pick_token_np(logits, GenerationConfig(temperature=1e-6, seed=0), rng) for _ in range(20)} == {1}
-    assert {pick_token_np(logits, GenerationConfig(temperature=100.0), rng) for _ in range(200)} == {0, 1, 2, 3}
+    assert {pick_token(logits, GenerationConfig(temperature=1e-6, seed=0), rng) for _ in range(20)} == {1}
+    assert {pick_token(logits, GenerationConfig(temperature=100.0), rng) for _ in range(200)} == {0, 1, 2, 3}
 
 
 CLI_SAMPLING = [

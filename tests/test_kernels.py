@@ -148,6 +148,7 @@ def _int4_phi(tmp_path, seed: int):
     import torch
     import transformers
 
+    from edgevlm.compress.attention import fuse_attention, rotary_tables
     from edgevlm.exporters import vlm_onnx
 
     torch.manual_seed(seed)
@@ -160,8 +161,8 @@ def _int4_phi(tmp_path, seed: int):
     d = tmp_path / f"phi{seed}"
     d.mkdir()
     f = vlm_onnx.export_decoder(lm, d / "decoder.onnx")
-    vlm_onnx.fuse_attention(d / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"], dst=d / "fused.onnx",
-                            rotary=vlm_onnx.rotary_tables(lm, 64))
+    fuse_attention(d / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"], dst=d / "fused.onnx",
+                   rotary=rotary_tables(lm, 64))
     vlm_onnx.quantize_decoder(d / "fused.onnx", d / "int4.onnx", "int4")
     return d / "int4.onnx", f
 

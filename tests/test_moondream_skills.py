@@ -165,6 +165,7 @@ def test_hidden_output_survives_fusion_quantization_and_the_int4_kernel(tmp_path
     INT8 and INT4 quantization, and INT4 with edgevlm's decode kernel all give the pre-final-LN hidden state
     that MoondreamModel._lm_step reads (exact at FP32; close once quantized)."""
     from edgevlm import kernels
+    from edgevlm.compress.attention import fuse_attention, rotary_tables
     from edgevlm.exporters import vlm_onnx
     from edgevlm.runtime.vlm import OrtDecoder, _Graph, open_ort_decoder
 
@@ -198,8 +199,8 @@ def test_hidden_output_survives_fusion_quantization_and_the_int4_kernel(tmp_path
         return OrtDecoder(_Graph(path, ["CPUExecutionProvider"], "fp32", 2), None, n, h, hd)
 
     assert diff(plain(tmp_path / "fp32.onnx")) < 1e-5
-    att = vlm_onnx.fuse_attention(tmp_path / "fp32.onnx", lm.config.num_attention_heads, h, hd,
-                                  dst=tmp_path / "fused.onnx", rotary=vlm_onnx.rotary_tables(lm, model.max_context))
+    att = fuse_attention(tmp_path / "fp32.onnx", lm.config.num_attention_heads, h, hd,
+                         dst=tmp_path / "fused.onnx", rotary=rotary_tables(lm, model.max_context))
     assert att["kv_cache"] != "concat"
     fused = plain(tmp_path / "fused.onnx")
     assert fused.shared_kv and diff(fused) < 1e-5

@@ -242,3 +242,29 @@ def test_cli_refuses_a_bad_decoder_and_a_flag_of_the_other_kind(tmp_path):
         assert r.returncode == 2 and needle in r.stderr and "fix:" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_calibration_session_is_bounded_and_restored():
+    """INT8 calibration runs ONNX Runtime's calibrator without its memory arena and patterns, and only for the call."""
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    from edgevlm.compress.quantize import _bounded_calibration_memory
+
+    original = calibrate.CalibraterBase.create_inference_session
+    seen = {}
+
+    class Probe:
+        augmented_model_path, execution_providers = None, ["CPUExecutionProvider"]
+
+    real = onnxruntime.InferenceSession
+    try:
+        onnxruntime.InferenceSession = lambda path, sess_options, providers: seen.update(
+            arena=sess_options.enable_cpu_mem_arena, pattern=sess_options.enable_mem_pattern)
+        with _bounded_calibration_memory():
+            calibrate.CalibraterBase.create_inference_session(Probe())
+            assert calibrate.CalibraterBase.create_inference_session is not original
+    finally:
+        onnxruntime.InferenceSession = real
+    assert seen == {"arena": False, "pattern": False}
+    assert calibrate.CalibraterBase.create_inference_session is original

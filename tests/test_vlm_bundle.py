@@ -129,6 +129,23 @@ print(json.dumps({{"ids": g.token_ids, "text": g.text, "stream": "".join(pieces)
     assert got["image_tokens"] == m["model"]["vision_tokens"] and got["ttft"] > 0
 
 
+def test_eager_and_bundle_sample_alike(scenes_bundle):
+    """One sampler (edgevlm.generation.pick_token): with the same seed an FP32 bundle samples the eager model's tokens."""
+    from edgevlm import runtime
+    from edgevlm.generation import GenerationConfig, GenerationStats
+
+    out, _, model = scenes_bundle
+    vlm = runtime.load(out)
+    img = make_image(96)
+    with torch.inference_mode():
+        embeds, pieces, n_img = model.prepare(img, "describe the image.")
+    cfg = GenerationConfig(max_new_tokens=24, temperature=1.0, top_p=0.95, seed=7, stop_ids=())
+    eager = list(model.decode_tokens(embeds, cfg))
+    got = list(vlm.decode_tokens(embeds.numpy(), cfg, GenerationStats()))
+    greedy = list(model.decode_tokens(embeds, GenerationConfig(max_new_tokens=24, stop_ids=())))
+    assert got == eager and eager != greedy, (eager, got, greedy)      # sampled (not greedy), and alike
+
+
 def test_preprocessing_matches_the_eager_processor(scenes_bundle):
     from edgevlm import runtime
 

@@ -1,4 +1,5 @@
-"""VLM parts as ONNX (exporters.vlm_onnx): decoder with KV cache, embeddings, vision graphs, quantized decoders.
+"""VLM parts as ONNX (exporters.vlm_onnx): decoder with KV cache, embeddings, vision graphs, quantized decoders;
+the shared-KV attention rewrite (compress.attention) on them.
 
 Each tiny family (and a tiny LLaVA saved by transformers) is exported once per session (cached by name;
 the ``exported`` fixture is parametrized over them); the tests compare ONNX Runtime against eager PyTorch
@@ -18,6 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 import torch  # noqa: E402
 
+from edgevlm.compress import attention, onnx_io  # noqa: E402
 from edgevlm.exporters import vlm_onnx  # noqa: E402
 from edgevlm.modeling.families import load_vlm  # noqa: E402
 
@@ -196,11 +198,11 @@ def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, mon
     cfg = lm.config
     f = e.decoder
     fused = e.dir / "decoder.fused.onnx"
-    tables = vlm_onnx.rotary_tables(lm, e.vlm.max_context)
+    tables = attention.rotary_tables(lm, e.vlm.max_context)
     rotary_dim = int(f["head_dim"] * getattr(cfg, "partial_rotary_factor", 1.0))
     assert tables is not None and tables[0].shape == (e.vlm.max_context, rotary_dim // 2)
-    res = vlm_onnx.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
-                                  dst=fused, rotary=tables)
+    res = attention.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
+                                   dst=fused, rotary=tables)
     assert res["kv_cache"].startswith("shared buffer") and res["fused_layers"] == f["num_layers"], res
     ops = res["ops"]
     assert ops["GroupQueryAttention"] == f["num_layers"] and "Softmax" not in ops, ops
@@ -223,13 +225,13 @@ def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, mon
     # a RoPE the op would get wrong is caught by the check and left to the model: positions shifted by one
     wrong = (np.roll(tables[0], 1, axis=0), np.roll(tables[1], 1, axis=0))
     if rotary_dim >= 16:
-        off = vlm_onnx.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"],
-                                      f["head_dim"], dst=e.dir / "decoder.off.onnx", rotary=wrong)
+        off = attention.fuse_attention(e.dir / "decoder.onnx", cfg.num_attention_heads, f["num_kv_heads"],
+                                       f["head_dim"], dst=e.dir / "decoder.off.onnx", rotary=wrong)
         assert off["rope"] == "the model's own ops" and off["rope_why"].startswith("logits differ"), off
     plain4, fused4, rot4 = (e.dir / f"decoder.q4{x}.onnx" for x in ("", ".fused", ".rot"))
     vlm_onnx.quantize_decoder(e.dir / "decoder.onnx", plain4, "int4")
-    late = vlm_onnx.fuse_attention(plain4, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"], dst=fused4,
-                                   rotary=tables)
+    late = attention.fuse_attention(plain4, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"], dst=fused4,
+                                    rotary=tables)
     assert late["rope"] == "the model's own ops" and "already quantized" in late["rope_why"], late
     a = vlm_onnx.decoder_parity(lm, plain4, e.embeds, 8, e.prefix, reference=e.reference)
     b = vlm_onnx.decoder_parity(lm, fused4, e.embeds, 8, e.prefix, reference=e.reference)
@@ -241,11 +243,11 @@ def test_fused_attention_with_shared_kv_buffer_keeps_eagers_tokens(exported, mon
     assert abs(c["mean_kl"] - a["mean_kl"]) <= 0.05 * a["mean_kl"] + 1e-6, (a, c)
     assert c["token_agreement"] >= a["token_agreement"] - 0.125, (a, c)
     # a graph without that attention is left as it is, and says why
-    other = vlm_onnx.fuse_attention(e.dir / "embed_tokens.onnx", cfg.num_attention_heads, f["num_kv_heads"],
-                                    f["head_dim"], dst=e.dir / "nothing.onnx")
+    other = attention.fuse_attention(e.dir / "embed_tokens.onnx", cfg.num_attention_heads, f["num_kv_heads"],
+                                     f["head_dim"], dst=e.dir / "nothing.onnx")
     assert other == {"kv_cache": "concat", "why": "no KV-cache inputs"} and not (e.dir / "nothing.onnx").exists()
-    again = vlm_onnx.fuse_attention(fused, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
-                                    dst=e.dir / "nothing.onnx")
+    again = attention.fuse_attention(fused, cfg.num_attention_heads, f["num_kv_heads"], f["head_dim"],
+                                     dst=e.dir / "nothing.onnx")
     assert again["kv_cache"] == "concat" and again["why"].startswith("layer 0:"), again
 
 
@@ -263,10 +265,10 @@ def test_phi_rope_and_biased_projections_move_into_the_attention_op(tmp_path):
         for p in lm.parameters():
             p.mul_(SHARPEN)
     f = vlm_onnx.export_decoder(lm, tmp_path / "decoder.onnx")
-    tables = vlm_onnx.rotary_tables(lm, 64)
+    tables = attention.rotary_tables(lm, 64)
     assert tables[0].shape == (64, 16)
-    res = vlm_onnx.fuse_attention(tmp_path / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"],
-                                  dst=tmp_path / "fused.onnx", rotary=tables)
+    res = attention.fuse_attention(tmp_path / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"],
+                                   dst=tmp_path / "fused.onnx", rotary=tables)
     assert res["rope"].startswith("in GroupQueryAttention (do_rotary, rotary dim 32") and res["packed_qkv_layers"] == 2
     ops = res["ops"]
     assert ops["MatMul"] == 2 * 4 + 1 and "Sin" not in ops and "Cos" not in ops, ops   # qkv, dense, fc1, fc2; lm_head
@@ -387,7 +389,7 @@ def test_decoder_chunked_prefill_and_external_data(tmp_path_factory, tmp_path):
     assert all(np.abs(a - b).max() <= 1e-4 for a, b in zip(second[1:], whole[1:]))
 
     big = tmp_path / "decoder.onnx"
-    assert vlm_onnx.save_model(onnx.load(str(e.dir / "decoder.onnx")), big, external_data=True)
+    assert onnx_io.save_model(onnx.load(str(e.dir / "decoder.onnx")), big, external_data=True)
     assert (tmp_path / "decoder.onnx.data").stat().st_size > big.stat().st_size
     again = _session(big).run(None, {"inputs_embeds": x, "attention_mask": vlm_onnx.attention_mask(s),
                                      "position_ids": np.arange(s)[None], **zero})

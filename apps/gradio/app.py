@@ -31,6 +31,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 from PIL import Image, ImageDraw
@@ -416,21 +417,226 @@ def _bars(preds):
     return pd.DataFrame({"label": [p.label for p in preds], "probability": [round(p.score, 4) for p in preds]})
 
 
+# every model call shares one concurrency group (one at a time by default); UI bookkeeping stays off the API
+_RUN = {"concurrency_id": "runtime"}
+_PRIVATE = {"api_visibility": "private"}
+_QUICK = {"concurrency_limit": None, **_PRIVATE}     # UI bookkeeping: never waits behind a model call
+
+
+def _backend_choices(info: BundleInfo) -> list[str]:
+    """The backend picker's choices for one bundle: auto, then its own backends."""
+    return [AUTO] + info.backends
+
+
+def _sidebar(infos: list[BundleInfo], examples, max_upload_mb: float) -> SimpleNamespace:
+    """The left column: the image, example images, the bundle and backend pickers, generation settings, facts."""
+    first = infos[0]
+    labels = [b.label for b in infos]
+    all_backends = [AUTO] + sorted({be for b in infos for be in b.backends})
+    max_bytes = int(max_upload_mb * 2**20)
+    image = vetted(gr.Image(label=f"Image ({IMAGE_FORMATS}, up to {max_upload_mb:g} MiB)", type="filepath",
+                            image_mode=None, sources=["upload", "clipboard"], height=300, elem_id="image"),
+                   max_bytes)
+    if examples:
+        gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example images",
+                    examples_per_page=12)
+    bundle = gr.Dropdown(labels, value=first.label, label="Bundle", elem_id="bundle")
+    # every backend of every bundle, so API callers may name any; the page narrows it per bundle
+    backend = gr.Dropdown(all_backends, value=AUTO, label="Backend", elem_id="backend",
+                          info="auto: the bundle's first decoder (or --decoder-backend)")
+    with gr.Accordion("Generation", open=False):
+        max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+        temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+        top_k = gr.Slider(1, 10, value=5, step=1, label="Top-k labels (classifiers)")
+    with gr.Accordion("Bundle facts (from its manifest)", open=True):
+        facts = gr.Markdown(first.facts_markdown(), elem_id="facts")
+    return SimpleNamespace(image=image, bundle=bundle, backend=backend, max_new=max_new, temperature=temperature,
+                           top_k=top_k, facts=facts)
+
+
+def _chat_tab(first: BundleInfo) -> SimpleNamespace:
+    """The Chat tab: the conversation, the question box and its buttons, the cost line, boxes/points and top-k bars."""
+    chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chat", render_markdown=False,
+                         allow_tags=False, buttons=["copy"], feedback_options=None)
+    with gr.Row():
+        question = gr.Textbox(placeholder="Ask about the image (classifiers: just press Ask)",
+                              show_label=False, scale=6, max_length=MAX_QUESTION_CHARS,
+                              elem_id="question", submit_btn=False)
+        send = gr.Button("Ask", variant="primary", scale=1, min_width=70, elem_id="send")
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
+        clear = gr.Button("Clear", scale=1, min_width=70, elem_id="clear")
+    gr.Examples([[q] for q in EXAMPLE_QUESTIONS], inputs=[question],
+                label="Questions (Moondream-style skills: 'detect X' draws boxes, "
+                "'point to X' draws points)")
+    stats = gr.Markdown(elem_id="stats")
+    grounding = gr.Image(label="Boxes and points from the last answer", type="pil", format="png",
+                         interactive=False, visible=first.is_vlm, height=300, elem_id="grounding")
+    bars = gr.BarPlot(x="label", y="probability", y_lim=[0, 1], sort="-y", label="Top-k labels",
+                      visible=not first.is_vlm, elem_id="bars")
+    return SimpleNamespace(chatbot=chatbot, question=question, send=send, stop=stop, clear=clear, stats=stats,
+                           grounding=grounding, bars=bars)
+
+
+def _compare_tab(targets: dict) -> SimpleNamespace:
+    """The Compare tab: which bundles and backends, the question, the buttons, the table and the gallery."""
+    gr.Markdown("The same image and question on several bundles or backends, one after another.")
+    compare_targets = gr.CheckboxGroup(list(targets), value=list(targets)[:2],
+                                       label="Bundles and backends", elem_id="compare-targets")
+    compare_question = gr.Textbox(value=EXAMPLE_QUESTIONS[0], label="Question (VLM bundles)",
+                                  max_length=MAX_QUESTION_CHARS, elem_id="compare-question")
+    with gr.Row():
+        compare_btn = gr.Button("Compare", variant="primary", scale=3, elem_id="compare")
+        compare_stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
+    table = gr.Dataframe(headers=COMPARE_COLUMNS, interactive=False, wrap=True,
+                         elem_id="compare-table")
+    gallery = gr.Gallery(label="Boxes and points per bundle", columns=3, height=260, visible=False)
+    return SimpleNamespace(targets=compare_targets, question=compare_question, button=compare_btn,
+                           stop=compare_stop, table=table, gallery=gallery)
+
+
+def _api_outputs() -> SimpleNamespace:
+    """Hidden API-only outputs: gradio_client callers get plain values, not the chat's display state."""
+    with gr.Row(visible=False):
+        api_trigger = gr.Button("api")
+        api_answer, api_stats = gr.Textbox(label="answer"), gr.JSON(label="stats")
+        api_label, api_preds = gr.Textbox(label="label"), gr.JSON(label="predictions")
+        api_bundles = gr.JSON(label="bundles")
+    return SimpleNamespace(trigger=api_trigger, answer=api_answer, stats=api_stats, label=api_label,
+                           preds=api_preds, bundles=api_bundles)
+
+
+def _chat_handlers(runner: Runner) -> SimpleNamespace:
+    """The page's own handlers: picking a bundle, a new or refused image, and a question in the chat."""
+    def on_bundle(label):
+        info = runner.info(label)
+        return (gr.update(choices=_backend_choices(info), value=AUTO), info.facts_markdown(),
+                gr.update(visible=info.is_vlm), gr.update(visible=not info.is_vlm))
+
+    def on_image():
+        return [], "", None          # a new image starts a new conversation
+
+    def on_upload(_img):
+        return None                  # vetted() has checked the file by now
+
+    def chat(img, q, history, label, be, n_new, temp, k):
+        q = (q or "").strip()
+        history = list(history or [])
+        try:
+            info = runner.info(label)
+            if not info.is_vlm:
+                preds, st = runner.classify(img, label, be, k)
+                history += [{"role": "user", "content": q or "(classify the image)"},
+                            {"role": "assistant", "content": describe_predictions(preds)}, stats_message(st)]
+                yield history, "", stats_markdown(st), None, _bars(preds)
+                return
+            if img is None and not q:
+                raise ConfigError("no image and no question", "upload an image and type a question")
+            history += [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]
+            cleared = False             # empty the question box once, not under a follow-up being typed
+            for text, st in runner.stream_answer(img, q, label, be, n_new, temp):
+                history[-1] = {"role": "assistant", "content": _display(text)}
+                if st is None:
+                    yield history, gr.skip() if cleared else "", "", gr.skip(), gr.skip()
+                    cleared = True
+            history.append(stats_message(st))
+            yield history, gr.skip() if cleared else "", stats_markdown(st), draw_grounding(img, text), gr.skip()
+        except EdgeVLMError as e:
+            raise _error(e) from None
+
+    return SimpleNamespace(on_bundle=on_bundle, on_image=on_image, on_upload=on_upload, chat=chat)
+
+
+def _api_handlers(runner: Runner, infos: list[BundleInfo], targets: dict) -> SimpleNamespace:
+    """The handlers callers reach by name: answer, classify, compare (also the Compare tab's) and bundles."""
+    def answer_api(image, question, bundle, backend, max_new_tokens, temperature):
+        """Answer a question about an image with a VLM bundle (streams; the last value is the whole
+        answer). Returns (answer, stats: TTFT, tokens/s, peak RSS, bundle facts)."""
+        try:
+            for text, st in runner.stream_answer(image, question, bundle, backend, max_new_tokens, temperature):
+                yield text, st or {}
+        except EdgeVLMError as e:
+            raise _error(e) from None
+
+    def classify_api(image, bundle, backend, top_k):
+        """Classify an image with a classification bundle. Returns (top label, [{label, index, score}], stats)."""
+        try:
+            preds, st = runner.classify(image, bundle, backend, top_k)
+        except EdgeVLMError as e:
+            raise _error(e) from None
+        return preds[0].label, [p.__dict__ for p in preds], st
+
+    def compare(img, q, chosen, n_new, temp):
+        rows, shots = [], []
+        if not chosen:
+            raise gr.Error("pick at least one bundle to compare", print_exception=False)
+        try:
+            for name in chosen:
+                if name not in targets:
+                    raise ConfigError(f"no compare choice called {name!r}", f"pick from: {', '.join(targets)}")
+                label, be = targets[name]
+                if runner.info(label).is_vlm:
+                    text, st = "", {}
+                    for text, st in runner.stream_answer(img, q, label, be, n_new, temp):
+                        pass
+                    rows.append([label, be, text, st["ttft_ms"], st["tokens_per_s"], st["peak_rss_mib"],
+                                 st["precision"], st["size_mb"]])
+                    drawn = draw_grounding(img, text)
+                    if drawn is not None:
+                        shots.append((drawn, f"{name}: {text[:80]}"))
+                else:
+                    preds, st = runner.classify(img, label, be, 3)
+                    rows.append([label, be, describe_predictions(preds), st["latency_ms"], None,
+                                 st["peak_rss_mib"], st["precision"], st["size_mb"]])
+                yield rows, gr.update(value=shots, visible=bool(shots))
+        except EdgeVLMError as e:
+            raise _error(e) from None
+
+    def bundles_api():
+        """The bundles this demo serves: label, task, backends and manifest facts."""
+        return [{"label": b.label, "task": b.manifest.get("task"), "backends": b.backends,
+                 "facts": dict(b.facts())} for b in infos]
+
+    return SimpleNamespace(answer_api=answer_api, classify_api=classify_api, compare=compare, bundles_api=bundles_api)
+
+
+def _wire_chat(demo: gr.Blocks, side: SimpleNamespace, chat: SimpleNamespace, h: SimpleNamespace) -> None:
+    """Connect the bundle picker, the image and the chat's buttons to their handlers."""
+    outputs = [side.backend, side.facts, chat.grounding, chat.bars]
+    side.bundle.change(h.on_bundle, [side.bundle], outputs, queue=False, **_PRIVATE)
+    demo.load(h.on_bundle, [side.bundle], outputs, queue=False, **_PRIVATE)
+    side.image.change(h.on_image, None, [chat.chatbot, chat.stats, chat.grounding], **_QUICK)
+    side.image.upload(h.on_upload, [side.image], None, **_QUICK).failure(lambda: None, None, [side.image],
+                                                                         **_QUICK)  # refused: drop it
+    asked = gr.on([chat.send.click, chat.question.submit], h.chat,
+                  [side.image, chat.question, chat.chatbot, side.bundle, side.backend, side.max_new, side.temperature,
+                   side.top_k],
+                  [chat.chatbot, chat.question, chat.stats, chat.grounding, chat.bars], **_RUN, **_PRIVATE)
+    chat.stop.click(None, None, None, cancels=[asked], queue=False, **_PRIVATE)
+    chat.clear.click(lambda: ([], "", None), None, [chat.chatbot, chat.stats, chat.grounding], queue=False,
+                     **_PRIVATE)
+
+
+def _wire_compare_and_api(side: SimpleNamespace, chat: SimpleNamespace, cmp: SimpleNamespace,
+                          api: SimpleNamespace, h: SimpleNamespace) -> None:
+    """Connect the Compare tab and the named API endpoints (answer, classify, compare, bundles)."""
+    compared = cmp.button.click(h.compare, [side.image, cmp.question, cmp.targets, side.max_new, side.temperature],
+                                [cmp.table, cmp.gallery], api_name="compare", **_RUN)
+    cmp.stop.click(None, None, None, cancels=[compared], queue=False, **_PRIVATE)
+    api.trigger.click(h.answer_api, [side.image, chat.question, side.bundle, side.backend, side.max_new,
+                                     side.temperature], [api.answer, api.stats], api_name="answer", **_RUN)
+    api.trigger.click(h.classify_api, [side.image, side.bundle, side.backend, side.top_k],
+                      [api.label, api.preds, api.stats], api_name="classify", **_RUN)
+    api.trigger.click(h.bundles_api, None, [api.bundles], api_name="bundles", queue=False)
+
+
 def build_app(bundles, *, decoder: str | None = None, max_upload_mb: float = 10,
               examples: list | None = None) -> gr.Blocks:
     """The demo as a gr.Blocks (not launched). ``bundles``: bundle directories; ``decoder``: the VLM decoder
     backend to start with ("onnxruntime" or "llama.cpp", where a bundle has it)."""
     infos = read_bundles(bundles)
     runner = Runner(infos, decoder=decoder)
-    first = infos[0]
-    labels = [b.label for b in infos]
-    all_backends = [AUTO] + sorted({be for b in infos for be in b.backends})
     targets = runner.targets()
     examples = sample_images() if examples is None else examples
-    max_bytes = int(max_upload_mb * 2**20)
-
-    def backend_choices(info: BundleInfo) -> list[str]:
-        return [AUTO] + info.backends
 
     # delete_cache: gradio keeps every upload on disk while the demo runs (bad ones too, since they are checked after
     # gradio stored them); drop those older than an hour, checked every 10 minutes (the soak benchmark found it).
@@ -440,167 +646,16 @@ def build_app(bundles, *, decoder: str | None = None, max_upload_mb: float = 10,
                     "answered on its own; the conversation stays visible.")
         with gr.Row():
             with gr.Column(scale=2):
-                image = vetted(gr.Image(label=f"Image ({IMAGE_FORMATS}, up to {max_upload_mb:g} MiB)", type="filepath",
-                                        image_mode=None, sources=["upload", "clipboard"], height=300, elem_id="image"),
-                               max_bytes)
-                if examples:
-                    gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example images",
-                                examples_per_page=12)
-                bundle = gr.Dropdown(labels, value=first.label, label="Bundle", elem_id="bundle")
-                # every backend of every bundle, so API callers may name any; the page narrows it per bundle
-                backend = gr.Dropdown(all_backends, value=AUTO, label="Backend", elem_id="backend",
-                                      info="auto: the bundle's first decoder (or --decoder-backend)")
-                with gr.Accordion("Generation", open=False):
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                    top_k = gr.Slider(1, 10, value=5, step=1, label="Top-k labels (classifiers)")
-                with gr.Accordion("Bundle facts (from its manifest)", open=True):
-                    facts = gr.Markdown(first.facts_markdown(), elem_id="facts")
+                side = _sidebar(infos, examples, max_upload_mb)
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Chat"):
-                        chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chat", render_markdown=False,
-                                             allow_tags=False, buttons=["copy"], feedback_options=None)
-                        with gr.Row():
-                            question = gr.Textbox(placeholder="Ask about the image (classifiers: just press Ask)",
-                                                  show_label=False, scale=6, max_length=MAX_QUESTION_CHARS,
-                                                  elem_id="question", submit_btn=False)
-                            send = gr.Button("Ask", variant="primary", scale=1, min_width=70, elem_id="send")
-                            stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
-                            clear = gr.Button("Clear", scale=1, min_width=70, elem_id="clear")
-                        gr.Examples([[q] for q in EXAMPLE_QUESTIONS], inputs=[question],
-                                    label="Questions (Moondream-style skills: 'detect X' draws boxes, "
-                                    "'point to X' draws points)")
-                        stats = gr.Markdown(elem_id="stats")
-                        grounding = gr.Image(label="Boxes and points from the last answer", type="pil", format="png",
-                                             interactive=False, visible=first.is_vlm, height=300, elem_id="grounding")
-                        bars = gr.BarPlot(x="label", y="probability", y_lim=[0, 1], sort="-y", label="Top-k labels",
-                                          visible=not first.is_vlm, elem_id="bars")
+                        chat = _chat_tab(infos[0])
                     with gr.Tab("Compare"):
-                        gr.Markdown("The same image and question on several bundles or backends, one after another.")
-                        compare_targets = gr.CheckboxGroup(list(targets), value=list(targets)[:2],
-                                                           label="Bundles and backends", elem_id="compare-targets")
-                        compare_question = gr.Textbox(value=EXAMPLE_QUESTIONS[0], label="Question (VLM bundles)",
-                                                      max_length=MAX_QUESTION_CHARS, elem_id="compare-question")
-                        with gr.Row():
-                            compare_btn = gr.Button("Compare", variant="primary", scale=3, elem_id="compare")
-                            compare_stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
-                        table = gr.Dataframe(headers=COMPARE_COLUMNS, interactive=False, wrap=True,
-                                             elem_id="compare-table")
-                        gallery = gr.Gallery(label="Boxes and points per bundle", columns=3, height=260, visible=False)
-        # API-only outputs: gradio_client callers get plain values, not the chat's display state
-        with gr.Row(visible=False):
-            api_trigger = gr.Button("api")
-            api_answer, api_stats = gr.Textbox(label="answer"), gr.JSON(label="stats")
-            api_label, api_preds = gr.Textbox(label="label"), gr.JSON(label="predictions")
-            api_bundles = gr.JSON(label="bundles")
-
-        # -- handlers -----------------------------------------------------------------------------
-        def on_bundle(label):
-            info = runner.info(label)
-            return (gr.update(choices=backend_choices(info), value=AUTO), info.facts_markdown(),
-                    gr.update(visible=info.is_vlm), gr.update(visible=not info.is_vlm))
-
-        def on_image():
-            return [], "", None          # a new image starts a new conversation
-
-        def on_upload(_img):
-            return None                  # vetted() has checked the file by now
-
-        def chat(img, q, history, label, be, n_new, temp, k):
-            q = (q or "").strip()
-            history = list(history or [])
-            try:
-                info = runner.info(label)
-                if not info.is_vlm:
-                    preds, st = runner.classify(img, label, be, k)
-                    history += [{"role": "user", "content": q or "(classify the image)"},
-                                {"role": "assistant", "content": describe_predictions(preds)}, stats_message(st)]
-                    yield history, "", stats_markdown(st), None, _bars(preds)
-                    return
-                if img is None and not q:
-                    raise ConfigError("no image and no question", "upload an image and type a question")
-                history += [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]
-                cleared = False             # empty the question box once, not under a follow-up being typed
-                for text, st in runner.stream_answer(img, q, label, be, n_new, temp):
-                    history[-1] = {"role": "assistant", "content": _display(text)}
-                    if st is None:
-                        yield history, gr.skip() if cleared else "", "", gr.skip(), gr.skip()
-                        cleared = True
-                history.append(stats_message(st))
-                yield history, gr.skip() if cleared else "", stats_markdown(st), draw_grounding(img, text), gr.skip()
-            except EdgeVLMError as e:
-                raise _error(e) from None
-
-        def answer_api(image, question, bundle, backend, max_new_tokens, temperature):
-            """Answer a question about an image with a VLM bundle (streams; the last value is the whole
-            answer). Returns (answer, stats: TTFT, tokens/s, peak RSS, bundle facts)."""
-            try:
-                for text, st in runner.stream_answer(image, question, bundle, backend, max_new_tokens, temperature):
-                    yield text, st or {}
-            except EdgeVLMError as e:
-                raise _error(e) from None
-
-        def classify_api(image, bundle, backend, top_k):
-            """Classify an image with a classification bundle. Returns (top label, [{label, index, score}], stats)."""
-            try:
-                preds, st = runner.classify(image, bundle, backend, top_k)
-            except EdgeVLMError as e:
-                raise _error(e) from None
-            return preds[0].label, [p.__dict__ for p in preds], st
-
-        def compare(img, q, chosen, n_new, temp):
-            rows, shots = [], []
-            if not chosen:
-                raise gr.Error("pick at least one bundle to compare", print_exception=False)
-            try:
-                for name in chosen:
-                    if name not in targets:
-                        raise ConfigError(f"no compare choice called {name!r}", f"pick from: {', '.join(targets)}")
-                    label, be = targets[name]
-                    if runner.info(label).is_vlm:
-                        text, st = "", {}
-                        for text, st in runner.stream_answer(img, q, label, be, n_new, temp):
-                            pass
-                        rows.append([label, be, text, st["ttft_ms"], st["tokens_per_s"], st["peak_rss_mib"],
-                                     st["precision"], st["size_mb"]])
-                        drawn = draw_grounding(img, text)
-                        if drawn is not None:
-                            shots.append((drawn, f"{name}: {text[:80]}"))
-                    else:
-                        preds, st = runner.classify(img, label, be, 3)
-                        rows.append([label, be, describe_predictions(preds), st["latency_ms"], None,
-                                     st["peak_rss_mib"], st["precision"], st["size_mb"]])
-                    yield rows, gr.update(value=shots, visible=bool(shots))
-            except EdgeVLMError as e:
-                raise _error(e) from None
-
-        def bundles_api():
-            """The bundles this demo serves: label, task, backends and manifest facts."""
-            return [{"label": b.label, "task": b.manifest.get("task"), "backends": b.backends,
-                     "facts": dict(b.facts())} for b in infos]
-
-        # -- events: every model call shares one concurrency group (one at a time by default) -----
-        run = {"concurrency_id": "runtime"}
-        private = {"api_visibility": "private"}
-        bundle.change(on_bundle, [bundle], [backend, facts, grounding, bars], queue=False, **private)
-        demo.load(on_bundle, [bundle], [backend, facts, grounding, bars], queue=False, **private)
-        quick = {"concurrency_limit": None, **private}     # UI bookkeeping: never waits behind a model call
-        image.change(on_image, None, [chatbot, stats, grounding], **quick)
-        image.upload(on_upload, [image], None, **quick).failure(lambda: None, None, [image], **quick)  # refused: drop it
-        asked = gr.on([send.click, question.submit], chat,
-                      [image, question, chatbot, bundle, backend, max_new, temperature, top_k],
-                      [chatbot, question, stats, grounding, bars], **run, **private)
-        stop.click(None, None, None, cancels=[asked], queue=False, **private)
-        clear.click(lambda: ([], "", None), None, [chatbot, stats, grounding], queue=False, **private)
-        compared = compare_btn.click(compare, [image, compare_question, compare_targets, max_new, temperature],
-                                     [table, gallery], api_name="compare", **run)
-        compare_stop.click(None, None, None, cancels=[compared], queue=False, **private)
-        api_trigger.click(answer_api, [image, question, bundle, backend, max_new, temperature],
-                          [api_answer, api_stats], api_name="answer", **run)
-        api_trigger.click(classify_api, [image, bundle, backend, top_k], [api_label, api_preds, api_stats],
-                          api_name="classify", **run)
-        api_trigger.click(bundles_api, None, [api_bundles], api_name="bundles", queue=False)
+                        cmp = _compare_tab(targets)
+        api = _api_outputs()
+        _wire_chat(demo, side, chat, _chat_handlers(runner))
+        _wire_compare_and_api(side, chat, cmp, api, _api_handlers(runner, infos, targets))
     demo.runner = runner           # for callers that want the loaded bundles (tests, notebooks)
     demo.example_files = [str(Path(p).resolve()) for p in examples or []]    # launch() lets gradio serve these
     return demo

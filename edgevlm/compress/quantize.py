@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-import logging
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 from ..config import CalibMethod
 from ..errors import ExportError
 from ..scratch import scratch as scratch_dir
+from .onnx_io import quiet, save_model
 
 
 # INT8 weights are kept to 7 bits: x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with
@@ -26,17 +27,6 @@ from ..scratch import scratch as scratch_dir
 REDUCE_RANGE = True
 
 
-def _quiet():
-    for name in ("onnxruntime.quantization", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _save(model, path: Path) -> None:
-    import onnx
-
-    onnx.save_model(model, str(path))
-
-
 def to_fp16(src: Path, dst: Path) -> dict:
     import onnx
     from onnxconverter_common import float16
@@ -44,8 +34,36 @@ def to_fp16(src: Path, dst: Path) -> dict:
     with warnings.catch_warnings():  # one warning per tiny weight clipped to FP16's range
         warnings.simplefilter("ignore", UserWarning)
         model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    _save(model, dst)
+    save_model(model, dst)
     return {"method": "float16 weights and activations, FP32 inputs/outputs"}
+
+
+@contextlib.contextmanager
+def _bounded_calibration_memory():
+    """ONNX Runtime's calibrator runs its augmented graph (every tensor also feeding a ReduceMin/ReduceMax output)
+    with the default CPU memory arena and memory patterns, which keep each run's activations and grow with every
+    batch: Moondream2's 413M vision tower took 3.4 GB before the first view, 11.0 after it, 18.6 after the second.
+    Without the arena and the patterns the same runs peak at 10.7 and 12.3 GB (ONNX Runtime 1.32, peak RSS of the
+    process). The calibrator has no option for its session, so its session factory is replaced for the duration
+    and restored after (tests/test_pipeline.py checks that it is restored)."""
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    original = calibrate.CalibraterBase.create_inference_session
+
+    def create_inference_session(self):
+        opts = onnxruntime.SessionOptions()
+        opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=opts,
+                                                          providers=self.execution_providers)
+
+    calibrate.CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        calibrate.CalibraterBase.create_inference_session = original
 
 
 class _Reader:
@@ -105,11 +123,10 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    _quiet()
     if calibration is None or len(calibration) == 0:
         raise ExportError("INT8 needs calibration images and none were given", "pass --calib DIR")
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-    with scratch_dir("quantize") as tmp:
+    with scratch_dir("quantize") as tmp, quiet(stdout=False):      # prints pass: ``progress`` may log
         pre = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
@@ -127,13 +144,14 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
         act_mm = _activation_matmuls(graph) if exclude_activation_matmuls else []
         if depthwise or act_mm:
             kwargs["nodes_to_exclude"] = depthwise + act_mm
-        quantize_static(
-            str(pre), str(dst), _Reader(input_name, calibration, batch, progress),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
-            reduce_range=REDUCE_RANGE, extra_options=extra, **kwargs,
-        )
+        with _bounded_calibration_memory():
+            quantize_static(
+                str(pre), str(dst), _Reader(input_name, calibration, batch, progress),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
+                reduce_range=REDUCE_RANGE, extra_options=extra, **kwargs,
+            )
     model = onnx.load(str(dst))
     counts = {}
     for node in model.graph.node:
@@ -297,7 +315,6 @@ def to_int4(src: Path, dst: Path, block_size: int = 32, fmt: str = "mixed") -> d
         raise ValueError(f"unknown INT4 format {fmt!r}; use one of {INT4_FORMATS}")
     import onnx
 
-    _quiet()
     model = onnx.load(str(src))
     total = weight_elements(model)
     quantized: dict[str, int] = {}
@@ -307,8 +324,9 @@ def to_int4(src: Path, dst: Path, block_size: int = 32, fmt: str = "mixed") -> d
         inits = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
         before = {n.name: inits[n.input[1]] for n in model.graph.node
                   if n.op_type == "MatMul" and n.input[1] in inits}
-        q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4)
-        q.process()
+        with quiet():
+            q = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4)
+            q.process()
         model = q.model.model
         left = {n.name for n in model.graph.node if n.op_type == "MatMul"}
         quantized.update({k: v for k, v in before.items() if k not in left})
@@ -318,7 +336,7 @@ def to_int4(src: Path, dst: Path, block_size: int = 32, fmt: str = "mixed") -> d
         model = _to_opset(model, 21)
         dq = int4_qdq(model, block_size, ops)
     quantized.update(dq)
-    _save(model, dst)
+    save_model(model, dst)
     n_q = sum(quantized.values())
     return {"method": f"block-wise weight-only INT4 (block {block_size}, symmetric, positive scales)",
             "format": {"qdq": "DequantizeLinear (QDQ, opset 21) on MatMul/Gemm",

@@ -50,6 +50,31 @@ def compare(reference: np.ndarray, candidate: np.ndarray, precision: str, name: 
     return rec
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def logit_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How a decoder's (steps, V) logits follow eager's under the same context at every step (teacher forced): the
+    one implementation behind every decoder parity record (exporters.vlm_onnx.decoder_parity, the bundle's
+    end-to-end parity in build_vlm). KL(eager || candidate) per step; ``kl_uniform_baseline`` is KL(eager ||
+    uniform), what a decoder that knows nothing scores."""
+    e, o = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if e.shape != o.shape:
+        raise ValidationError(f"decoder logits have shape {o.shape}, eager's {e.shape}", "report the model")
+    agree = e.argmax(-1) == o.argmax(-1)
+    le, lo = log_softmax(e), log_softmax(o)
+    pe = np.exp(le)
+    kl = (pe * (le - lo)).sum(-1)
+    kl_uniform = (pe * (le + np.log(e.shape[-1]))).sum(-1)
+    return {"top1_agreement": float(agree.mean()),
+            "first_argmax_divergence": next((i for i, a in enumerate(agree) if not a), None),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "kl_uniform_baseline": float(kl_uniform.mean()),
+            "logits_max_abs_diff": float(np.abs(e - o).max())}
+
+
 def ort_session(path, providers=("CPUExecutionProvider",)):
     """The one exporter-side ONNX Runtime session (quiet, this process's usable CPUs): every parity check opens
     its graph here."""

@@ -13,30 +13,15 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop  # noqa: F401  (re-exported)
+from ..generation import (Generation, GenerationConfig, GenerationStats, decode_loop,  # noqa: F401  (re-exported)
+                          pick_token)
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
-
-
-def pick_token(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> int:
-    """Greedy, or temperature / top-k / top-p sampling from (V,) logits."""
-    if cfg.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k:
-        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if cfg.top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, -1) - sorted_p < cfg.top_p        # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 class EncodeImage(nn.Module):
@@ -177,7 +162,7 @@ class VisionLanguageModel(nn.Module):
         ``prefix``: positions that attend bidirectionally in the prefill (see ``bidirectional_image_prefix``).
         """
         stats = stats or GenerationStats()
-        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        rng = np.random.default_rng(cfg.seed)          # the runtime's sampler and seeding (edgevlm.generation)
         dev = inputs_embeds.device
         state = {}
 
@@ -194,7 +179,7 @@ class VisionLanguageModel(nn.Module):
             state["cache"] = out.past_key_values
             return out.logits[0, -1]
 
-        yield from decode_loop(prefill, step, lambda logits: pick_token(logits, cfg, gen), cfg, stats,
+        yield from decode_loop(prefill, step, lambda logits: pick_token(logits.float().cpu().numpy(), cfg, rng), cfg, stats,
                                int(inputs_embeds.shape[1]), self.max_context)
 
     def generate(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import BundleError, ConfigError, first_line
-from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token_np
+from ..generation import Generation, GenerationConfig, GenerationStats, decode_loop, pick_token
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
 from . import skills
@@ -75,7 +75,7 @@ class OrtDecoder:
     """decoder.onnx: inputs_embeds + additive mask + positions + past KV -> last logits + present KV.
 
     Two graph styles (the bundle's decoder says which by its inputs): past/present tensors that grow by a
-    copy each call, or (``seqlens_k`` among the inputs, see ``exporters.vlm_onnx.fuse_attention``) one KV
+    copy each call, or (``seqlens_k`` among the inputs, see ``compress.attention.fuse_attention``) one KV
     buffer per layer bound to both past and present, which ONNX Runtime appends to in place; the buffer
     doubles when a sequence outgrows it.
 
@@ -502,7 +502,7 @@ class VLMPipeline:
         rng = np.random.default_rng(cfg.seed)
         self.decoder.reset()
         yield from decode_loop(lambda: self.decoder.prefill(embeds[0], prefix), self.decoder.step,
-                               lambda logits: pick_token_np(logits, cfg, rng), cfg, stats, int(embeds.shape[1]),
+                               lambda logits: pick_token(logits, cfg, rng), cfg, stats, int(embeds.shape[1]),
                                self.context_length)
 
     def start(self, image, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -306,168 +306,218 @@ def _accelerator(cfg: TrainConfig):
     return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
-def fit(task: Task, cfg: TrainConfig, callbacks: tuple[Callable[[int, dict], None], ...] = (),
-        log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``task.module`` in place; returns the run's record (and leaves the best weights in the module
-    when ``cfg.select_best`` and the task has a metric)."""
-    import torch
-    from accelerate.utils import set_seed
-
-    acc = _accelerator(cfg)
-    main = acc.is_main_process
-    say = (log or (lambda m: print(m, file=sys.stderr, flush=True))) if main and not cfg.quiet else (lambda m: None)
-    P = acc.num_processes
-    per_proc, rem = divmod(cfg.batch_size, P * cfg.grad_accum)
+def _batch_plan(task: Task, cfg: TrainConfig, processes: int) -> tuple[int, int, int]:
+    """(samples per micro-batch in each process, steps per epoch, total steps), or a ConfigError."""
+    per_proc, rem = divmod(cfg.batch_size, processes * cfg.grad_accum)
     if rem or per_proc < 1:
-        raise ConfigError(f"global batch {cfg.batch_size} does not split over {P} process(es) x {cfg.grad_accum} "
-                          "accumulation step(s)", f"use a batch size that is a multiple of {P * cfg.grad_accum}")
+        raise ConfigError(f"global batch {cfg.batch_size} does not split over {processes} process(es) x "
+                          f"{cfg.grad_accum} accumulation step(s)",
+                          f"use a batch size that is a multiple of {processes * cfg.grad_accum}")
     steps_per_epoch = task.num_samples // cfg.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"{task.num_samples} training samples are fewer than one global batch of {cfg.batch_size}",
                           "lower --batch-size or use more data")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    return per_proc, steps_per_epoch, total
 
-    module = task.module
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"{task.name}: nothing to train (every parameter is frozen)", "pick a mode that trains a part")
-    trainable, n_total = count_parameters(module)
-    names = {n: list(p.shape) for n, p in module.named_parameters() if p.requires_grad}
-    expect = {"task": task.name, "identity": task.identity, "schedule": cfg.schedule(), "trainable": names}
 
-    existing = list_checkpoints(cfg.out)
-    if existing and not (cfg.resume or cfg.overwrite):
-        raise ConfigError(f"{cfg.out} already holds checkpoints (newest {existing[-1].name})",
-                          "pass --resume to continue that run, --overwrite to start over, or another --out")
-    if cfg.overwrite and main:
-        shutil.rmtree(cfg.out / "checkpoints", ignore_errors=True)
-    acc.wait_for_everyone()
+class _Run:
+    """The state of one :func:`fit` call, with its stages: setup, one training step, the end of an epoch
+    (evaluation), checkpointing and the final result."""
 
-    set_seed(cfg.seed)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    start, history, best = 0, [], {}
-    resumed_from = None
-    if cfg.resume and existing:
-        ckpt = existing[-1]
+    def __init__(self, task: Task, cfg: TrainConfig, log: Callable[[str], None] | None) -> None:
+        """Setup: the accelerator and batch plan, existing checkpoints, the optimizer, resuming, Accelerate's wrap."""
+        import torch
+        from accelerate.utils import set_seed
+
+        self.task, self.cfg = task, cfg
+        self.acc = acc = _accelerator(cfg)
+        self.main = acc.is_main_process
+        self.say = ((log or (lambda m: print(m, file=sys.stderr, flush=True))) if self.main and not cfg.quiet
+                    else (lambda m: None))
+        self.P = acc.num_processes
+        self.per_proc, self.steps_per_epoch, self.total = _batch_plan(task, cfg, self.P)
+
+        module = task.module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(f"{task.name}: nothing to train (every parameter is frozen)",
+                              "pick a mode that trains a part")
+        self.trainable, self.n_total = count_parameters(module)
+        self.names = {n: list(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+        expect = {"task": task.name, "identity": task.identity, "schedule": cfg.schedule(), "trainable": self.names}
+
+        existing = list_checkpoints(cfg.out)
+        if existing and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"{cfg.out} already holds checkpoints (newest {existing[-1].name})",
+                              "pass --resume to continue that run, --overwrite to start over, or another --out")
+        if cfg.overwrite and self.main:
+            shutil.rmtree(cfg.out / "checkpoints", ignore_errors=True)
+        acc.wait_for_everyone()
+
+        set_seed(cfg.seed)
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.raw_opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                          {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.start, self.history, self.best = 0, [], {}
+        self.resumed_from = None
+        if cfg.resume and existing:
+            self._resume(existing[-1], expect)
+        self.best_file = cfg.out / "checkpoints" / "best.safetensors"
+
+        self.model, self.opt = acc.prepare(module, self.raw_opt)
+        self.say(f"{task.name}: {self.trainable:,} trainable of {self.n_total:,} parameters; {self.total} steps of "
+                 f"{cfg.batch_size} ({self.P} process(es) x {cfg.grad_accum} accumulation x {self.per_proc} per "
+                 "micro-batch)")
+
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=self.start, desc=task.name, unit="step",
+                        disable=cfg.quiet or not self.main, file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.t0 = time.time()
+        self.step = self.start
+        self.epoch_loss, self.epoch_t0, self.updating = [], time.time(), False
+
+    def _resume(self, ckpt: Path, expect: dict) -> None:
+        """Check the newest checkpoint fits this run, then load its weights, optimizer, RNG and history."""
         state = json.loads((ckpt / "state.json").read_text())
         _check_resumable(ckpt, state, expect)              # before any compute
-        state = _load_checkpoint(ckpt, module, opt)
-        start, history, best = int(state["step"]), state.get("history", []), state.get("best", {})
-        resumed_from = start
-        say(f"resuming {task.name} from {ckpt} (step {start}/{total})")
-    best_file = cfg.out / "checkpoints" / "best.safetensors"
+        state = _load_checkpoint(ckpt, self.task.module, self.raw_opt)
+        self.start, self.history, self.best = int(state["step"]), state.get("history", []), state.get("best", {})
+        self.resumed_from = self.start
+        self.say(f"resuming {self.task.name} from {ckpt} (step {self.start}/{self.total})")
 
-    raw_opt = opt
-    model, opt = acc.prepare(module, opt)
-    say(f"{task.name}: {trainable:,} trainable of {n_total:,} parameters; {total} steps of {cfg.batch_size} "
-        f"({P} process(es) x {cfg.grad_accum} accumulation x {per_proc} per micro-batch)")
+    def train_step(self) -> tuple[int, dict]:
+        """One optimizer step on this process's slice of the next global batch; returns (epoch, logs)."""
+        import torch
 
-    from tqdm.auto import tqdm
+        cfg, acc, model, opt, per_proc = self.cfg, self.acc, self.model, self.opt, self.per_proc
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        order = epoch_order(cfg.seed, epoch, self.task.num_samples)
+        glob = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        mine = glob[acc.process_index * per_proc * cfg.grad_accum:(acc.process_index + 1) * per_proc * cfg.grad_accum]
+        lr = lr_at(self.step, self.total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for m in range(cfg.grad_accum):
+            micro = mine[m * per_proc:(m + 1) * per_proc]
+            batch = self.task.batch(micro, epoch)
+            ctx = acc.no_sync(model) if m < cfg.grad_accum - 1 else nullcontext()
+            with ctx:
+                out = model(batch)
+                acc.backward(out["loss"] / cfg.grad_accum)
+            loss_sum += float(out["loss"].detach()) / cfg.grad_accum
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.updating = True
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.updating = False
+        self.step += 1
+        loss = float(acc.reduce(torch.tensor(loss_sum), "mean")) if self.P > 1 else loss_sum
+        self.epoch_loss.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        return epoch, {"loss": loss, "lr": lr, "epoch": epoch}
 
-    bar = tqdm(total=total, initial=start, desc=task.name, unit="step", disable=cfg.quiet or not main,
-               file=sys.stderr, dynamic_ncols=True, leave=False)
-    t0 = time.time()
-    step = start
-    epoch_loss, epoch_t0, updating = [], time.time(), False
+    def _evaluate(self, rec: dict, epoch: int) -> None:
+        """Add the task's evaluation to ``rec`` and keep the best weights by its metric (main process only)."""
+        import torch
 
-    def state_dict_for_save() -> dict:
-        return {"task": task.name, "identity": task.identity, "schedule": cfg.schedule(), "trainable": names,
-                "history": history, "best": best, "epoch": step // steps_per_epoch}
+        cfg, best = self.cfg, self.best
+        unwrapped = self.acc.unwrap_model(self.model)
+        unwrapped.eval()
+        with torch.no_grad():
+            rec.update(self.task.evaluate(unwrapped))
+        train_mode(unwrapped)
+        metric = getattr(self.task, "metric", None)
+        if metric and metric in rec and rec[metric] > best.get(metric, -math.inf):
+            best.clear()
+            best.update({metric: rec[metric], "epoch": epoch + 1, "step": self.step})
+            if cfg.select_best:
+                from safetensors.torch import save_file
 
-    def checkpoint() -> Path | None:
+                self.best_file.parent.mkdir(parents=True, exist_ok=True)
+                save_file(trainable_state(unwrapped), str(self.best_file.with_suffix(".tmp")))
+                self.best_file.with_suffix(".tmp").replace(self.best_file)
+
+    def end_epoch(self, epoch: int, full: bool) -> None:
+        """Record the epoch (loss, time, evaluation), report it, and start the next epoch's tally."""
+        cfg = self.cfg
+        rec = {"epoch": epoch + 1, "step": self.step,
+               "loss": float(np.mean(self.epoch_loss)) if self.epoch_loss else float("nan"),
+               "seconds": round(time.time() - self.epoch_t0, 2), "full_epoch": full}
+        if cfg.eval_every_epoch and hasattr(self.task, "evaluate") and self.main:
+            self._evaluate(rec, epoch)
+        self.history.append(rec)
+        self.say(f"  epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in rec.items() if k not in ("epoch", "full_epoch")))
+        self.epoch_loss, self.epoch_t0 = [], time.time()
+
+    def checkpoint(self) -> Path | None:
+        """Save a checkpoint at the current step (main process) and wait for every process."""
         path = None
-        if main:
-            path = save_checkpoint(cfg.out, step, acc.unwrap_model(model), raw_opt, state_dict_for_save(),
-                                   cfg.keep_checkpoints)
-        acc.wait_for_everyone()
+        if self.main:
+            state = {"task": self.task.name, "identity": self.task.identity, "schedule": self.cfg.schedule(),
+                     "trainable": self.names, "history": self.history, "best": self.best,
+                     "epoch": self.step // self.steps_per_epoch}
+            path = save_checkpoint(self.cfg.out, self.step, self.acc.unwrap_model(self.model), self.raw_opt, state,
+                                   self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
         return path
 
-    def end_epoch(epoch: int, full: bool) -> None:
-        rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(epoch_loss)) if epoch_loss else float("nan"),
-               "seconds": round(time.time() - epoch_t0, 2), "full_epoch": full}
-        if cfg.eval_every_epoch and hasattr(task, "evaluate") and main:
-            unwrapped = acc.unwrap_model(model)
-            unwrapped.eval()
+    def save_on_interrupt(self) -> None:
+        """After Ctrl+C in a one-process run: checkpoint the last finished step, unless it is already saved."""
+        out, step = self.cfg.out, self.step
+        if self.main and self.P == 1 and not self.updating and step > self.start and not (
+                list_checkpoints(out) and list_checkpoints(out)[-1].name == f"step_{step:07d}"):
+            path = self.checkpoint()
+            self.say(f"interrupted: saved {path}; rerun with --resume to continue")
+
+    def result(self) -> TrainResult:
+        """Leave the best weights (if selected) in the module, in eval mode, and return the run's record."""
+        import torch
+
+        unwrapped = self.acc.unwrap_model(self.model)
+        if self.cfg.select_best and self.best and self.best_file.is_file():
+            from safetensors.torch import load_file
+
             with torch.no_grad():
-                rec.update(task.evaluate(unwrapped))
-            train_mode(unwrapped)
-            metric = getattr(task, "metric", None)
-            if metric and metric in rec and rec[metric] > best.get(metric, -math.inf):
-                best.clear()
-                best.update({metric: rec[metric], "epoch": epoch + 1, "step": step})
-                if cfg.select_best:
-                    from safetensors.torch import save_file
+                own = dict(unwrapped.named_parameters()) | dict(unwrapped.named_buffers())
+                for k, v in load_file(str(self.best_file)).items():
+                    own[k].copy_(v)
+        unwrapped.eval()
+        last = list_checkpoints(self.cfg.out)
+        return TrainResult(steps=self.step, epochs_run=math.ceil(self.step / self.steps_per_epoch),
+                           trainable_params=self.trainable, total_params=self.n_total, history=self.history,
+                           best=dict(self.best), seconds=time.time() - self.t0, processes=self.P,
+                           resumed_from=self.resumed_from, checkpoint=str(last[-1]) if last else None)
 
-                    best_file.parent.mkdir(parents=True, exist_ok=True)
-                    save_file(trainable_state(unwrapped), str(best_file.with_suffix(".tmp")))
-                    best_file.with_suffix(".tmp").replace(best_file)
-        history.append(rec)
-        say(f"  epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in rec.items() if k not in ("epoch", "full_epoch")))
 
-    train_mode(model)
+def fit(task: Task, cfg: TrainConfig, callbacks: tuple[Callable[[int, dict], None], ...] = (),
+        log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train ``task.module`` in place; returns the run's record (and leaves the best weights in the module
+    when ``cfg.select_best`` and the task has a metric)."""
+    run = _Run(task, cfg, log)
+    train_mode(run.model)
     try:
-        while step < total:
-            epoch, pos = divmod(step, steps_per_epoch)
-            order = epoch_order(cfg.seed, epoch, task.num_samples)
-            glob = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-            mine = glob[acc.process_index * per_proc * cfg.grad_accum:(acc.process_index + 1) * per_proc * cfg.grad_accum]
-            lr = lr_at(step, total, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = 0.0
-            for m in range(cfg.grad_accum):
-                micro = mine[m * per_proc:(m + 1) * per_proc]
-                batch = task.batch(micro, epoch)
-                ctx = acc.no_sync(model) if m < cfg.grad_accum - 1 else nullcontext()
-                with ctx:
-                    out = model(batch)
-                    acc.backward(out["loss"] / cfg.grad_accum)
-                loss_sum += float(out["loss"].detach()) / cfg.grad_accum
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            updating = True
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            updating = False
-            step += 1
-            loss = float(acc.reduce(torch.tensor(loss_sum), "mean")) if P > 1 else loss_sum
-            epoch_loss.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            logs = {"loss": loss, "lr": lr, "epoch": epoch}
-            epoch_done = step % steps_per_epoch == 0 or step == total
+        while run.step < run.total:
+            epoch, logs = run.train_step()
+            epoch_done = run.step % run.steps_per_epoch == 0 or run.step == run.total
             if epoch_done:
-                end_epoch(epoch, full=step % steps_per_epoch == 0)
-                epoch_loss, epoch_t0 = [], time.time()
-            if (cfg.save_every and step % cfg.save_every == 0) or epoch_done:
-                checkpoint()
+                run.end_epoch(epoch, full=run.step % run.steps_per_epoch == 0)
+            if (cfg.save_every and run.step % cfg.save_every == 0) or epoch_done:
+                run.checkpoint()
             for cb in callbacks:
-                cb(step, logs)
+                cb(run.step, logs)
     except KeyboardInterrupt:
-        if main and P == 1 and not updating and step > start and not (list_checkpoints(cfg.out) and
-                                                                       list_checkpoints(cfg.out)[-1].name == f"step_{step:07d}"):
-            path = checkpoint()
-            say(f"interrupted: saved {path}; rerun with --resume to continue")
+        run.save_on_interrupt()
         raise
     finally:
-        bar.close()
-    unwrapped = acc.unwrap_model(model)
-    if cfg.select_best and best and best_file.is_file():
-        from safetensors.torch import load_file
-
-        with torch.no_grad():
-            own = dict(unwrapped.named_parameters()) | dict(unwrapped.named_buffers())
-            for k, v in load_file(str(best_file)).items():
-                own[k].copy_(v)
-    unwrapped.eval()
-    last = list_checkpoints(cfg.out)
-    return TrainResult(steps=step, epochs_run=math.ceil(step / steps_per_epoch), trainable_params=trainable,
-                       total_params=n_total, history=history, best=dict(best), seconds=time.time() - t0,
-                       processes=P, resumed_from=resumed_from, checkpoint=str(last[-1]) if last else None)
+        run.bar.close()
+    return run.result()
 
 
 def summary_table(result: TrainResult, title: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +346,287 @@ def look_loss(attn, seen: dict, mask, points: list[tuple[int, int]], targets: li
     return torch.stack(losses).mean()
 
 
+@dataclass
+class _Plan:
+    """The settings of one :func:`train_scenes_vlm` run, resolved (split sizes, kind weights, output path)."""
+
+    model_name: str
+    out: Path
+    epochs: int
+    images_per_step: int
+    questions_per_image: int
+    lr: float
+    n_train: int
+    n_val: int
+    seed: int
+    tower_steps: int
+    dense_weight: float
+    question_draws: int
+    weights: dict
+    freeze_tower: bool
+    tower_batch: int
+    color_lookups: bool
+    look_weight: float
+    look_layer: int
+    look_words: float
+
+    def trained_with(self) -> dict:
+        """The settings as the saved weights' ``trained_with`` facts record them (before the best epoch's)."""
+        return {"command": f"edgevlm train --model {self.model_name} --epochs {self.epochs} --seed {self.seed}",
+                "seed": self.seed, "epochs": self.epochs,
+                "train_images": self.n_train, "images_per_step": self.images_per_step,
+                "questions_per_image": self.questions_per_image, "question_draws": self.question_draws,
+                "lr": self.lr, "tower_steps": self.tower_steps, "dense_weight": self.dense_weight,
+                "kind_weights": self.weights, "freeze_tower": self.freeze_tower, "tower_batch": self.tower_batch,
+                "color_lookups": self.color_lookups, "look_weight": self.look_weight, "look_layer": self.look_layer,
+                "look_words": self.look_words}
+
+
+@dataclass
+class _Data:
+    """The rendered splits: images, (kind, question, answer) lists and cell targets, and the cells to look at."""
+
+    grid: int
+    tr_imgs: np.ndarray
+    tr_qa: list
+    tr_cells: np.ndarray
+    va_imgs: np.ndarray
+    va_qa: list
+    va_cells: np.ndarray
+    tr_look: list | None
+
+
+def _render(plan: _Plan, recipe, ispec, log) -> _Data:
+    """Render the train and validation scenes (with cell targets when a dense loss or stage 1 needs the grid)."""
+    from ..modeling.scenes_vlm import grid_side
+
+    log(f"rendering {plan.n_train} train and {plan.n_val} validation scenes at {ispec.size} px")
+    grid = grid_side(recipe) if (plan.dense_weight or plan.tower_steps) else 0
+    tr_imgs, tr_qa, tr_cells = build_split("train", plan.n_train, ispec, log, grid, plan.question_draws,
+                                           plan.color_lookups)
+    va_imgs, va_qa, va_cells = build_split("val", plan.n_val, ispec, log, grid)
+    tr_look = None
+    if plan.look_weight or plan.look_words:
+        if not grid:
+            raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
+        tr_look = []
+        for i in range(plan.n_train):
+            scene = scenes.make_scene("train", i)
+            tr_look.append({q: look_cells(scene, kind, q, grid) for kind, q, _ in tr_qa[i]})
+    return _Data(grid, tr_imgs, tr_qa, tr_cells, va_imgs, va_qa, va_cells, tr_look)
+
+
+class _Learner:
+    """The VLM being trained with its tokenizer, the training-only cell head, the attention hooks of the look
+    losses and (with a frozen tower) the cached vision tokens: what one step's loss needs."""
+
+    def __init__(self, plan: _Plan, recipe, data: _Data, ispec, log) -> None:
+        """Train the tokenizer on the training text, build the model, hook the looked-at layers, make the cell head."""
+        from ..modeling.families import build_vlm
+        from ..processor import TextTokenizer
+
+        texts = [f"{q} {a}" for qa in data.tr_qa for _, q, a in qa]
+        hf_tok = train_tokenizer(texts, recipe.config["text"]["vocab_size"] - len(MARKUP))
+        self.tokenizer = tokenizer = TextTokenizer(hf_tok, hf_tok.token_to_id("<s>"), (hf_tok.token_to_id("</s>"),),
+                                                   "trained")
+        self.model = model = build_vlm(recipe, tokenizer=tokenizer).train()
+        grid = data.grid
+        if data.tr_look is not None and model.connector.n_tokens != grid * grid:
+            raise ValueError(f"look_weight needs one vision token per cell ({grid * grid}); {plan.model_name} has "
+                             f"{model.connector.n_tokens}: set vision_tokens: 0")
+        self.layers = layers = model.language_model.model.layers
+        self.looked = {"cells": (plan.look_layer, plan.look_weight), "words": (plan.look_layer - 1, plan.look_words)}
+        self.seen = seen = {part: {} for part in self.looked}
+        self.hooks = [layers[i].self_attn.register_forward_pre_hook(
+                          lambda mod, args, kw, d=seen[part]: d.update(kw) and None, with_kwargs=True)
+                      for part, (i, w) in self.looked.items() if w]   # what the looked-at layers' attention gets
+        self.said: dict[tuple[str, str], list[int]] = {}     # (kind, question) -> its naming words' token indices
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"tokenizer: {tokenizer.vocab_size} tokens; model: {n_params / 1e6:.2f}M parameters, "
+            f"{model.connector.n_tokens} vision tokens")
+        self.eos, self.pad = tokenizer.eos_ids[0], hf_tok.token_to_id("<pad>")
+        self.pspec = model.prompt_spec
+        self.pixels = pixel_normalizer(ispec)
+        self.emb = model.language_model.get_input_embeddings()
+        self.head = cell_head(model.vision) if grid else None
+        self.frozen_tokens = None
+
+    def prompt_ids(self, question: str):
+        """The prompt's token ids before and after the image, for ``question``."""
+        from ..processor import tokenize_prompt
+
+        p = tokenize_prompt(self.tokenizer, self.pspec, question)
+        return p.before, p.after
+
+    def _vision(self, img_u8, cells, idx):
+        """The images' vision tokens and the dense loss on their cells (cached tokens and no loss when frozen)."""
+        import torch
+
+        if self.frozen_tokens is not None:
+            return self.frozen_tokens[idx], torch.zeros(())
+        tokens, raw, _ = self.model.vision.forward_with_cells(self.pixels(img_u8))     # one pass for both losses
+        dense = dense_loss(self.head, raw, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
+        return tokens, dense
+
+    def _group(self, picks, looks):
+        """Questions and answers as ids grouped by image row, with what each answer should look at; (rows,
+        the shared ids before the image, {row: [(question ids, answer ids)]}, {row: [(cells, words, len)]})."""
+        per_row: dict[int, list] = {}
+        look_row: dict[int, list] = {}
+        before = None
+        for row, (kind, q, a) in picks:
+            b, after = self.prompt_ids(q)
+            if before is not None and b != before:
+                raise ValueError("packing needs the same prompt ids before the image for every question")
+            before = b
+            per_row.setdefault(row, []).append((after, self.tokenizer.encode(" " + a) + [self.eos]))
+            if looks is not None:
+                if (kind, q) not in self.said:
+                    what = named(kind, q)
+                    self.said[kind, q] = word_tokens(self.tokenizer, after, what[2]) if what else []
+                look_row.setdefault(row, []).append((looks[row].get(q, []), self.said[kind, q], len(after)))
+        return sorted(per_row), before, per_row, look_row
+
+    def _look_losses(self, rows, look_row, n_before: int, answer, mask) -> dict:
+        """{"cells": look loss, "words": look loss} at the positions that predict each answer's first token."""
+        first, k = answer_starts(answer), 0
+        at = {part: ([], []) for part in self.looked}
+        for r in rows:
+            for cells, words, n_after in look_row[r]:
+                row_t = first[k]
+                for part, keys in (("cells", [n_before + c for c in cells]),
+                                   ("words", [row_t[1] - n_after + 1 + j for j in words])):
+                    if keys and self.looked[part][1]:
+                        at[part][0].append(row_t)
+                        at[part][1].append(keys)
+                k += 1
+        return {part: look_loss(self.layers[self.looked[part][0]].self_attn, self.seen[part], mask, *at[part])
+                for part in self.looked}
+
+    def step_loss(self, img_u8, picks, cells=None, idx=None, looks=None):
+        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss,
+        {"cells": look loss, "words": look loss}).
+        The questions about one image share one packed row (:func:`pack_questions`). With a frozen tower
+        the tokens of training images ``idx`` come from the cache."""
+        import torch
+
+        tokens, dense = self._vision(img_u8, cells, idx)
+        vis = self.model.connector(tokens)                                          # (B, N, D)
+        rows, before, per_row, look_row = self._group(picks, looks)
+        prefix = len(before) + vis.shape[1]
+        ids, mask, pos, labels, answer = pack_questions(prefix, [per_row[r] for r in rows], self.pad)
+        x = torch.cat([self.emb(torch.tensor(before)).expand(len(rows), -1, -1), vis[rows], self.emb(ids)], 1)
+        logits = self.model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                                           use_cache=False).logits
+        look = {part: torch.zeros(()) for part in self.looked}
+        if looks is not None:
+            look = self._look_losses(rows, look_row, len(before), answer, mask)
+        return answer_mean_loss(logits, labels, answer), dense, look
+
+    def val_exact_match(self, data: _Data, n_val: int, freeze_tower: bool) -> float:
+        """Greedy exact match on the validation questions (detect, point and caption aside)."""
+        import torch
+
+        from ..modeling.vlm import GenerationConfig
+        from ..processor import PromptPieces
+
+        model = self.model
+        with torch.no_grad():
+            model.eval()
+            hits = total = 0
+            for i in range(n_val):
+                for kind, q, a in data.va_qa[i]:
+                    if kind in ("detect", "point", "caption"):
+                        continue
+                    pv = self.pixels(data.va_imgs[i:i + 1])
+                    before, after = self.prompt_ids(q)
+                    embeds = model.splice(PromptPieces(before, after, True), model.encode_image(pv))
+                    ids = list(model.decode_tokens(embeds, GenerationConfig(max_new_tokens=8, stop_ids=(self.eos,))))
+                    hits += self.tokenizer.decode(ids).strip() == a
+                    total += 1
+            model.train()
+            if freeze_tower:
+                model.vision.eval()
+            return hits / max(total, 1)
+
+
+def _tower_stage(lrn: _Learner, plan: _Plan, data: _Data, rng: np.random.Generator, log) -> None:
+    """Stage 1 (the tower alone on the per-cell loss), then with ``freeze_tower`` freeze it and cache its tokens."""
+    import torch
+
+    model = lrn.model
+    if lrn.head is not None and plan.tower_steps > 0:
+        # Stage 1: the tower alone learns what sits in each cell (fast: no language model in the step).
+        train_tower(model.vision, lrn.head, data.tr_imgs, data.tr_cells, data.va_imgs, data.va_cells, lrn.pixels,
+                    plan.tower_steps, plan.lr, rng, log, batch=plan.tower_batch)
+    if plan.freeze_tower:
+        model.vision.eval().requires_grad_(False)
+        t1 = time.time()
+        with torch.no_grad():
+            lrn.frozen_tokens = torch.cat([model.vision(lrn.pixels(data.tr_imgs[i:i + 250]))
+                                           for i in range(0, plan.n_train, 250)])
+        log(f"tower frozen; tokens of {plan.n_train} training images cached {tuple(lrn.frozen_tokens.shape[1:])} "
+            f"({time.time() - t1:.0f} s)")
+
+
+def _optimizer(lrn: _Learner, plan: _Plan):
+    """Stage 2's AdamW (the model's trainable parameters and a training-only head's) with warmup then cosine:
+    (optimizer, scheduler, steps per epoch)."""
+    import torch
+
+    params = [p for p in lrn.model.parameters() if p.requires_grad]
+    if lrn.head is not None:                # a training-only head is not in the model; the tower's own one is
+        params += [p for p in lrn.head.parameters() if p.requires_grad and id(p) not in {id(q) for q in params}]
+    opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.05)
+    steps_per_epoch = math.ceil(plan.n_train / plan.images_per_step)
+    total_steps, warm = plan.epochs * steps_per_epoch, min(300, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total_steps - warm))))
+    return opt, sched, steps_per_epoch
+
+
+def _train_epoch(lrn: _Learner, plan: _Plan, data: _Data, rng: np.random.Generator, opt, sched, epoch: int,
+                 steps_per_epoch: int, log) -> tuple[float, float]:
+    """One epoch of stage 2 over the training images in a seeded order; (summed answer loss, start time)."""
+    import torch
+
+    order = rng.permutation(plan.n_train)
+    run_loss, run_look, run_words, t_ep = 0.0, 0.0, 0.0, time.time()
+    for s in range(steps_per_epoch):
+        idx = np.sort(order[s * plan.images_per_step:(s + 1) * plan.images_per_step])
+        picks = []
+        for row, i in enumerate(idx):
+            picks += [(row, q) for q in pick_questions(rng, data.tr_qa[i], plan.questions_per_image, plan.weights)]
+        lm_loss, dense, look = lrn.step_loss(data.tr_imgs[idx], picks,
+                                             data.tr_cells[idx] if lrn.head is not None else None, idx,
+                                             [data.tr_look[i] for i in idx] if data.tr_look is not None else None)
+        loss = lm_loss + plan.dense_weight * dense + plan.look_weight * look["cells"] + plan.look_words * look["words"]
+        run_look += float(look["cells"].detach())
+        run_words += float(look["words"].detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lrn.model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        run_loss += float(lm_loss.detach())
+        if (s + 1) % 50 == 0:
+            log(f"  epoch {epoch + 1}/{plan.epochs} step {s + 1}/{steps_per_epoch} loss {run_loss / (s + 1):.4f} "
+                + (f"look {run_look / (s + 1):.3f} " if plan.look_weight else "")
+                + (f"words {run_words / (s + 1):.3f} " if plan.look_words else "") + f"({time.time() - t_ep:.0f} s)")
+    return run_loss, t_ep
+
+
+def _validate(lrn: _Learner, plan: _Plan, data: _Data, epoch: int, loss: float, t_ep: float, log) -> dict:
+    """The epoch's record: its loss, validation exact match and (with a cell head) validation cell accuracy."""
+    em = lrn.val_exact_match(data, plan.n_val, plan.freeze_tower)
+    cells = (cell_accuracy(lrn.model.vision, lrn.head, data.va_imgs, data.va_cells, lrn.pixels)
+             if lrn.head is not None else {})
+    rec = {"epoch": epoch + 1, "loss": loss, "val_exact_match": em, **cells, "seconds": round(time.time() - t_ep, 1)}
+    log(f"epoch {epoch + 1}: loss {loss:.4f}, validation exact match {em:.3f} "
+        f"{cells} ({time.time() - t_ep:.0f} s)")
+    return rec
+
+
 def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None, epochs: int = 3,
                      images_per_step: int = 32, questions_per_image: int = 4, lr: float = 2e-3,
                      train_images: int | None = None, val_images: int = 300, seed: int = 0, log=None,
@@ -370,10 +652,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
 
-    from ..modeling.families import build_vlm
-    from ..modeling.scenes_vlm import grid_side, save
-    from ..modeling.vlm import GenerationConfig
-    from ..processor import ImageSpec, PromptPieces, TextTokenizer, tokenize_prompt
+    from ..modeling.scenes_vlm import save
+    from ..processor import ImageSpec
     from ..zoo import get_vlm_recipe
 
     log = log or (lambda msg: print(msg, flush=True))
@@ -381,197 +661,43 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     recipe = get_vlm_recipe(model_name)
-    out = Path(out or Path("models/weights") / f"{model_name}.safetensors")
-    spec_img = recipe.image
-    n_train = train_images or scenes.SPLIT_SIZES["train"]
-    n_val = min(val_images, scenes.SPLIT_SIZES["val"])
-    ispec = ImageSpec(**spec_img)
+    plan = _Plan(model_name=model_name, out=Path(out or Path("models/weights") / f"{model_name}.safetensors"),
+                 epochs=epochs, images_per_step=images_per_step, questions_per_image=questions_per_image, lr=lr,
+                 n_train=train_images or scenes.SPLIT_SIZES["train"], n_val=min(val_images, scenes.SPLIT_SIZES["val"]),
+                 seed=seed, tower_steps=tower_steps, dense_weight=dense_weight, question_draws=question_draws,
+                 weights=weights, freeze_tower=freeze_tower, tower_batch=tower_batch, color_lookups=color_lookups,
+                 look_weight=look_weight, look_layer=look_layer, look_words=look_words)
+    ispec = ImageSpec(**recipe.image)
     if not (1 if look_words else 0) <= look_layer < recipe.config["text"]["num_hidden_layers"]:
         raise ValueError(f"look_layer {look_layer} is not a layer of the decoder"
                          + (" after its first (look_words looks one layer earlier)" if look_words else ""))
-    log(f"rendering {n_train} train and {n_val} validation scenes at {ispec.size} px")
-    grid = grid_side(recipe) if (dense_weight or tower_steps) else 0
-    tr_imgs, tr_qa, tr_cells = build_split("train", n_train, ispec, log, grid, question_draws, color_lookups)
-    va_imgs, va_qa, va_cells = build_split("val", n_val, ispec, log, grid)
-    tr_look = None
-    if look_weight or look_words:
-        if not grid:
-            raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
-        tr_look = []
-        for i in range(n_train):
-            scene = scenes.make_scene("train", i)
-            tr_look.append({q: look_cells(scene, kind, q, grid) for kind, q, _ in tr_qa[i]})
+    data = _render(plan, recipe, ispec, log)
+    lrn = _Learner(plan, recipe, data, ispec, log)
+    _tower_stage(lrn, plan, data, rng, log)
 
-    texts = [f"{q} {a}" for qa in tr_qa for _, q, a in qa]
-    hf_tok = train_tokenizer(texts, recipe.config["text"]["vocab_size"] - len(MARKUP))
-    tokenizer = TextTokenizer(hf_tok, hf_tok.token_to_id("<s>"), (hf_tok.token_to_id("</s>"),), "trained")
-    model = build_vlm(recipe, tokenizer=tokenizer).train()
-    if tr_look is not None and model.connector.n_tokens != grid * grid:
-        raise ValueError(f"look_weight needs one vision token per cell ({grid * grid}); {model_name} has "
-                         f"{model.connector.n_tokens}: set vision_tokens: 0")
-    layers = model.language_model.model.layers
-    looked = {"cells": (look_layer, look_weight), "words": (look_layer - 1, look_words)}
-    seen = {part: {} for part in looked}
-    hooks = [layers[i].self_attn.register_forward_pre_hook(lambda mod, args, kw, d=seen[part]: d.update(kw) and None,
-                                                           with_kwargs=True)
-             for part, (i, w) in looked.items() if w]        # what the looked-at layers' attention is called with
-    said: dict[tuple[str, str], list[int]] = {}              # (kind, question) -> its naming words' token indices
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"tokenizer: {tokenizer.vocab_size} tokens; model: {n_params / 1e6:.2f}M parameters, "
-        f"{model.connector.n_tokens} vision tokens")
-    eos, pad = tokenizer.eos_ids[0], hf_tok.token_to_id("<pad>")
-    pspec = model.prompt_spec
-
-    def prompt_ids(question: str):
-        p = tokenize_prompt(tokenizer, pspec, question)
-        return p.before, p.after
-
-    pixels = pixel_normalizer(ispec)
-
-    emb = model.language_model.get_input_embeddings()
-
-    head = cell_head(model.vision) if grid else None
-
-    frozen_tokens = None
-
-    def step_loss(img_u8, picks, cells=None, idx=None, looks=None):
-        """(mean next-token loss on the answers of ``picks`` [(image row, (kind, q, a))], dense loss,
-        {"cells": look loss, "words": look loss}).
-        The questions about one image share one packed row (:func:`pack_questions`). With a frozen tower
-        the tokens of training images ``idx`` come from the cache."""
-        if frozen_tokens is not None:
-            tokens, dense = frozen_tokens[idx], torch.zeros(())
-        else:
-            tokens, raw, _ = model.vision.forward_with_cells(pixels(img_u8))        # one pass for both losses
-            dense = dense_loss(head, raw, torch.from_numpy(cells)) if cells is not None else torch.zeros(())
-        vis = model.connector(tokens)                                               # (B, N, D)
-        per_row: dict[int, list] = {}
-        look_row: dict[int, list] = {}
-        before = None
-        for row, (kind, q, a) in picks:
-            b, after = prompt_ids(q)
-            if before is not None and b != before:
-                raise ValueError("packing needs the same prompt ids before the image for every question")
-            before = b
-            per_row.setdefault(row, []).append((after, tokenizer.encode(" " + a) + [eos]))
-            if looks is not None:
-                if (kind, q) not in said:
-                    what = named(kind, q)
-                    said[kind, q] = word_tokens(tokenizer, after, what[2]) if what else []
-                look_row.setdefault(row, []).append((looks[row].get(q, []), said[kind, q], len(after)))
-        rows = sorted(per_row)
-        prefix = len(before) + vis.shape[1]
-        ids, mask, pos, labels, answer = pack_questions(prefix, [per_row[r] for r in rows], pad)
-        x = torch.cat([emb(torch.tensor(before)).expand(len(rows), -1, -1), vis[rows], emb(ids)], 1)
-        logits = model.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        look = {part: torch.zeros(()) for part in looked}
-        if looks is not None:
-            first, k = answer_starts(answer), 0
-            at = {part: ([], []) for part in looked}
-            for r in rows:
-                for cells, words, n_after in look_row[r]:
-                    row_t = first[k]
-                    for part, keys in (("cells", [len(before) + c for c in cells]),
-                                       ("words", [row_t[1] - n_after + 1 + j for j in words])):
-                        if keys and looked[part][1]:
-                            at[part][0].append(row_t)
-                            at[part][1].append(keys)
-                    k += 1
-            look = {part: look_loss(layers[looked[part][0]].self_attn, seen[part], mask, *at[part])
-                    for part in looked}
-        return answer_mean_loss(logits, labels, answer), dense, look
-
-    if head is not None and tower_steps > 0:
-        # Stage 1: the tower alone learns what sits in each cell (fast: no language model in the step).
-        train_tower(model.vision, head, tr_imgs, tr_cells, va_imgs, va_cells, pixels, tower_steps, lr, rng, log,
-                    batch=tower_batch)
-    if freeze_tower:
-        model.vision.eval().requires_grad_(False)
-        t1 = time.time()
-        with torch.no_grad():
-            frozen_tokens = torch.cat([model.vision(pixels(tr_imgs[i:i + 250])) for i in range(0, n_train, 250)])
-        log(f"tower frozen; tokens of {n_train} training images cached {tuple(frozen_tokens.shape[1:])} "
-            f"({time.time() - t1:.0f} s)")
-
-    @torch.no_grad()
-    def val_exact_match() -> float:
-        model.eval()
-        hits = total = 0
-        for i in range(n_val):
-            for kind, q, a in va_qa[i]:
-                if kind in ("detect", "point", "caption"):
-                    continue
-                pv = pixels(va_imgs[i:i + 1])
-                before, after = prompt_ids(q)
-                embeds = model.splice(PromptPieces(before, after, True), model.encode_image(pv))
-                ids = list(model.decode_tokens(embeds, GenerationConfig(max_new_tokens=8, stop_ids=(eos,))))
-                hits += tokenizer.decode(ids).strip() == a
-                total += 1
-        model.train()
-        if freeze_tower:
-            model.vision.eval()
-        return hits / max(total, 1)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if head is not None:                # a training-only head is not in the model; the tower's own one is
-        params += [p for p in head.parameters() if p.requires_grad and id(p) not in {id(q) for q in params}]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    steps_per_epoch = math.ceil(n_train / images_per_step)
-    total_steps, warm = epochs * steps_per_epoch, min(300, steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total_steps - warm))))
+    # Stage 2: the whole VLM on (image, question, answer); the best validation epoch so far is saved after each.
+    opt, sched, steps_per_epoch = _optimizer(lrn, plan)
     best, best_sd, history = -1.0, None, []
     t0 = time.time()
     for epoch in range(epochs):
-        order = rng.permutation(n_train)
-        run_loss, run_look, run_words, t_ep = 0.0, 0.0, 0.0, time.time()
-        for s in range(steps_per_epoch):
-            idx = np.sort(order[s * images_per_step:(s + 1) * images_per_step])
-            picks = []
-            for row, i in enumerate(idx):
-                picks += [(row, q) for q in pick_questions(rng, tr_qa[i], questions_per_image, weights)]
-            lm_loss, dense, look = step_loss(tr_imgs[idx], picks, tr_cells[idx] if head is not None else None, idx,
-                                             [tr_look[i] for i in idx] if tr_look is not None else None)
-            loss = lm_loss + dense_weight * dense + look_weight * look["cells"] + look_words * look["words"]
-            run_look += float(look["cells"].detach())
-            run_words += float(look["words"].detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            run_loss += float(lm_loss.detach())
-            if (s + 1) % 50 == 0:
-                log(f"  epoch {epoch + 1}/{epochs} step {s + 1}/{steps_per_epoch} loss {run_loss / (s + 1):.4f} "
-                    + (f"look {run_look / (s + 1):.3f} " if look_weight else "")
-                    + (f"words {run_words / (s + 1):.3f} " if look_words else "") + f"({time.time() - t_ep:.0f} s)")
-        em = val_exact_match()
-        cells = cell_accuracy(model.vision, head, va_imgs, va_cells, pixels) if head is not None else {}
-        history.append({"epoch": epoch + 1, "loss": run_loss / steps_per_epoch, "val_exact_match": em,
-                        **cells, "seconds": round(time.time() - t_ep, 1)})
-        log(f"epoch {epoch + 1}: loss {run_loss / steps_per_epoch:.4f}, validation exact match {em:.3f} "
-            f"{cells} ({time.time() - t_ep:.0f} s)")
+        run_loss, t_ep = _train_epoch(lrn, plan, data, rng, opt, sched, epoch, steps_per_epoch, log)
+        history.append(_validate(lrn, plan, data, epoch, run_loss / steps_per_epoch, t_ep, log))
+        em = history[-1]["val_exact_match"]
         if em > best:
             best = em
-            best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_sd = {k: v.detach().clone() for k, v in lrn.model.state_dict().items()}
             facts = {"model": model_name, "dataset": "scenes", "trained_with": {
-                "command": f"edgevlm train --model {model_name} --epochs {epochs} --seed {seed}", "seed": seed,
-                "epochs": epochs,
-                "train_images": n_train, "images_per_step": images_per_step,
-                "questions_per_image": questions_per_image, "question_draws": question_draws, "lr": lr,
-                "tower_steps": tower_steps, "dense_weight": dense_weight, "kind_weights": weights,
-                "freeze_tower": freeze_tower, "tower_batch": tower_batch, "color_lookups": color_lookups,
-                "look_weight": look_weight, "look_layer": look_layer, "look_words": look_words,
-                "best_epoch": epoch + 1,
+                **plan.trained_with(), "best_epoch": epoch + 1,
                 "best_val_exact_match": best, "minutes": round((time.time() - t0) / 60, 1)},
                 "history": list(history)}
-            save(model, out, facts)               # an interrupted run keeps its best epoch so far
-    model.load_state_dict(best_sd)
-    model.eval()
-    for hook in hooks:
+            save(lrn.model, plan.out, facts)          # an interrupted run keeps its best epoch so far
+
+    lrn.model.load_state_dict(best_sd)
+    lrn.model.eval()
+    for hook in lrn.hooks:
         hook.remove()
     facts["trained_with"]["minutes"] = round((time.time() - t0) / 60, 1)
     facts["history"] = history
-    save(model, out, facts)
-    log(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB); best validation exact match {best:.3f}")
+    save(lrn.model, plan.out, facts)
+    log(f"saved {plan.out} ({plan.out.stat().st_size / 1e6:.1f} MB); best validation exact match {best:.3f}")
     return facts
