@@ -58,7 +58,7 @@ def _export_config(args):
         return VLMExportConfig(model=model, weights=args.weights, revision=args.revision, target=args.target,
                                precision=args.quant, decoder=args.decoder or "onnx", out=args.out,
                                overwrite=args.overwrite, calib=args.calib, block_size=args.block_size,
-                               opset=args.opset if args.opset is not None else 18, **given)
+                               opset=args.opset if args.opset is not None else ExportConfig.opset, **given)
     quant = QuantConfig(precision=args.quant, calib=args.calib, calib_method=args.calib_method or "minmax",
                         block_size=args.block_size, **given)
     return ExportConfig(model=model, target=args.target, quant=quant, weights=args.weights,
@@ -469,11 +469,10 @@ def _add_export(sub) -> None:
                    "weights')")
     s.add_argument("--calib", help="INT8 calibration images: a folder, builtin:digits or builtin:photos")
     s.add_argument("--calib-method", metavar=_alts(CalibMethod), help="backbones (default minmax)")
-    s.add_argument("--calib-size", type=int, help=f"calibration images (default {QuantConfig.calib_size} for "
-                   f"backbones, {VLMExportConfig.calib_size} for VLMs)")
+    s.add_argument("--calib-size", type=int, help=f"calibration images (default {QuantConfig.calib_size}; VLMs: "
+                   f"{VLMExportConfig.calib_size}, at most 64 views spread over them)")
     s.add_argument("--block-size", type=int, default=32, help="INT4 block size (default 32)")
-    s.add_argument("--opset", type=int, help=f"ONNX opset, at least 17 (default {ExportConfig.opset} for backbones, "
-                   f"{VLMExportConfig.opset} for VLMs)")
+    s.add_argument("--opset", type=int, help=f"ONNX opset, at least 17 (default {ExportConfig.opset})")
     s.add_argument("--revision", help="VLM checkpoint revision (e.g. 2025-01-09 for moondream2)")
     s.add_argument("--decoder", metavar=_alts(DecoderChoice),
                    help="VLMs: the language model as ONNX (ONNX Runtime/TensorRT), GGUF (llama.cpp) or both, as the "

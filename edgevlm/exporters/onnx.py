@@ -6,18 +6,15 @@ to ORT format (exporters.ort_mobile).
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..config import Precision
-from ..errors import ExportError
 from ..scratch import scratch as scratch_dir
 from . import EXPORTERS
 from .base import INPUT_NAME, OUTPUT_NAME, Artifact, ExportContext, io_spec
+from .torch_export import export_module
 from .validate import validate_onnx
 
 MAX_BATCH = 1024
@@ -30,20 +27,11 @@ def export_fp32(model, example: np.ndarray, path: Path, opset: int = 18) -> dict
 
     x = torch.from_numpy(np.ascontiguousarray(example[:2] if len(example) >= 2 else np.concatenate([example] * 2)))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    quiet = io.StringIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
-            )
-    except Exception as e:
-        raise ExportError(f"torch.onnx could not export {type(model).__name__}: {str(e).splitlines()[0][:200]}",
-                          "report the model; try --opset 18 or a smaller input size") from None
-    proto = program.model_proto
+    # weights inline: every edge classifier here is far below 2 GB
+    export_module(model, (x,), path, opset, [INPUT_NAME], [OUTPUT_NAME], ({0: batch},), external_data=False,
+                  what=type(model).__name__)
+    proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save_model(proto, str(path))  # weights inline: every edge model here is far below 2 GB
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

@@ -39,6 +39,7 @@ from ..compress.attention import runtime_decoder     # the decoder as the runtim
 from ..compress.onnx_io import EXTERNAL_DATA_BYTES, check_model, file_bytes, op_counts, quiet, save_model
 # numpy only and shared with the torch-free runtime, so they live there (the runtime imports nothing from here)
 from ..runtime.vlm_ops import MASK_MIN, attention_mask, decoder_io_names, merge_crops_numpy, splice_llava_mini
+from .torch_export import export_module                # the one torch.onnx export wrapper
 from .validate import logit_agreement, ort_session     # the one parity implementation and ORT session
 
 # Trace sizes: not 0 or 1, which torch.export would specialize the dynamic axes to.
@@ -46,34 +47,6 @@ _TRACE_SEQ, _TRACE_PAST = 5, 3
 
 
 # -- exporting ----------------------------------------------------------------------------------------
-def _export(module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_shapes,
-            external_data: bool | None = None, what: str = "model") -> bool:
-    """torch.onnx dynamo export of ``module(*args)`` to ``path``; returns whether weights are external."""
-    import torch
-
-    from ..errors import ExportError
-
-    if external_data is None:
-        external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
-    try:
-        with torch.no_grad(), quiet():
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                        input_names=list(input_names), output_names=list(output_names),
-                                        dynamic_shapes=dynamic_shapes, verbose=False)
-            path = Path(path)
-            data = path.with_name(path.name + ".data")
-            if data.exists():
-                data.unlink()
-            program.save(str(path), external_data=bool(external_data))
-    except Exception as e:
-        import re
-
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip() or type(e).__name__).splitlines()[0][:200]
-        raise ExportError(f"torch.onnx could not export the {what}: {first}",
-                          "report the model; try --opset 18") from None
-    return bool(external_data)
-
-
 # -- decoder ----------------------------------------------------------------------------------------
 # Extra decoder outputs a family may declare (``VisionLanguageModel.decoder_outputs``), after the present KV outputs.
 DECODER_EXTRA_OUTPUTS = {"hidden": "the last position's hidden state before the final norm, (1, D) float32"}
@@ -181,7 +154,7 @@ def export_decoder(language_model, path, opset: int = 18, external_data: bool | 
     attn = cfg._attn_implementation
     cfg._attn_implementation = "eager"
     try:
-        ext = _export(wrapper, args, path, opset, ins, outs, dyn, external_data, "language model")
+        ext = export_module(wrapper, args, path, opset, ins, outs, dyn, external_data, "language model")
         extra = _extra_outputs_check(wrapper, args, path, ins, outs, outputs) if outputs else None
     finally:
         cfg._attn_implementation = attn
@@ -242,7 +215,7 @@ def export_embed_tokens(language_model, path, opset: int = 18) -> dict:
                 return self.e(input_ids).float()
 
         dyn = ({1: torch.export.Dim("seq", min=1)},)
-        ext = _export(Embed(emb).eval(), (torch.arange(_TRACE_SEQ)[None],), path, opset, ["input_ids"],
+        ext = export_module(Embed(emb).eval(), (torch.arange(_TRACE_SEQ)[None],), path, opset, ["input_ids"],
                       ["inputs_embeds"], dyn, what="token embeddings")
         how = "torch.onnx dynamo"
     return {"opset": opset, "exporter": how, "vocab_size": int(w.shape[0]), "hidden_size": int(w.shape[1]),
@@ -261,7 +234,7 @@ def export_part(spec, folder, opset: int = 18) -> dict:
     if spec.dynamic:
         dyn = tuple({ax: dims.setdefault(n, torch.export.Dim(n, min=1)) for ax, n in spec.dynamic.get(i, {}).items()}
                     for i in spec.inputs)
-    ext = _export(spec.module, tuple(spec.example), path, opset, spec.inputs, spec.outputs, dyn,
+    ext = export_module(spec.module, tuple(spec.example), path, opset, spec.inputs, spec.outputs, dyn,
                   what=spec.what or spec.name)
     facts = {"opset": opset, "exporter": "torch.onnx dynamo", "inputs": list(spec.inputs),
              "outputs": list(spec.outputs), "role": str(spec.role), **spec.facts}

@@ -1,0 +1,37 @@
+"""The one torch.onnx export wrapper of every exporter (classifier graphs, VLM parts, decoders): dynamo export, quiet,
+external data for big weights, and one-line errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..compress.onnx_io import EXTERNAL_DATA_BYTES, quiet
+
+
+def export_module(module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_shapes,
+                  external_data: bool | None = None, what: str = "model") -> bool:
+    """torch.onnx dynamo export of ``module(*args)`` to ``path`` (quiet; weights in ``<file>.data`` when
+    ``external_data``, None: when over EXTERNAL_DATA_BYTES); returns whether weights are external. A failure is one
+    ExportError naming ``what`` and the exporter's first line."""
+    import torch
+
+    from ..errors import ExportError
+
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    try:
+        with torch.no_grad(), quiet():
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                        input_names=list(input_names), output_names=list(output_names),
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
+            path = Path(path)
+            data = path.with_name(path.name + ".data")
+            if data.exists():
+                data.unlink()
+            program.save(str(path), external_data=bool(external_data))
+    except Exception as e:
+        import re
+
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise ExportError(f"torch.onnx could not export the {what}: {first}",
+                          "report the model; try --opset 18") from None
+    return bool(external_data)
