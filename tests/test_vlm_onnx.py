@@ -32,9 +32,9 @@ SHARPEN = 4.0      # random init is so flat that greedy tokens tie; scaled weigh
 
 
 def _session(path):
-    import onnxruntime as ort
+    from edgevlm.exporters.validate import ort_session     # the exporters' own session, as the parity checks open it
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort_session(path)
 
 
 def _load(name: str, tmp: Path):

@@ -219,12 +219,10 @@ def _to_opset(model, version: int):
         return model
 
 
-def int4_qdq(model, block_size: int, op_types: tuple[str, ...]) -> dict[str, int]:
-    """Replace constant weights of ``op_types`` by blocked INT4 DequantizeLinear (positive scales).
-
-    Returns {node name: weight elements quantized}. The graph moves to opset 21, where
-    DequantizeLinear takes INT4 and ``block_size``.
-    """
+def _weights_to_dequantize_linear(model, op_types: tuple[str, ...], rank_ok, quantize_one) -> dict[str, int]:
+    """The rewrite both weight-only formats share: every constant FP32 weight (input 1) of an ``op_types`` node whose
+    rank passes ``rank_ok`` is replaced by ``quantize_one(name, w, reduction axis) -> (initializers, DequantizeLinear
+    attributes)`` feeding a DequantizeLinear; originals nobody else reads are dropped. Returns {node: elements}."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -234,18 +232,16 @@ def int4_qdq(model, block_size: int, op_types: tuple[str, ...]) -> dict[str, int
             users[name] = users.get(name, 0) + 1
     done, new_nodes, quantized = {}, [], {}
     for node in model.graph.node:
-        axis = _reduction_axis(node) if node.op_type in op_types else None
-        wname = node.input[1] if axis is not None and len(node.input) > 1 else None
-        if wname in inits and inits[wname].data_type == TensorProto.FLOAT and len(inits[wname].dims) >= 2:
+        red = _reduction_axis(node) if node.op_type in op_types else None
+        wname = node.input[1] if red is not None and len(node.input) > 1 else None
+        if wname in inits and inits[wname].data_type == TensorProto.FLOAT and rank_ok(len(inits[wname].dims)):
             if wname not in done:
                 w = numpy_helper.to_array(inits[wname])
-                q, scale = blockwise_int4(w, axis, block_size)
-                qname, sname, out = f"{wname}_int4", f"{wname}_int4_scale", f"{wname}_dq"
-                model.graph.initializer.append(helper.make_tensor(qname, TensorProto.INT4, q.shape,
-                                                                  q.flatten().tolist()))
-                model.graph.initializer.append(numpy_helper.from_array(scale, sname))
-                new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [out], axis=axis,
-                                                  block_size=block_size, name=f"{wname}_DequantizeLinear"))
+                tensors, attrs = quantize_one(wname, w, red)
+                model.graph.initializer.extend(tensors)
+                out = f"{wname}_dq"
+                new_nodes.append(helper.make_node("DequantizeLinear", [t.name for t in tensors], [out],
+                                                  name=f"{wname}_DequantizeLinear", **attrs))
                 done[wname] = out
                 quantized[node.name or wname] = int(w.size)
             node.input[1] = done[wname]
@@ -259,43 +255,37 @@ def int4_qdq(model, block_size: int, op_types: tuple[str, ...]) -> dict[str, int
     return quantized
 
 
+def int4_qdq(model, block_size: int, op_types: tuple[str, ...]) -> dict[str, int]:
+    """Replace constant weights of ``op_types`` by blocked INT4 DequantizeLinear (positive scales).
+
+    Returns {node name: weight elements quantized}. The graph moves to opset 21, where
+    DequantizeLinear takes INT4 and ``block_size``.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    def quantize_one(name: str, w: np.ndarray, axis: int):
+        q, scale = blockwise_int4(w, axis, block_size)
+        return ([helper.make_tensor(f"{name}_int4", TensorProto.INT4, q.shape, q.flatten().tolist()),
+                 numpy_helper.from_array(scale, f"{name}_int4_scale")], {"axis": axis, "block_size": block_size})
+
+    return _weights_to_dequantize_linear(model, op_types, lambda rank: rank >= 2, quantize_one)
+
+
 def int8_weights_qdq(model, op_types: tuple[str, ...] = ("MatMul",)) -> dict[str, int]:
     """Replace constant weights of ``op_types`` by per-channel symmetric INT8 DequantizeLinear (weight-only: the
     product runs in float, as TensorRT's weight-only INT8 and any ONNX runtime take it). One positive scale per
-    output channel (MatMul/Gemm N, Conv out-channels), values in [-127, 127]. Returns {node: weight elements}."""
-    from onnx import TensorProto, helper, numpy_helper
+    output channel (MatMul/Gemm N) of a 2-D weight, values in [-127, 127]. Returns {node: weight elements}."""
+    from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    users: dict[str, int] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            users[name] = users.get(name, 0) + 1
-    done, new_nodes, quantized = {}, [], {}
-    for node in model.graph.node:
-        red = _reduction_axis(node) if node.op_type in op_types else None
-        wname = node.input[1] if red is not None and len(node.input) > 1 else None
-        if wname in inits and inits[wname].data_type == TensorProto.FLOAT and len(inits[wname].dims) == 2:
-            if wname not in done:
-                w = numpy_helper.to_array(inits[wname]).astype(np.float32)
-                axis = 1 - red                                          # the output-channel axis of a 2-D weight
-                scale = np.abs(w).max(axis=red) / 127.0
-                scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-                q = np.clip(np.round(w / np.expand_dims(scale, red)), -127, 127).astype(np.int8)
-                qname, sname, out = f"{wname}_int8", f"{wname}_int8_scale", f"{wname}_dq"
-                model.graph.initializer.append(numpy_helper.from_array(q, qname))
-                model.graph.initializer.append(numpy_helper.from_array(scale, sname))
-                new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [out], axis=axis,
-                                                  name=f"{wname}_DequantizeLinear"))
-                done[wname] = out
-                quantized[node.name or wname] = int(w.size)
-            node.input[1] = done[wname]
-    for wname in done:
-        if users.get(wname, 0) == sum(1 for n in model.graph.node for i in n.input if i == done[wname]):
-            model.graph.initializer.remove(inits[wname])
-    nodes = new_nodes + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return quantized
+    def quantize_one(name: str, w: np.ndarray, red: int):
+        w = w.astype(np.float32)
+        scale = np.abs(w).max(axis=red) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)          # all-zero channels: any positive scale
+        q = np.clip(np.round(w / np.expand_dims(scale, red)), -127, 127).astype(np.int8)
+        return ([numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_int8_scale")],
+                {"axis": 1 - red})                                         # the output-channel axis of a 2-D weight
+
+    return _weights_to_dequantize_linear(model, op_types, lambda rank: rank == 2, quantize_one)
 
 
 INT4_FORMATS = ("mixed", "qdq", "matmulnbits")
