@@ -445,3 +445,30 @@ def test_broken_files_and_context_limits_give_clear_errors(tmp_path, bpe_tokeniz
     dec.close()
     with pytest.raises(ConfigError, match="closed"):
         dec.step(1)
+
+
+def test_context_longer_than_exported_or_than_memory_is_refused_before_llama_cpp_allocates(tmp_path):
+    """A bundle's manifest is untrusted: its context_length reaches llama.cpp as n_ctx. A context longer than the
+    GGUF's, or a KV cache larger than the free memory, is refused with one line before llama.cpp reserves anything
+    (fuzz/fuzz_bundle.py found 2**31 positions making llama.cpp take 8 GB before failing). The KV size computed
+    from the header is the one llama.cpp then reports."""
+    needs_llama()
+    import re
+
+    from edgevlm.runtime.llamacpp import LlamaCppDecoder, check_context, kv_cache_bytes
+
+    tok = TextTokenizer.bytes_only(300)
+    write_gguf(llama(300), tok, tmp_path / "d.gguf", context_length=256)
+    for kv in ("f32", "f16"):
+        with LlamaCppDecoder(tmp_path / "d.gguf", n_ctx=256, n_threads=1, kv_cache=kv) as dec:
+            reported = [float(m.group(1)) for _, t in dec.load_log
+                        for m in [re.search(r"KV buffer size\s*=\s*([0-9.]+) MiB", t)] if m]
+            assert len(reported) == 1
+            assert abs(kv_cache_bytes(dec.header, 256, kv) / 2**20 - reported[0]) < 0.01, (kv, reported)
+            header = dec.header
+    with pytest.raises(ConfigError, match=r"a context of 2,147,483,904 positions is longer than the 256") as e:
+        LlamaCppDecoder(tmp_path / "d.gguf", n_ctx=2**31 + 256, n_threads=1)
+    assert "fix:" in str(e.value)
+    with pytest.raises(ConfigError, match=r"needs 0\.06 MiB, more than the 0\.06 MiB of memory free"):
+        check_context(header, 256, "f16", "d.gguf", available=kv_cache_bytes(header, 256, "f16") - 1)
+    check_context(header, 256, "f16", "d.gguf", available=kv_cache_bytes(header, 256, "f16"))    # exactly fits

@@ -200,6 +200,64 @@ def extra_buffers_choice() -> tuple[bool, str]:
     return True, f"llama.cpp offers {', '.join(names) or 'no extra buffer types'}"
 
 
+_KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}     # bytes per cached element (Q8_0: 32 int8 + 1 f16 scale)
+
+
+def _meta_int(meta: dict, key: str, default: int) -> int:
+    """An integer hyper-parameter; a per-layer array (``{"values": [...]}``) gives its largest value."""
+    v = meta.get(key, default)
+    if isinstance(v, dict):
+        return max(v.get("values") or [default])
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def kv_cache_bytes(header: dict, n_ctx: int, kv_cache: str = "f16") -> int:
+    """Bytes llama.cpp's KV cache takes for ``n_ctx`` positions of the model whose checked GGUF header this is
+    (keys and values of every layer), before it allocates them."""
+    meta = header["metadata"]
+    arch = meta.get("general.architecture", "")
+    layers = _meta_int(meta, f"{arch}.block_count", 1)
+    heads = _meta_int(meta, f"{arch}.attention.head_count", 1)
+    kv_heads = _meta_int(meta, f"{arch}.attention.head_count_kv", heads)
+    width = _meta_int(meta, f"{arch}.embedding_length", 1)
+    k = _meta_int(meta, f"{arch}.attention.key_length", max(1, width // max(1, heads)))
+    v = _meta_int(meta, f"{arch}.attention.value_length", k)
+    return int(n_ctx * layers * kv_heads * (k + v) * _KV_BYTES[kv_cache])
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process (Linux ``MemAvailable``), or None where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def check_context(header: dict, n_ctx: int, kv_cache: str, name: str, available: int | None = None) -> None:
+    """Refuse, before llama.cpp allocates anything, a context longer than the GGUF was exported for or a KV
+    cache larger than the free memory (a bundle's manifest is untrusted input: a context of 2**31 positions made
+    llama.cpp reserve 8 GB before it failed, found by fuzz/fuzz_bundle.py)."""
+    meta = header["metadata"]
+    trained = meta.get(f"{meta.get('general.architecture', '')}.context_length")
+    if isinstance(trained, int) and not isinstance(trained, bool) and n_ctx > trained:
+        raise ConfigError(f"a context of {n_ctx:,} positions is longer than the {trained:,} that {name} was "
+                          "exported for", f"use at most {trained:,} positions (a bundle's generation.context_length "
+                          "must match its GGUF decoder; export it again if they differ)")
+    need = kv_cache_bytes(header, n_ctx, kv_cache)
+    free = available_memory() if available is None else available
+    if free is not None and need > free:
+        raise ConfigError(f"a KV cache of {n_ctx:,} positions for {name} needs {_size(need)}, more than the "
+                          f"{_size(free)} of memory free", "use a smaller context (n_ctx), a smaller "
+                          "KV cache type (f16 or q8_0), or free memory")
+
+
 def _default_threads() -> int:
     from .backends import usable_cpus
 
@@ -235,6 +293,7 @@ class LlamaCppDecoder:
             raise ConfigError(f"unknown KV cache type {kv_cache!r}", f"use one of: {', '.join(_KV_TYPES)}")
         if int(n_ctx) < 1:
             raise ConfigError(f"n_ctx must be positive, got {n_ctx}", "pass the bundle's context_length")
+        check_context(self.header, int(n_ctx), kv_cache, path.name)
         _backend(llama_cpp)
         self.path, self.n_ctx = path, int(n_ctx)
         self.n_threads = int(n_threads or _default_threads())
