@@ -12,6 +12,7 @@ import numpy as np
 from .bundle import file_table
 from .config import ExportConfig, Precision
 from .data import calibration as calib
+from .errors import ValidationError
 from .pipeline import ExportJob, run
 from .targets import get_target
 from .zoo import PreprocessSpec, get_recipe
@@ -175,9 +176,59 @@ def classifier_job(cfg: ExportConfig) -> ExportJob:
                                      "method": cfg.quant.calib_method.value}
         return blocks
 
+    def golden(work: Path, blocks: dict, stages) -> dict:
+        return write_golden(st["model"], st["bb"].dataset, st["pre"], work, blocks, stages.log)
+
     out = Path(cfg.out) if cfg.out else default_out(cfg, precision)
     packages = ("torch", "timm", "onnx", "onnxruntime", "onnxscript") + FORMAT_PACKAGES.get(target.format, ())
-    return ExportJob("classification", out, cfg.overwrite, 5, load, build, packages)
+    return ExportJob("classification", out, cfg.overwrite, 5, load, build, packages, golden)
+
+
+GOLDEN_CASES = 4
+GOLDEN_SIDE = 128           # golden images are stored at most this large (the runtime resizes them anyway)
+
+
+def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, blocks: dict, log) -> dict:
+    """Eager's top-5 on a few held-out images stored as PNG, the artifact's figures on them where this machine
+    runs its format (ONNX; a Core ML package's criteria are edgevlm's defaults), and each case's criteria."""
+    from .data.images import preprocess
+    from .exporters import golden as gw
+    from .runtime import golden as g
+    from .runtime.backends import open_session
+
+    src = "builtin:digits" if dataset == "digits" else "builtin:photos"
+    paths = []
+    for i, img in enumerate(calib.calibration_images(src, dataset, GOLDEN_CASES, seed=7, split="val")):
+        img = img.copy()
+        img.thumbnail((GOLDEN_SIDE, GOLDEN_SIDE))
+        paths.append(gw.save_image(img, work, f"case{i}"))
+    x = np.stack([preprocess(p, pre) for p in paths])                  # as the runtime reads the files
+    eager = _logits_torch(model, x)
+    art = blocks["artifacts"][0]
+    got = None
+    if art["format"] in ("onnx", "ort"):
+        sess = open_session(work, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]},
+                                   "files": file_table(work)}, art)
+        got = np.concatenate([sess.run(x[i:i + 1]) for i in range(len(x))])
+    cases, figs = [], []
+    for i, path in enumerate(paths):
+        case = {"id": f"case{i}", "image": path.name, "eager": {"top5": g.top_k_record(eager[i])}}
+        fig = g.classifier_figures(case, got[i]) if got is not None else None
+        case["criteria"] = g.classifier_criteria(blocks["precision"], fig, case["eager"]["top5"]["logits"][0])
+        if fig is not None and not all(r.passed for r in g.judge(case["id"], "export", fig, case["criteria"])):
+            raise ValidationError(f"golden {case['id']}: the {art['precision']} artifact fails its own criteria "
+                                  f"({fig})", "report the model as an exporter bug")
+        cases.append(case)
+        figs.append(fig)
+    if got is not None:
+        log(f"      {len(cases)} cases: top-1 same as eager {sum(f['same_top1'] for f in figs)}/{len(figs)}, "
+            f"max |logit diff| {max(f['logit_max_abs_diff'] for f in figs):.2e}")
+    else:
+        log(f"      {len(cases)} cases; criteria from edgevlm's defaults ({art['format']} does not run here)")
+    measured = {"precision": blocks["precision"],
+                "figures": {"onnxruntime": figs} if got is not None else {},
+                "note": None if got is not None else f"{art['format']} does not run on the export machine"}
+    return gw.write(work, "classification", cases, measured)
 
 
 # Converters whose versions a bundle of a format records besides the common ones.

@@ -61,17 +61,9 @@ def eager_trace(model, image, prompt: str, n_tokens: int) -> dict:
 
 def runtime_trace(pipe, image, prompt: str, ref_ids: list[int]) -> dict:
     """The runtime's own greedy tokens (no early stop), and its logits teacher-forced on ``ref_ids``."""
-    from .generation import GenerationConfig, GenerationStats
+    from .runtime.golden import vlm_trace
 
-    embeds, _, _, prefix = pipe.prepare(image, prompt)
-    cfg = GenerationConfig(max_new_tokens=len(ref_ids), stop_ids=())
-    ids = list(pipe.decode_tokens(embeds, cfg, GenerationStats(), prefix))
-    pipe.decoder.reset()
-    logits = [pipe.decoder.prefill(embeds[0], prefix)]
-    for t in ref_ids[:-1]:
-        logits.append(pipe.decoder.step(int(t)))
-    pipe.decoder.reset()
-    return {"ids": ids, "logits": np.stack(logits), "prompt_len": int(embeds.shape[1])}
+    return vlm_trace(pipe, image, prompt, ref_ids)
 
 
 def compare_traces(ref: dict, got: dict, precision: str, backend: str) -> dict:
@@ -170,8 +162,62 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
                                   "reason": "run `edgevlm eval BUNDLE` (the scenes task) for edgevlm's own model"}
         return blocks
 
+    def golden(work: Path, blocks: dict, stages) -> dict:
+        return write_golden(st["model"], work, {**header("vlm"), **blocks}, stages.log)
+
     out = Path(cfg.out) if cfg.out else default_out(cfg, p)
-    return ExportJob("vlm", out, cfg.overwrite, 5, load, build, PACKAGES)
+    return ExportJob("vlm", out, cfg.overwrite, 5, load, build, PACKAGES, golden)
+
+
+def golden_inputs(model) -> list[tuple[object, str]]:
+    """The golden cases' inputs: rendered validation scenes, one per prompt of the family's ``golden_prompts``."""
+    from .data import scenes
+
+    return [(scenes.render(scenes.make_scene("val", i)), prompt) for i, prompt in enumerate(model.golden_prompts)]
+
+
+def write_golden(model, work: Path, manifest: dict, log, new_tokens: int | None = None) -> dict:
+    """Eager's greedy tokens and teacher-forced top-5 on each golden input, the figures of every decoder of the
+    bundle-to-be on them (the runtime, as a device runs it), and each case's criteria from those figures."""
+    from .data.images import load_image
+    from .exporters import golden as gw
+    from .runtime import golden as g
+    from .runtime.vlm import VLMPipeline
+
+    n_new = new_tokens or g.NEW_TOKENS
+    cases = []
+    for i, (img, prompt) in enumerate(golden_inputs(model)):
+        path = gw.save_image(img, work, f"case{i}")
+        ref = eager_trace(model, load_image(path), prompt, n_new)       # eager reads the PNG the device reads
+        cases.append({"id": f"case{i}", "image": path.name, "prompt": prompt,
+                      "eager": {"tokens": ref["ids"], "top5": g.top_k_record(ref["logits"])}})
+    precision = manifest["precision"]
+    measured: dict = {}
+    for backend in _decoder_backends(manifest):
+        pipe = VLMPipeline(work, {**manifest, "files": file_table(work)}, decoder=backend)
+        try:
+            figs = []
+            for case in cases:
+                got = g.vlm_trace(pipe, work / g.GOLDEN_DIR / case["image"], case["prompt"], case["eager"]["tokens"])
+                figs.append(g.vlm_figures(case, got["ids"], got["logits"]))
+        finally:
+            pipe.close()
+        measured[backend] = figs
+        log(f"      {backend}: " + "; ".join(
+            f"{c['id']} prefix {f['prefix_tokens']}/{f['new_tokens']}, top-1 {f['teacher_forced_top1_agreement']:.3f}, "
+            f"KL {f['kl_mean']:.2e}" for c, f in zip(cases, figs)))
+    for i, case in enumerate(cases):
+        case["criteria"] = g.vlm_criteria(precision, [figs[i] for figs in measured.values()])
+        for backend, figs in measured.items():          # the bundle meets its own criteria here, or is not written
+            bad = [r for r in g.judge(case["id"], backend, figs[i], case["criteria"]) if not r.passed]
+            if bad:
+                raise ValidationError(f"golden {case['id']} on {backend}: {bad[0].criterion} fails (measured "
+                                      f"{bad[0].measured})", "report the model as an exporter bug")
+    return gw.write(work, "vlm", cases, {"precision": precision, "figures": measured})
+
+
+def _decoder_backends(manifest: dict) -> list[str]:
+    return [b for b, k in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if k in manifest["parts"]]
 
 
 def _reparameterize(model, log) -> dict:
@@ -346,8 +392,7 @@ def _end_to_end(work: Path, manifest: dict, image, prompt: str, ref: dict, log) 
     from .runtime.vlm import VLMPipeline
 
     out = {"image": "scenes val 0", "prompt": prompt, "eager_tokens": ref["ids"], "results": []}
-    backends = [b for b, k in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if k in manifest["parts"]]
-    for backend in backends:
+    for backend in _decoder_backends(manifest):
         pipe = VLMPipeline(work, {**manifest, "files": file_table(work)}, decoder=backend)   # as the device will
         try:
             got = runtime_trace(pipe, image, prompt, ref["ids"])

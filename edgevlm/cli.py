@@ -505,6 +505,21 @@ def _add_run(sub) -> None:
     s.set_defaults(func=_cmd_run)
 
 
+def _add_verify(sub) -> None:
+    """`edgevlm verify`: the bundle's golden cases on this machine."""
+    s = sub.add_parser("verify", help="check on this machine that a bundle still answers like eager PyTorch did "
+                       "at export (its golden cases and criteria; no torch needed)")
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--decoder-backend", action="append", choices=["onnxruntime", "llama.cpp"],
+                   help="VLM bundles: the decoder(s) to check (repeat for several; default: every one it carries)")
+    s.add_argument("--providers", help="ONNX Runtime execution providers to try, comma-separated (e.g. "
+                   "TensorrtExecutionProvider,CUDAExecutionProvider; default: the target profile's)")
+    s.add_argument("--backend", help="classifier bundles: onnxruntime | coreml (default: by the bundle's format)")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    s.set_defaults(func=_cmd_verify)
+
+
 def _add_bench(sub) -> None:
     """`edgevlm bench`: latency, throughput and peak memory of a bundle."""
     s = sub.add_parser("bench", help="latency, throughput and peak memory of a bundle")
@@ -556,6 +571,18 @@ def _add_kernels(sub) -> None:
     s.add_argument("action", choices=["build", "status"])
     s.add_argument("--force", action="store_true", help="build again even if built")
     s.set_defaults(func=_cmd_kernels)
+
+
+def _add_doctor(sub) -> None:
+    """`edgevlm doctor`: what this machine can run (and a bundle, given one), and what to do about what is missing."""
+    s = sub.add_parser("doctor", help="what this machine can run and why: CPU features, memory, ONNX Runtime, "
+                       "llama.cpp, TensorRT, Core ML, edgevlm's kernels; with a bundle, whether it runs and fits here",
+                       description="One line per fact (ok / missing / off / warn) with the fix for what is missing. "
+                       "Exit 0; 1 when BUNDLE cannot run here (no backend for a part, or too little memory); 2 when "
+                       "BUNDLE is no readable bundle.")
+    s.add_argument("bundle", nargs="?", type=Path, help="a bundle directory to check against this machine")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    s.set_defaults(func=_cmd_doctor)
 
 
 def _add_info(sub) -> None:
@@ -651,16 +678,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(sub)
     _add_export(sub)
     _add_run(sub)
+    _add_verify(sub)
     _add_bench(sub)
     _add_eval(sub)
     _add_generate(sub)
     _add_kernels(sub)
+    _add_doctor(sub)
     _add_info(sub)
     _add_demo(sub)
     _add_train(sub)
     _add_distill(sub)
     _add_finetune(sub)
     return p
+
+
+def _cmd_verify(args) -> int:
+    from .runtime.golden import format_reports, verify_bundle
+
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    reports = verify_bundle(args.bundle, args.decoder_backend, providers, args.threads, args.backend)
+    ok = all(r.passed for r in reports)
+    if args.json:
+        print(json.dumps({"bundle": str(args.bundle), "passed": ok, "reports": [r.to_dict() for r in reports]},
+                         indent=2))
+    else:
+        print(format_reports(reports))
+    return 0 if ok else 1
 
 
 def _cmd_kernels(args) -> int:
@@ -671,6 +714,14 @@ def _cmd_kernels(args) -> int:
     path, why = kernels.status()
     print(f"MatMulQ4 (4-bit decode steps): {f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .runtime.doctor import format_report, report
+
+    rep = report(args.bundle)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return rep["exit_code"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,31 @@ ACCURACY = Dict({"status": Str(required=True), "reason": Str(), "metric": Str(),
                  "images": Int(min=0), "eager_fp32": Num(min=0, max=1), "bundle": Num(min=0, max=1),
                  "delta_points": Num(), "top1_agreement_with_eager": Num(min=0, max=1), "runtime": Str()},
                 required=True)
+# -- golden cases (golden/golden.json, edgevlm/runtime/golden.py, docs/golden.md) -------------------------------
+GOLDEN_VERSION = 1
+FINITE = Num(min=-1e30, max=1e30)                  # a logit: bounded, so never NaN or infinite
+GOLDEN = Dict({"path": RelPath(required=True), "version": Int(min=1), "cases": Int(min=1), "bytes": Int(min=0),
+               "new_tokens": Int(min=0)})
+TOP_K_ROWS = Dict({"ids": List(List(ID, min_len=1, max_len=64), required=True, min_len=1, max_len=4096),
+                   "logits": List(List(FINITE, min_len=1, max_len=64), required=True, min_len=1, max_len=4096),
+                   "logsumexp": List(FINITE, required=True, min_len=1, max_len=4096)}, required=True)
+GOLDEN_CRITERIA = Dict(required=True, values=Any(), key=Str(choices=[
+    "same_greedy_tokens", "teacher_forced_top1_agreement_min", "prefix_tokens_min", "kl_mean_max",
+    "same_top1", "top1_in_eager_top5", "logit_max_abs_diff_max", "kl_max", "basis"]))
+GOLDEN_CASE = Dict({
+    "id": Str(required=True, nonempty=True),
+    "image": RelPath(required=True),               # under golden/
+    "prompt": Str(),
+    "eager": Dict({"tokens": List(ID, max_len=4096), "top5": TOP_K_ROWS}, required=True),
+    "criteria": GOLDEN_CRITERIA,
+})
+GOLDEN_FILE_SCHEMA = Dict({
+    "version": Int(min=1, required=True),
+    "kind": Str(required=True, choices=["vlm", "classification"]),
+    "cases": List(GOLDEN_CASE, required=True, min_len=1, max_len=16),
+    "margins": Dict(), "measured": Any(),
+}, required=True, version={"key": "version", "current": GOLDEN_VERSION})
+
 COMMON = {
     "kind": Str(required=True, choices=[KIND]),
     "schema_version": Int(min=1, required=True),
@@ -130,6 +155,7 @@ COMMON = {
     "accuracy": ACCURACY,
     "versions": Dict(values=Str(null=True)),
     "device_files": List(RelPath(dir_ok=True)),
+    "golden": GOLDEN,
     "files": FILES,
 }
 MODEL_COMMON = {"name": Str(required=True, nonempty=True), "family": Str(), "params": Int(min=0)}
@@ -333,6 +359,12 @@ def validate_manifest(m: dict, where: str) -> None:
     ctx = _Context(where)
     _check(MANIFEST_SCHEMA, m, "", ctx)
     _cross_checks(m, ctx)
+
+
+def check_block(schema: dict, value, where: str) -> None:
+    """Check a JSON document other than the manifest (e.g. golden/golden.json) against a node of this language;
+    a :class:`BundleError` names ``where`` and the first bad key."""
+    _check(schema, value, "", _Context(where))
 
 
 class _Context:

@@ -1,7 +1,8 @@
 """The one export pipeline every model kind goes through.
 
     check the output -> load (and every check that needs no file written) -> stage in a temporary directory ->
-    export, quantize and validate the parts -> manifest header + the kind's blocks -> atomic rename
+    export, quantize and validate the parts -> golden cases (eager's answers on a few inputs and the criteria a
+    device run must meet, :mod:`edgevlm.runtime.golden`) -> manifest header + the kind's blocks -> atomic rename
 
 A model kind (:mod:`edgevlm.build` for classifiers, :mod:`edgevlm.build_vlm` for VLMs) is an
 :class:`ExportJob`: what it loads, the parts it writes, and the manifest blocks it adds. The target profile
@@ -29,7 +30,9 @@ class ExportJob:
 
     ``load(stages)`` loads the model and makes every check that needs no file (it runs before anything is staged);
     ``build(work, scratch, stages)`` writes the parts into ``work`` (the staging directory; ``scratch`` is a private
-    temporary directory for intermediates) and returns the manifest's blocks besides the header.
+    temporary directory for intermediates) and returns the manifest's blocks besides the header;
+    ``golden(work, blocks, stages)`` writes ``golden/`` after the parts are validated and returns the manifest's
+    ``golden`` block.
     """
 
     task: str                                      # the manifest's "task": classification | vlm
@@ -39,6 +42,7 @@ class ExportJob:
     load: Callable[[Stages], None]
     build: Callable[[Path, Path, Stages], dict]
     packages: tuple[str, ...] = ()                 # versions recorded in the manifest
+    golden: Callable[[Path, dict, Stages], dict] | None = None
 
 
 def versions(packages: tuple[str, ...]) -> dict:
@@ -61,10 +65,13 @@ def header(task: str) -> dict:
 def run(job: ExportJob, quiet: bool = False) -> tuple[Path, dict]:
     """Run one export job to a written, validated bundle; returns (bundle path, manifest)."""
     check_out(job.out, job.overwrite)
-    stages = Stages(job.stages + 1, quiet=quiet)
+    stages = Stages(job.stages + 1 + (job.golden is not None), quiet=quiet)
     job.load(stages)
     with staging(job.out, overwrite=job.overwrite) as work, scratch_dir(job.task) as tmp:
         blocks = job.build(work, Path(tmp), stages)
+        if job.golden is not None:
+            with stages("golden cases (eager's answers and the criteria for a device run)"):
+                blocks["golden"] = job.golden(work, blocks, stages)
         with stages(f"write bundle {job.out}"):
             manifest = write_manifest(work, {**header(job.task), **blocks, "versions": versions(job.packages)})
     return job.out, manifest

@@ -208,6 +208,7 @@ class ScenesVLM(VisionLanguageModel):
     family = "edgevlm"
     parity_prompt = "describe the image."       # its own task's prompt and pictures (edgevlm.data.scenes)
     calibration_dataset = "scenes"
+    golden_prompts = ("describe the image.", "how many shapes are there?")
 
 
 def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None) -> ScenesVLM:

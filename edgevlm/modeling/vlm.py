@@ -49,6 +49,8 @@ class VisionLanguageModel(nn.Module):
     # and pictures; others a generic question and photos).
     parity_prompt = "What is in this image?"
     calibration_dataset: str | None = None
+    # The prompts of the golden cases every bundle carries (edgevlm.runtime.golden), one case each.
+    golden_prompts: tuple[str, ...] = ("What is in this image?", "How many shapes are there?")
 
     def __init__(self, vision: nn.Module, connector: nn.Module, language_model: nn.Module, *,
                  image_spec: ImageSpec, prompt_spec: PromptSpec, tokenizer: TextTokenizer | None = None,

@@ -24,11 +24,13 @@ def __getattr__(name: str):
 
 
 def load(bundle, backend: str | None = None, verify: bool = True, threads: int | None = None,
-         decoder: str | None = None):
+         decoder: str | None = None, providers: list[str] | None = None):
     """Open a bundle: read and check its manifest, verify checksums, start a backend session.
 
     Classification bundles give a :class:`Classifier`; VLM bundles a :class:`~edgevlm.runtime.vlm.VLMPipeline`
     (``decoder``: "onnxruntime" or "llama.cpp" when the bundle carries both; default: the first listed).
+    ``providers``: ONNX Runtime execution providers to try in order (default: the target profile's); the CPU
+    provider is always the last resort. Either kind's ``.verify()`` runs the bundle's golden cases.
     """
     from .. import bundle as _bundle
     from .backends import open_session
@@ -40,7 +42,7 @@ def load(bundle, backend: str | None = None, verify: bool = True, threads: int |
     if manifest.get("task") == "vlm":
         from .vlm import VLMPipeline
 
-        return VLMPipeline(path, manifest, decoder=decoder, threads=threads)
+        return VLMPipeline(path, manifest, decoder=decoder, threads=threads, providers=providers)
     if manifest.get("task") != "classification":
         from ..errors import BundleError
 
@@ -49,5 +51,5 @@ def load(bundle, backend: str | None = None, verify: bool = True, threads: int |
     from .pipeline import Classifier
 
     art = manifest["artifacts"][0]
-    session = open_session(path, manifest, art, backend=backend, threads=threads)
+    session = open_session(path, manifest, art, backend=backend, threads=threads, providers=providers)
     return Classifier(path, manifest, session)

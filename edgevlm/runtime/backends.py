@@ -100,7 +100,7 @@ class CoreMLSession:
 
 
 def open_session(bundle: Path, manifest: dict, artifact: dict, backend: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, providers: list[str] | None = None):
     """Pick a backend for the artifact's format: 'onnxruntime' or 'coreml' (None: by format)."""
     fmt = artifact["format"]
     path = resolve(bundle, manifest, artifact["path"], "artifact")
@@ -113,7 +113,7 @@ def open_session(bundle: Path, manifest: dict, artifact: dict, backend: str | No
         if fmt not in ("onnx", "ort"):
             raise BundleError(f"{bundle} is a {fmt} bundle (target {manifest['target']['name']})",
                               "use --backend coreml on macOS, or export --target cpu")
-        wanted = list(manifest["target"].get("providers", ["CPUExecutionProvider"]))
+        wanted = list(providers or manifest["target"].get("providers", ["CPUExecutionProvider"]))
         threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
         return OrtSession(path, wanted, artifact["precision"], threads, cache_dir=Path(bundle) / "trt_cache")
     raise BundleError(f"unknown backend {backend!r}", "use onnxruntime or coreml")

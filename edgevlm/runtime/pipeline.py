@@ -48,3 +48,9 @@ class Classifier:
         probs = softmax(self.logits(self.preprocess(image))[0].astype(np.float64))
         top = np.argsort(-probs)[: max(1, min(top_k, len(probs)))]
         return [Prediction(self.labels[i], int(i), float(probs[i])) for i in top]
+
+    def verify(self):
+        """Run the bundle's golden cases; a :class:`edgevlm.runtime.golden.Report` (``.passed``, ``.rows``)."""
+        from .golden import verify
+
+        return verify(self)

@@ -354,7 +354,8 @@ class VLMPipeline:
     a ``generation.skills`` block (Moondream2) also have ``caption``, ``query``, ``detect`` and ``point``
     (:mod:`edgevlm.runtime.skills`)."""
 
-    def __init__(self, path: Path, manifest: dict, decoder: str | None = None, threads: int | None = None):
+    def __init__(self, path: Path, manifest: dict, decoder: str | None = None, threads: int | None = None,
+                 providers: list[str] | None = None):
         self.path, self.manifest = Path(path), manifest
         gen = manifest.get("generation")
         parts = manifest.get("parts")
@@ -381,7 +382,7 @@ class VLMPipeline:
                               "re-export the bundle with `edgevlm export`") from None
         self.tokenizer = TextTokenizer(tok, gen["prompt"].get("bos_id"), tuple(gen.get("eos_ids", self.stop_ids)),
                                        str(tok_file))
-        providers = list(manifest["target"].get("providers", ["CPUExecutionProvider"]))
+        providers = list(providers or manifest["target"].get("providers", ["CPUExecutionProvider"]))
         self._providers = providers
         self.threads = threads or usable_cpus()
 
@@ -426,6 +427,13 @@ class VLMPipeline:
         g, rec = self.spec, parts["decoder"]
         return open_ort_decoder(self.file(rec["path"], "part 'decoder'"), self._providers, rec.get("precision", "fp32"), self.threads,
                                 self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]))
+
+    def verify(self):
+        """Run the bundle's golden cases on this pipeline's decoder; a :class:`edgevlm.runtime.golden.Report`
+        (``.passed``, ``.rows``)."""
+        from .golden import verify
+
+        return verify(self)
 
     def file(self, rel, what: str) -> Path:
         """A file the manifest names, after the bundle's containment checks (see :func:`edgevlm.bundle.resolve`)."""
