@@ -51,13 +51,20 @@ def _check_toolchain(target) -> None:
                                       f"pip install 'edgevlm[{extra}]'")
 
 
+def _staged_session(work: Path, art: dict):
+    """The artifact being staged, opened by the runtime on the CPU (its files table made from what is staged)."""
+    from .runtime.backends import open_session
+
+    return open_session(work, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]},
+                               "files": file_table(work)}, art)
+
+
 def accuracy_report(backbone, artifact, workdir: Path, pre: PreprocessSpec, eager_model) -> dict:
     """Top-1 of eager FP32 and of the artifact (as the runtime runs it) on the held-out test split."""
     if backbone.dataset != "digits":
         return {"status": "not measured", "reason": "these weights carry no labelled evaluation set "
                 "(train on digits or evaluate with your own data via `edgevlm eval`)"}
     from .data import digits
-    from .runtime.backends import open_session
 
     x, y = digits.arrays("test", pre)
     eager = _logits_torch(eager_model, x)
@@ -71,8 +78,7 @@ def accuracy_report(backbone, artifact, workdir: Path, pre: PreprocessSpec, eage
         rec.update(status="measured", runtime="eager PyTorch with the Core ML package's own weights "
                    "(Core ML predictions need macOS)")
     else:
-        sess = open_session(workdir, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]},
-                                      "files": file_table(workdir)}, art)
+        sess = _staged_session(workdir, art)
         step = sess.fixed_batch or 64
         got = np.concatenate([sess.run(x[i:i + step]) for i in range(0, len(x), step)])
         rec.update(status="measured", runtime="onnxruntime CPUExecutionProvider")
@@ -194,7 +200,6 @@ def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, bl
     from .data.images import preprocess
     from .exporters import golden as gw
     from .runtime import golden as g
-    from .runtime.backends import open_session
 
     src = "builtin:digits" if dataset == "digits" else "builtin:photos"
     paths = []
@@ -207,8 +212,7 @@ def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, bl
     art = blocks["artifacts"][0]
     got = None
     if art["format"] in ("onnx", "ort"):
-        sess = open_session(work, {"target": {"name": "export", "providers": ["CPUExecutionProvider"]},
-                                   "files": file_table(work)}, art)
+        sess = _staged_session(work, art)
         got = np.concatenate([sess.run(x[i:i + 1]) for i in range(len(x))])
     cases, figs = [], []
     for i, path in enumerate(paths):

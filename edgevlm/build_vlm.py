@@ -59,13 +59,6 @@ def eager_trace(model, image, prompt: str, n_tokens: int) -> dict:
             "image_tokens": int(n_img)}
 
 
-def runtime_trace(pipe, image, prompt: str, ref_ids: list[int]) -> dict:
-    """The runtime's own greedy tokens (no early stop), and its logits teacher-forced on ``ref_ids``."""
-    from .runtime.golden import vlm_trace
-
-    return vlm_trace(pipe, image, prompt, ref_ids)
-
-
 def compare_traces(ref: dict, got: dict, precision: str, backend: str) -> dict:
     """Greedy-token agreement and logit divergence of a runtime against eager."""
     from .exporters.validate import logit_agreement
@@ -182,7 +175,6 @@ def write_golden(model, work: Path, manifest: dict, log, new_tokens: int | None 
     from .data.images import load_image
     from .exporters import golden as gw
     from .runtime import golden as g
-    from .runtime.vlm import VLMPipeline
 
     n_new = new_tokens or g.NEW_TOKENS
     cases = []
@@ -193,15 +185,11 @@ def write_golden(model, work: Path, manifest: dict, log, new_tokens: int | None 
                       "eager": {"tokens": ref["ids"], "top5": g.top_k_record(ref["logits"])}})
     precision = manifest["precision"]
     measured: dict = {}
-    for backend in _decoder_backends(manifest):
-        pipe = VLMPipeline(work, {**manifest, "files": file_table(work)}, decoder=backend)
-        try:
-            figs = []
-            for case in cases:
-                got = g.vlm_trace(pipe, work / g.GOLDEN_DIR / case["image"], case["prompt"], case["eager"]["tokens"])
-                figs.append(g.vlm_figures(case, got["ids"], got["logits"]))
-        finally:
-            pipe.close()
+    for backend, pipe in _staged_pipelines(work, manifest):
+        figs = []
+        for case in cases:
+            got = g.vlm_trace(pipe, work / g.GOLDEN_DIR / case["image"], case["prompt"], case["eager"]["tokens"])
+            figs.append(g.vlm_figures(case, got["ids"], got["logits"]))
         measured[backend] = figs
         log(f"      {backend}: " + "; ".join(
             f"{c['id']} prefix {f['prefix_tokens']}/{f['new_tokens']}, top-1 {f['teacher_forced_top1_agreement']:.3f}, "
@@ -216,8 +204,18 @@ def write_golden(model, work: Path, manifest: dict, log, new_tokens: int | None 
     return gw.write(work, "vlm", cases, {"precision": precision, "figures": measured})
 
 
-def _decoder_backends(manifest: dict) -> list[str]:
-    return [b for b, k in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if k in manifest["parts"]]
+def _staged_pipelines(work: Path, manifest: dict):
+    """(backend, pipeline) for every decoder of the bundle being staged, opened by the runtime as a device opens
+    it (its files table made from what is staged); each pipeline is closed once the caller moves on."""
+    from .runtime.vlm import VLMPipeline
+    from .runtime.vlm_ops import decoder_backends
+
+    for backend in decoder_backends(manifest["parts"]):
+        pipe = VLMPipeline(work, {**manifest, "files": file_table(work)}, decoder=backend)
+        try:
+            yield backend, pipe
+        finally:
+            pipe.close()
 
 
 def _reparameterize(model, log) -> dict:
@@ -389,16 +387,13 @@ def _export_gguf(model, p: Precision, work: Path, scratch: Path, log) -> dict:
 
 def _end_to_end(work: Path, manifest: dict, image, prompt: str, ref: dict, log) -> dict:
     """Run the bundle-to-be through the torch-free runtime on every decoder it carries."""
-    from .runtime.vlm import VLMPipeline
+    from .runtime.golden import vlm_trace
+    from .runtime.vlm_ops import DECODER_PARTS
 
     out = {"image": "scenes val 0", "prompt": prompt, "eager_tokens": ref["ids"], "results": []}
-    for backend in _decoder_backends(manifest):
-        pipe = VLMPipeline(work, {**manifest, "files": file_table(work)}, decoder=backend)   # as the device will
-        try:
-            got = runtime_trace(pipe, image, prompt, ref["ids"])
-        finally:
-            pipe.close()
-        prec = manifest["parts"]["decoder" if backend == "onnxruntime" else "decoder_gguf"]["precision"]
+    for backend, pipe in _staged_pipelines(work, manifest):
+        got = vlm_trace(pipe, image, prompt, ref["ids"])
+        prec = manifest["parts"][DECODER_PARTS[backend]]["precision"]
         rec = compare_traces(ref, got, prec, backend)
         rec.update(getattr(pipe.decoder, "kernel", {}))     # whose kernel ran the decode steps measured here
         out["results"].append(rec)

@@ -36,12 +36,9 @@ ACTIVATION_FRACTION = 0.25               # allowance for activations and a backe
 KV_BYTES_ONNX = 4                        # the ONNX decoders keep their KV cache in FP32
 
 CPUINFO = Path("/proc/cpuinfo")
-MEMINFO = Path("/proc/meminfo")
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 CUDA_VERSION_FILES = (Path("/usr/local/cuda/version.json"), Path("/usr/local/cuda/version.txt"))
 JETPACK_TRTEXEC = Path("/usr/src/tensorrt/bin/trtexec")
-CGROUP_V2 = Path("/sys/fs/cgroup")
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 # CPU features the kernels edgevlm runs care about (edgevlm's MatMulQ4, ONNX Runtime's MLAS, llama.cpp's ggml)
 X86_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -227,43 +224,18 @@ def _cpu_lines(cpu: dict, lines: list) -> None:
               "here)")
 
 
-def _meminfo() -> dict:
-    text = _read(MEMINFO)
-    out = {}
-    for line in (text or "").splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if key in ("MemTotal", "MemAvailable") and parts and parts[0].isdigit():
-            out[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
-    return out
-
-
-def _cgroup_room() -> tuple[int | None, int | None]:
-    """(this process's cgroup memory limit, what it has left under it) in bytes, or (None, None) without one."""
-    for limit_file, used_file in ((CGROUP_V2 / "memory.max", CGROUP_V2 / "memory.current"),
-                                  (CGROUP_V1 / "memory.limit_in_bytes", CGROUP_V1 / "memory.usage_in_bytes")):
-        limit = (_read(limit_file, 64) or "").strip()
-        if not limit.isdigit() or int(limit) >= 1 << 60:          # "max", absent, or v1's "no limit" (2**63 - 4096)
-            continue
-        used = (_read(used_file, 64) or "").strip()
-        return int(limit), max(0, int(limit) - int(used)) if used.isdigit() else None
-    return None, None
-
-
 def memory_facts() -> dict:
     from . import memory
 
-    info = _meminfo()
+    info = memory.meminfo()
     total, available = info.get("MemTotal"), info.get("MemAvailable")
     if total is None:
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, ValueError, OSError):
             total = None
-    limit, room = _cgroup_room()
-    usable = available
-    if room is not None:
-        usable = room if usable is None else min(usable, room)
+    limit = memory.cgroup_room()[0]
+    usable = memory.usable_bytes(available)
     hp = memory.status()
     return {"total_bytes": total, "available_bytes": available, "cgroup_limit_bytes": limit,
             "usable_bytes": usable, "thp_mode": memory.thp_mode(), **hp}
@@ -620,6 +592,7 @@ def bundle_facts(path, facts: dict) -> dict:
     """What a bundle needs and whether this machine has it: per part its file, format, size and backend (or why
     none), the KV cache at the bundle's context length, and the memory it all takes against what is available."""
     from ..bundle import read_manifest, resolve
+    from .vlm_ops import DECODER_PARTS
 
     path = Path(path)
     out = {"path": str(path), "readable": False, "problem": None, "fix": None, "task": None, "model": None,
@@ -638,7 +611,7 @@ def bundle_facts(path, facts: dict) -> dict:
     out["context_length"] = ctx
 
     if task == "vlm":
-        entries = [(name, rec, name in ("decoder", "decoder_gguf")) for name, rec in m["parts"].items()]
+        entries = [(name, rec, name in DECODER_PARTS.values()) for name, rec in m["parts"].items()]
     else:                               # the runtime runs the first artifact (runtime.load)
         entries = [(art.get("role") if i == 0 and isinstance(art.get("role"), str) else f"artifact {i}", art, False)
                    for i, art in enumerate(m["artifacts"])]

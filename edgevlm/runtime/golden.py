@@ -155,22 +155,19 @@ class Row:
                 "measured": self.measured, "bound": self.bound, "passed": self.passed}
 
 
+_BOUNDS = {"_min": (">=", lambda got, b: got >= b), "_max": ("<=", lambda got, b: got <= b)}
+
+
 def judge(case_id: str, backend: str, figures: dict, criteria: dict) -> list[Row]:
+    """One row per criterion: ``X_min`` / ``X_max`` bound figure X, any other name must equal its figure."""
     rows = []
     for key, bound in criteria.items():
         if key == "basis":
             continue
-        if key.endswith("_min"):
-            name = key[:-4]
-            got = figures[name]
-            rows.append(Row(case_id, backend, f"{name} >= {bound}", _show(got), bound, bool(got >= bound)))
-        elif key.endswith("_max"):
-            name = key[:-4]
-            got = figures[name]
-            rows.append(Row(case_id, backend, f"{name} <= {bound}", _show(got), bound, bool(got <= bound)))
-        else:
-            got = figures[key]
-            rows.append(Row(case_id, backend, f"{key} == {bound}", got, bound, bool(got == bound)))
+        sign, ok = _BOUNDS.get(key[-4:], ("==", lambda got, b: got == b))
+        name = key[:-4] if key[-4:] in _BOUNDS else key
+        got = figures[name]
+        rows.append(Row(case_id, backend, f"{name} {sign} {bound}", _show(got), bound, bool(ok(got, bound))))
     return rows
 
 
@@ -314,10 +311,10 @@ def verify_bundle(bundle, decoders: list[str] | None = None, providers: list[str
     if manifest.get("task") != "vlm":
         model = load(bundle, backend=backend, threads=threads, providers=providers)
         return [verify(model)]
-    parts = manifest.get("parts") or {}
-    have = [b for b, k in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if k in parts]
+    from .vlm_ops import decoder_backends
+
     reports = []
-    for name in decoders or have:
+    for name in decoders or decoder_backends(manifest.get("parts") or {}):
         model = load(bundle, threads=threads, decoder=name, providers=providers)
         try:
             reports.append(verify(model))

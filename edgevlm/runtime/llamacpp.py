@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, ConfigError
 from .gguf_header import read_gguf_header
+from .memory import usable_bytes
 
 # ggml_log_level (ggml/include/ggml.h)
 LEVELS = {0: "NONE", 1: "DEBUG", 2: "INFO", 3: "WARN", 4: "ERROR"}
@@ -225,25 +226,15 @@ def kv_cache_bytes(header: dict, n_ctx: int, kv_cache: str = "f16") -> int:
     return int(n_ctx * layers * kv_heads * (k + v) * _KV_BYTES[kv_cache])
 
 
-def available_memory() -> int | None:
-    """Bytes this machine can still give a process (Linux ``MemAvailable``), or None where that is unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def check_context(header: dict, n_ctx: int, kv_cache: str, name: str, available: int | None = None) -> None:
     """Refuse, before llama.cpp allocates anything, a context longer than the GGUF was exported for or a KV
-    cache larger than the free memory (a bundle's manifest is untrusted input: a context of 2**31 positions made
-    llama.cpp reserve 8 GB before it failed, found by fuzz/fuzz_bundle.py)."""
+    cache larger than the memory this process can still take (:func:`edgevlm.runtime.memory.usable_bytes`). A
+    bundle's manifest is untrusted input: a context of 2**31 positions made llama.cpp reserve 8 GB before it
+    failed (found by fuzz/fuzz_bundle.py)."""
     meta = header["metadata"]
     trained = meta.get(f"{meta.get('general.architecture', '')}.context_length")
     if isinstance(trained, int) and not isinstance(trained, bool) and n_ctx > trained:
@@ -251,7 +242,7 @@ def check_context(header: dict, n_ctx: int, kv_cache: str, name: str, available:
                           "exported for", f"use at most {trained:,} positions (a bundle's generation.context_length "
                           "must match its GGUF decoder; export it again if they differ)")
     need = kv_cache_bytes(header, n_ctx, kv_cache)
-    free = available_memory() if available is None else available
+    free = usable_bytes() if available is None else available
     if free is not None and need > free:
         raise ConfigError(f"a KV cache of {n_ctx:,} positions for {name} needs {_size(need)}, more than the "
                           f"{_size(free)} of memory free", "use a smaller context (n_ctx), a smaller "

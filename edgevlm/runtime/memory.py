@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+MEMINFO = Path("/proc/meminfo")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 OPT_OUT = "EDGEVLM_HUGE_PAGES"
 THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -113,3 +116,45 @@ def status() -> dict:
     mib = huge_pages_mib()
     return {"huge_pages": on, "huge_pages_why_not": None if on else (why_not() or "not asked for (started "
             f"without GLIBC_TUNABLES={TUNABLE})"), "huge_pages_mib": None if mib is None else round(mib, 1)}
+
+
+# -- how much memory there is (edgevlm doctor, and llama.cpp's context check before it allocates) ------------------
+def _read(path: Path, limit: int = 1 << 20) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def meminfo(path: Path | None = None) -> dict:
+    """``MemTotal`` and ``MemAvailable`` of /proc/meminfo in bytes (keys absent where unknown)."""
+    out = {}
+    for line in (_read(path or MEMINFO) or "").splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if key in ("MemTotal", "MemAvailable") and parts and parts[0].isdigit():
+            out[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return out
+
+
+def cgroup_room() -> tuple[int | None, int | None]:
+    """(this process's cgroup memory limit, what it has left under it) in bytes, or (None, None) without one."""
+    for limit_file, used_file in ((CGROUP_V2 / "memory.max", CGROUP_V2 / "memory.current"),
+                                  (CGROUP_V1 / "memory.limit_in_bytes", CGROUP_V1 / "memory.usage_in_bytes")):
+        limit = (_read(limit_file, 64) or "").strip()
+        if not limit.isdigit() or int(limit) >= 1 << 60:          # "max", absent, or v1's "no limit" (2**63 - 4096)
+            continue
+        used = (_read(used_file, 64) or "").strip()
+        return int(limit), max(0, int(limit) - int(used)) if used.isdigit() else None
+    return None, None
+
+
+def usable_bytes(available: int | None = None) -> int | None:
+    """What this process can still take: ``MemAvailable`` (or ``available``), bounded by its cgroup's room; None
+    where neither is known."""
+    usable = meminfo().get("MemAvailable") if available is None else available
+    room = cgroup_room()[1]
+    if room is not None:
+        usable = room if usable is None else min(usable, room)
+    return usable

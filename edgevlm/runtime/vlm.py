@@ -29,9 +29,8 @@ from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, pre
 from . import skills
 from .backends import OrtSession, usable_cpus
 from ..bundle import resolve
-from .vlm_ops import attention_mask, merge_crops_numpy, splice_llava_mini
+from .vlm_ops import DECODERS, attention_mask, decoder_backends, merge_crops_numpy, splice_llava_mini
 
-DECODERS = ("onnxruntime", "llama.cpp")
 
 
 class _Graph:
@@ -406,7 +405,7 @@ class VLMPipeline:
 
     # -- backends ---------------------------------------------------------------------------------
     def _open_decoder(self, want: str | None, parts: dict, graph):
-        have = [d for d, key in (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf")) if key in parts]
+        have = decoder_backends(parts)
         if not have:
             raise BundleError(f"{self.path} holds no decoder", "re-export the bundle")
         if want is not None and want not in DECODERS:

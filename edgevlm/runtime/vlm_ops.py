@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
+DECODERS = ("onnxruntime", "llama.cpp")
+DECODER_PARTS = {"onnxruntime": "decoder", "llama.cpp": "decoder_gguf"}     # backend -> the part it runs
+
+
+def decoder_backends(parts: dict) -> list[str]:
+    """The decoder backends a VLM bundle's ``parts`` carry, in the order the runtime prefers them."""
+    return [b for b in DECODERS if DECODER_PARTS[b] in parts]
+
 MASK_MIN = float(np.finfo(np.float32).min)      # "masked" in the additive attention masks
 
 
