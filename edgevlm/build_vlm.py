@@ -27,7 +27,8 @@ PACKAGES = ("torch", "transformers", "timm", "onnx", "onnxruntime", "tokenizers"
 
 
 def default_out(cfg: VLMExportConfig, precision: Precision) -> Path:
-    suffix = "" if cfg.decoder == DecoderChoice.ONNX else f"-{cfg.decoder.value}"
+    default = get_target(cfg.target).require_vlm().default_decoder
+    suffix = "" if cfg.decoder in (None, default) else f"-{cfg.decoder.value}"
     return Path("bundles") / f"{cfg.model}-{cfg.target}-{precision.value}{suffix}"
 
 
@@ -101,14 +102,19 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
     prof = target.require_vlm()
     p = cfg.precision or target.default_precision
     target.check_precision(p)
-    prof.check_decoder(cfg.decoder, target.name)
-    formats = cfg.decoder.formats()
-    if "gguf" in formats:
+    decoder = cfg.decoder or prof.default_decoder
+    prof.check_decoder(decoder, target.name)
+    device = _device_fit(cfg, recipe.name, p, decoder, target) if cfg.device else None   # before any weights load
+    # the decoder formats written; a profile's default GGUF gives way to its ONNX decoder where GGUF cannot be
+    # written (no gguf package, or a family llama.cpp has no graph for), and the manifest says why
+    st: dict = {"model": model, "formats": decoder.formats(), "decoder_note": None}
+    if "gguf" in st["formats"]:
         try:
             import gguf  # noqa: F401
         except ImportError:
-            raise ExportError("a GGUF decoder needs the gguf package", "pip install 'edgevlm[gguf]'") from None
-    st: dict = {"model": model}
+            if cfg.decoder is not None or "onnx" not in prof.decoders:
+                raise ExportError("a GGUF decoder needs the gguf package", "pip install 'edgevlm[gguf]'") from None
+            _default_gives_way(st, "the gguf package is not installed (pip install 'edgevlm[gguf]')")
 
     def load(stages) -> None:
         log = stages.log
@@ -122,9 +128,21 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
             st["image"], st["prompt"] = parity_inputs(m)
             st["ref"] = eager_trace(m, st["image"], st["prompt"], cfg.parity_tokens)
             st["model"] = m
+            if cfg.decoder is None and "gguf" in st["formats"] and "onnx" in prof.decoders:
+                from .exporters.gguf import check_supported
+
+                try:
+                    check_supported(m.language_model)
+                except ExportError as e:
+                    _default_gives_way(st, e.problem)
+            if st["decoder_note"]:
+                log(f"      decoder: {st['decoder_note']['why']}")
 
     def build(work: Path, scratch: Path, stages) -> dict:
+        from .exporters import get_vlm_parts
+
         m, log, ref = st["model"], stages.log, st["ref"]
+        formats = st["formats"]
         parts: dict = {}
         with stages(f"export ONNX parts at {p.value} ({target.name} rules)"):
             parts.update(_export_image_parts(m, st["image"], p, cfg, target, work, scratch, log))
@@ -133,6 +151,9 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
             if "gguf" in formats:
                 parts["decoder_gguf"] = _export_gguf(m, p, work, scratch, log)
         m.tokenizer.tok.save(str(work / "tokenizer.json"))
+        # a format whose parts leave the ONNX files (ort): converted once every part is final, before parity
+        finish = getattr(get_vlm_parts(target.format), "finish_parts", None)
+        extra = finish(m, work, scratch, parts, target, log) if finish else {}
         blocks = {
             "model": {"name": recipe.name, "family": m.family, "params": int(st["params"]),
                       "vision_tokens": ref["image_tokens"]},
@@ -140,7 +161,8 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
                                       or recipe.hub_id),
                         "revision": cfg.revision, "dataset": getattr(m, "facts", {}).get("dataset"),
                         "trained_with": getattr(m, "facts", {}).get("trained_with")},
-            "target": {**target.to_dict(), "vlm": target.vlm_dict()},
+            "target": {**target.to_dict(), "vlm": target.vlm_dict(),
+                       **({"decoder_note": st["decoder_note"]} if st["decoder_note"] else {})},
             "precision": p.value,
             "reparameterization": st["reparam"],
             "generation": dict(m.runtime_spec(), version=GENERATION_VERSION, tokenizer="tokenizer.json", **facts),
@@ -148,6 +170,17 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
             "artifacts": [{"path": v["path"], "format": v["format"], "precision": v["precision"], "part": k}
                           for k, v in parts.items()],
         }
+        blocks.update(extra)            # the format's own blocks (ort: processing, ops_config)
+        if device is not None:          # --device: the module, the memory estimate and the speed bounds
+            from .devices import device_block
+
+            blocks["device"] = device_block(device[1], device[0])
+        if target.tensorrt:             # engines are built on the device, from this plan (exporters.tensorrt)
+            from .exporters.tensorrt import ENGINES_DIR, write_engine_plan
+
+            blocks["engines"] = write_engine_plan(work, parts, target, int(blocks["generation"]["context_length"]),
+                                                  int(ref["image_tokens"]), log)
+            blocks["device_files"] = [f"{ENGINES_DIR}/", "trt_cache/"]   # engines built on the device
         with stages(f"end-to-end parity through the runtime ({len(ref['ids'])} greedy tokens)"):
             blocks["parity"] = _end_to_end(work, {**header("vlm"), **blocks}, st["image"], st["prompt"], ref, log)
         with stages("task accuracy"):
@@ -160,6 +193,25 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
 
     out = Path(cfg.out) if cfg.out else default_out(cfg, p)
     return ExportJob("vlm", out, cfg.overwrite, 5, load, build, PACKAGES, golden)
+
+
+def _default_gives_way(st: dict, why: str) -> None:
+    st["formats"] = ("onnx",)
+    st["decoder_note"] = {"default": "gguf", "written": "onnx",
+                          "why": f"the profile's default GGUF decoder cannot be written ({why}); the ONNX decoder "
+                                 "instead (--decoder onnx)"}
+
+
+def _device_fit(cfg: VLMExportConfig, name: str, p: Precision, decoder: DecoderChoice, target):
+    """``--device``: the bundle-to-be must fit the Jetson module's usable memory, judged from the recipe (parameters
+    and FLOPs counted without weights, :func:`edgevlm.devices.facts_from_recipe`); a one-line ConfigError names
+    what would fit instead. Returns (device profile, fit)."""
+    from .devices import PRECISIONS, check_fit, facts_from_recipe, get_device
+
+    dev = get_device(cfg.device)
+    runtime = "llama.cpp" if decoder.formats() == ("gguf",) else "tensorrt"
+    allowed = tuple(x.value for x in target.precisions if x.value in PRECISIONS)
+    return dev, check_fit(facts_from_recipe(name), p.value, dev, runtime, allowed=allowed, block_size=cfg.block_size)
 
 
 def golden_inputs(model) -> list[tuple[object, str]]:

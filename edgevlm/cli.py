@@ -58,7 +58,8 @@ def _export_config(args):
         return VLMExportConfig(model=model, weights=args.weights, revision=args.revision, target=args.target,
                                precision=args.quant, decoder=args.decoder or "onnx", out=args.out,
                                overwrite=args.overwrite, calib=args.calib, block_size=args.block_size,
-                               opset=args.opset if args.opset is not None else ExportConfig.opset, **given)
+                               opset=args.opset if args.opset is not None else ExportConfig.opset,
+                               device=args.device, **given)
     quant = QuantConfig(precision=args.quant, calib=args.calib, calib_method=args.calib_method or "minmax",
                         block_size=args.block_size, **given)
     return ExportConfig(model=model, target=args.target, quant=quant, weights=args.weights,
@@ -77,12 +78,17 @@ def _print_vlm_export(out, m) -> None:
             "first divergence": r["first_divergence"], "top-1 (teacher forced)": r["teacher_forced_top1_agreement"],
             "KL mean": r["kl_mean"]} for r in m["parity"]["results"]]
     print("\n" + table(par, title=f"parity with eager PyTorch over {len(m['parity']['eager_tokens'])} greedy tokens"))
+    if "device" in m:
+        d, e, pr = m["device"], m["device"]["estimate"], m["device"]["predicted"]
+        print(f"\nfits {d['name']}: {e['total_bytes'] / 2**30:.2f} GiB of {d['usable_memory_gib']} GiB usable at context "
+              f"{e['context']}; decode <= {pr['decode_tokens_per_s_max']} tok/s, vision encoder >= "
+              f"{pr['vision_encoder_ms_min']} ms (predicted bounds, docs/devices.md)")
 
 
 # export flags that only one model kind reads, with their defaults: given to the other kind they are refused, never
 # silently ignored
 _BACKBONE_ONLY = {"num_classes": None, "img_size": None, "calib_method": None, "seed": 0, "no_accuracy": False}
-_VLM_ONLY = {"revision": None, "decoder": None}
+_VLM_ONLY = {"revision": None, "decoder": None, "device": None}
 
 
 def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
@@ -185,7 +191,7 @@ def _cmd_run(args) -> int:
     from .report import table
 
     _check_generation_args(args)
-    clf = runtime.load(args.bundle, backend=args.backend, decoder=args.decoder_backend)
+    clf = runtime.load(args.bundle, backend=args.backend, decoder=args.decoder_backend, gpu_layers=args.gpu_layers)
     if clf.manifest.get("task") == "vlm":
         return _cmd_run_vlm(args, clf)
     if args.skill:
@@ -214,7 +220,7 @@ def _cmd_bench(args) -> int:
         from .runtime.bench import bench_vlm_bundle
 
         bench_vlm_bundle(args.bundle, runs=min(args.runs, 10), new_tokens=args.new_tokens, json_out=args.json,
-                         decoder=args.decoder_backend, threads=args.threads)
+                         decoder=args.decoder_backend, threads=args.threads, gpu_layers=args.gpu_layers)
         return 0
 
     bench_bundle(args.bundle, runs=args.runs, warmup=args.warmup, batch=args.batch, json_out=args.json,
@@ -276,6 +282,30 @@ def _cmd_info(args) -> int:
                         "(counted with torch FlopCounterMode; multiply-add = 2 FLOPs)"))
     if args.json:
         write_json(args.json, d)
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .devices import facts_from_recipe, get_device, plan
+    from .report import table
+    from .zoo import get_vlm_recipe
+
+    get_vlm_recipe(args.model)                  # an unknown or non-VLM name fails here, before torch loads
+    device = get_device(args.device)
+    facts = facts_from_recipe(args.model)
+    rows = plan(facts, device, runtime=args.runtime)
+    if args.json:
+        print(json.dumps({"model": facts.name, "device": device.to_dict(), "runtime": args.runtime,
+                          "rows": [r["estimate"] for r in rows]}, indent=2))
+        return 0
+    cols = ["precision", "vision tokens", "path", "context", "fits", "memory (GiB)", "decode tok/s <=", "vision ms >="]
+    if len(facts.paths) == 1:
+        cols.remove("path")
+    print(table(rows, cols, title=f"{facts.name} on {device.name} ({device.usable_memory_gib} GiB usable, "
+                                  f"{device.memory_bandwidth_gbs:g} GB/s, {device.gpu_fp16_tflops:g} FP16 TFLOPS; "
+                                  f"{args.runtime})"))
+    print("memory: weights + KV cache at the context + activations + runtime overhead (an estimate); decode tok/s: "
+          "an upper bound (bandwidth / bytes per token); vision ms: a lower bound (FLOPs / peak). docs/devices.md")
     return 0
 
 
@@ -455,6 +485,7 @@ def _add_list(sub) -> None:
 def _add_export(sub) -> None:
     """`edgevlm export`: a model to a validated bundle for a target device."""
     from .config import CalibMethod, DecoderChoice, ExportConfig, Precision, QuantConfig, VLMExportConfig
+    from .devices import list_devices
     from .targets import list_targets
 
     s = sub.add_parser("export", help="export a model to a validated bundle for a target device")
@@ -476,7 +507,11 @@ def _add_export(sub) -> None:
     s.add_argument("--revision", help="VLM checkpoint revision (e.g. 2025-01-09 for moondream2)")
     s.add_argument("--decoder", metavar=_alts(DecoderChoice),
                    help="VLMs: the language model as ONNX (ONNX Runtime/TensorRT), GGUF (llama.cpp) or both, as the "
-                        "target's profile allows (default onnx)")
+                        "target's profile allows (default: the profile's, "
+                        + ", ".join(f"{t.name} {t.vlm.default_decoder.value}" for t in list_targets() if t.vlm) + ")")
+    s.add_argument("--device", metavar=_alts(d.name for d in list_devices()),
+                   help="VLMs, --target jetson: the Jetson module the bundle must fit (export/devices/DEVICE.yaml); "
+                        "checked before the weights load, recorded with the predicted speed (`edgevlm plan`)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, help="bundle directory (default bundles/MODEL-TARGET-PRECISION)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
@@ -500,9 +535,16 @@ def _add_run(sub) -> None:
     s.add_argument("--backend", help="onnxruntime | coreml (default: by the bundle's format)")
     s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"],
                    help="VLM bundles carrying both decoders: which runs (default: the ONNX one)")
+    _add_gpu_layers(s)
     _add_sampling_args(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_run)
+
+
+def _add_gpu_layers(s) -> None:
+    s.add_argument("--gpu-layers", type=int, metavar="N",
+                   help="llama.cpp decoders: layers on the GPU, -1 all, 0 none (default: all where llama-cpp-python "
+                        "was built with CUDA, as on a Jetson; else none; or $EDGEVLM_GPU_LAYERS)")
 
 
 def _add_verify(sub) -> None:
@@ -516,6 +558,7 @@ def _add_verify(sub) -> None:
                    "TensorrtExecutionProvider,CUDAExecutionProvider; default: the target profile's)")
     s.add_argument("--backend", help="classifier bundles: onnxruntime | coreml (default: by the bundle's format)")
     s.add_argument("--threads", type=int)
+    _add_gpu_layers(s)
     s.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     s.set_defaults(func=_cmd_verify)
 
@@ -531,6 +574,7 @@ def _add_bench(sub) -> None:
     s.add_argument("--backend")
     s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"], help="VLM bundles: which decoder")
     s.add_argument("--new-tokens", type=int, default=64, help="VLM bundles: tokens decoded per run (default 64)")
+    _add_gpu_layers(s)
     s.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-NAME.json)")
     s.set_defaults(func=_cmd_bench)
 
@@ -573,6 +617,15 @@ def _add_kernels(sub) -> None:
     s.set_defaults(func=_cmd_kernels)
 
 
+def _add_build_engines(sub) -> None:
+    """`edgevlm build-engines BUNDLE`: TensorRT engines on the device, from the bundle's engine plan."""
+    s = sub.add_parser("build-engines", help="build a jetson bundle's TensorRT engines on this device (the tensorrt "
+                       "Python API; build_engines.sh does the same with trtexec)")
+    s.add_argument("bundle")
+    s.add_argument("--part", action="append", help="only this part (repeatable; default: every planned graph)")
+    s.set_defaults(func=_cmd_build_engines)
+
+
 def _add_doctor(sub) -> None:
     """`edgevlm doctor`: what this machine can run (and a bundle, given one), and what to do about what is missing."""
     s = sub.add_parser("doctor", help="what this machine can run and why: CPU features, memory, ONNX Runtime, "
@@ -592,6 +645,21 @@ def _add_info(sub) -> None:
     s.add_argument("--text-tokens", type=int, default=64, help="prompt length for the FLOP count (default 64)")
     s.add_argument("--json", type=Path, help="also write the figures as JSON here")
     s.set_defaults(func=_cmd_info)
+
+
+def _add_plan(sub) -> None:
+    """`edgevlm plan`: what fits a Jetson module, and how fast it can be at best."""
+    from .devices import RUNTIMES, list_devices
+
+    s = sub.add_parser("plan", help="precisions x vision tokens x context of a VLM on a Jetson module: fit, memory, "
+                       "predicted decode tok/s and vision-encoder ms (no weights loaded)")
+    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
+    s.add_argument("--device", required=True, metavar=_alts(d.name for d in list_devices()),
+                   help="the Jetson module (export/devices/DEVICE.yaml)")
+    s.add_argument("--runtime", default="tensorrt", choices=[r for r in RUNTIMES if r != "onnxruntime-cpu"],
+                   help="what runs the decoder on the device (default tensorrt)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=_cmd_plan)
 
 
 def _add_demo(sub) -> None:
@@ -683,8 +751,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_kernels(sub)
+    _add_build_engines(sub)
     _add_doctor(sub)
     _add_info(sub)
+    _add_plan(sub)
     _add_demo(sub)
     _add_train(sub)
     _add_distill(sub)
@@ -696,7 +766,8 @@ def _cmd_verify(args) -> int:
     from .runtime.golden import format_reports, verify_bundle
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-    reports = verify_bundle(args.bundle, args.decoder_backend, providers, args.threads, args.backend)
+    reports = verify_bundle(args.bundle, args.decoder_backend, providers, args.threads, args.backend,
+                            gpu_layers=args.gpu_layers)
     ok = all(r.passed for r in reports)
     if args.json:
         print(json.dumps({"bundle": str(args.bundle), "passed": ok, "reports": [r.to_dict() for r in reports]},
@@ -713,6 +784,14 @@ def _cmd_kernels(args) -> int:
         kernels.build(force=args.force)
     path, why = kernels.status()
     print(f"MatMulQ4 (4-bit decode steps): {f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
+    return 0
+
+
+def _cmd_build_engines(args) -> int:
+    from .runtime.tensorrt import build_engines
+
+    built = build_engines(args.bundle, args.part)
+    print(f"built {len(built)} engine(s); check them with: edgevlm verify {args.bundle}")
     return 0
 
 

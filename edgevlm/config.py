@@ -136,7 +136,7 @@ class VLMExportConfig:
     revision: str | None = None
     target: str = "cpu"
     precision: Precision | None = None  # None: the target profile's default
-    decoder: DecoderChoice = DecoderChoice.ONNX
+    decoder: DecoderChoice | None = None    # None: the target profile's vlm.default_decoder
     out: Path | None = None
     overwrite: bool = False
     calib: str | None = None            # images for the vision encoder's INT8 calibration
@@ -145,11 +145,16 @@ class VLMExportConfig:
     block_size: int = 32                # INT4 block length along the reduction axis
     parity_tokens: int = 32             # greedy tokens compared with eager through the runtime
     opset: int = 18
+    device: str | None = None           # a Jetson module (export/devices/NAME.yaml): the bundle must fit it
 
     def __post_init__(self) -> None:
         if self.precision is not None:
             self.precision = Precision.parse(self.precision)
-        self.decoder = DecoderChoice.parse(self.decoder)
+        if self.device is not None and self.target != "jetson":
+            raise ConfigError(f"--device {self.device} names a Jetson module; target {self.target} has none",
+                              "export with --target jetson, or drop --device")
+        if self.decoder is not None:
+            self.decoder = DecoderChoice.parse(self.decoder)
         # the same checks as the classifier's options (one rule for each)
         QuantConfig(precision=self.precision, calib_size=self.calib_size, block_size=self.block_size)
         if not 1 <= self.parity_tokens <= 4096:

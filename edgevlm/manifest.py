@@ -110,7 +110,8 @@ TARGET = Dict({
     "description": Str(), "runtime": Str(),
     "providers": List(Str(nonempty=True)),
     "batch": Any(), "tensorrt": Dict(), "minimum_deployment_target": Dict(),
-    "vlm": Dict({"decoders": List(Str()), "rewrites": List(Str())}),     # a VLM bundle's target rules (recorded)
+    "vlm": Dict({"decoders": List(Str()), "default_decoder": Str(), "rewrites": List(Str())}),  # a VLM's rules
+    "decoder_note": Dict({"default": Str(), "written": Str(), "why": Str()}),  # the default decoder gave way
 }, required=True)
 WEIGHTS = Dict({"source": Any(), "kind": Str(null=True), "dataset": Str(null=True), "revision": Str(null=True),
                 "trained_with": Any()}, required=True)
@@ -261,6 +262,57 @@ PARITY_RESULT = Dict({
     "kl_max": Num(), "logits_max_abs_diff": Num(min=0), "new_tokens": Int(min=0), "prompt_tokens": Int(min=0),
     "passed": Bool(null=True), "criterion": Str(),
 })
+# The ``engines`` block of a bundle for a TensorRT target (edgevlm/exporters/tensorrt.py ``engine_plan``): one engine
+# per ONNX graph, built on the device by build_engines.sh (trtexec) or `edgevlm build-engines` (edgevlm/runtime/
+# tensorrt.py) from the same profiles, flags, workspace and timing cache.
+SHAPE = List(Int(min=0), min_len=0, max_len=8)
+ENGINE_FLAGS = List(Str(choices=["fp16", "int8", "strongly_typed"]))
+ENGINE_GRAPH = Dict({
+    "part": Str(required=True, nonempty=True),
+    "onnx": RelPath(required=True), "onnx_sha256": _node("sha256", True),
+    "engine": RelPath(required=True), "sidecar": RelPath(required=True),
+    "precision": Str(required=True, choices=list(PRECISIONS)),
+    "flags": ENGINE_FLAGS, "fallback_flags": ENGINE_FLAGS,
+    "shapes": Dict(required=True, key=Str(nonempty=True),
+                   values=Dict({"min": SHAPE | {"required": True}, "opt": SHAPE | {"required": True},
+                                "max": SHAPE | {"required": True}})),
+    "trtexec_args": List(Str()),
+})
+ENGINES = Dict({
+    "version": Int(min=1),
+    "tensorrt": Str(required=True, nonempty=True), "jetpack": Str(), "cuda": Str(),
+    "workspace_mib": Int(min=1, required=True),
+    "timing_cache": RelPath(required=True),
+    "limits": Dict(), "script": RelPath(),
+    "graphs": List(ENGINE_GRAPH, required=True),
+}, version={"key": "version", "current": 1})
+# ``edgevlm export --device D`` (edgevlm/devices.py, docs/devices.md): the Jetson module the bundle was checked against,
+# the memory estimate that fit it and the speed bounds (decode an upper bound, the vision encoder a lower bound).
+BYTES = Int(min=0, required=True)
+DEVICE = Dict({
+    "name": Str(required=True, nonempty=True), "description": Str(),
+    "usable_memory_gib": Num(gt=0, required=True), "memory_bandwidth_gbs": Num(gt=0),
+    "jetpack": Str(), "tensorrt": Str(), "cuda": Str(), "fits": Bool(required=True),
+    "estimate": Dict({"runtime": Str(required=True), "context": Int(min=1, required=True),
+                      "vision_tokens": Int(min=0), "weights_bytes": BYTES, "kv_cache_bytes": BYTES,
+                      "activation_bytes": BYTES, "overhead_bytes": BYTES, "total_bytes": BYTES}, required=True),
+    "predicted": Dict({"decode_tokens_per_s_max": Num(min=0, null=True),
+                       "decode_tokens_per_s_max_at_context": Num(min=0, null=True),
+                       "vision_encoder_ms_min": Num(min=0, null=True)}, required=True),
+    "vision_flops": Int(min=0, null=True), "basis": Str(),
+})
+# Targets whose format is ort (edgevlm/exporters/ort_mobile.py, tokenizer_graph.py): tokenization as ONNX graphs of
+# onnxruntime-extensions' ops (null where the family's tokenizer cannot be expressed: ``not_expressed`` says why), and
+# the one reduced-operator config covering every graph of the bundle.
+GRAPH_IO = {"path": RelPath(required=True), "input": Str(required=True, nonempty=True),
+            "output": Str(required=True, nonempty=True)}
+PROCESSING = Dict({
+    "tokenizer": Dict({**GRAPH_IO, "extensions": Str(required=True, nonempty=True)}, required=True, null=True),
+    "detokenizer": Dict(GRAPH_IO, required=True, null=True),
+    "checked_prompts": Int(min=0, required=True), "not_expressed": Str(),
+})
+OPS_CONFIG = Dict({"path": RelPath(required=True), "graphs": Int(min=1), "operators": Int(min=0),
+                   "contrib_ops": List(Str()), "build": Str()})
 VLM = {
     "model": Dict({**MODEL_COMMON, "vision_tokens": Int(min=0, required=True)}, required=True),
     "generation": GENERATION,
@@ -271,6 +323,10 @@ VLM = {
                       required=True, min_len=1),
     "parity": Dict({"image": Str(), "prompt": Str(), "eager_tokens": List(ID, required=True),
                     "results": List(PARITY_RESULT, required=True)}, required=True),
+    "engines": ENGINES,                            # TensorRT targets: the engines built on the device
+    "device": DEVICE,                              # --device: the Jetson module it was checked to fit
+    "processing": PROCESSING,                      # ort targets: tokenizer.onnx / detokenizer.onnx
+    "ops_config": OPS_CONFIG,                      # ort targets: required_operators.config for every graph
 }
 
 MANIFEST_SCHEMA = Dict(COMMON, required=True, version={"key": "schema_version", "current": SCHEMA_VERSION},

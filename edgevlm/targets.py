@@ -19,19 +19,24 @@ class VLMProfile:
     ``int8`` rules."""
 
     decoders: tuple[str, ...]
+    default_decoder: DecoderChoice = DecoderChoice.ONNX    # what --decoder means when it is not given
     rewrites: tuple[Rewrite, ...] = ()
     decoder_int8: DecoderInt8 = DecoderInt8.DYNAMIC
     decoder_int4: DecoderInt4 = DecoderInt4.MATMULNBITS
 
     @classmethod
     def from_dict(cls, d: dict, target: str) -> "VLMProfile":
-        unknown = set(d) - {"decoders", "rewrites", "decoder_int8", "decoder_int4"}
+        unknown = set(d) - {"decoders", "default_decoder", "rewrites", "decoder_int8", "decoder_int4"}
         if unknown:
             raise ConfigError(f"target {target}: unknown vlm key(s) {sorted(unknown)}", "fix export/" + target + ".yaml")
         decoders = tuple(DecoderChoice.parse(x).value for x in d.get("decoders", ("onnx",)))
         if not decoders or "both" in decoders:
             raise ConfigError(f"target {target}: vlm.decoders must list onnx and/or gguf", f"fix export/{target}.yaml")
-        return cls(decoders, tuple(Rewrite.parse(r) for r in d.get("rewrites") or ()),
+        default = DecoderChoice.parse(d.get("default_decoder", decoders[0]))
+        if any(f not in decoders for f in default.formats()):
+            raise ConfigError(f"target {target}: vlm.default_decoder {default.value} is not among vlm.decoders "
+                              f"({', '.join(decoders)})", f"fix export/{target}.yaml")
+        return cls(decoders, default, tuple(Rewrite.parse(r) for r in d.get("rewrites") or ()),
                    DecoderInt8.parse(d.get("decoder_int8", "dynamic")), DecoderInt4.parse(d.get("decoder_int4", "matmulnbits")))
 
     def check_decoder(self, choice: DecoderChoice, target: str) -> None:
@@ -94,7 +99,7 @@ class TargetProfile:
     def vlm_dict(self) -> dict:
         """The ``vlm`` block as recorded in a VLM bundle's manifest."""
         v = self.require_vlm()
-        return {"decoders": list(v.decoders), "rewrites": [r.value for r in v.rewrites],
+        return {"decoders": list(v.decoders), "default_decoder": v.default_decoder.value, "rewrites": [r.value for r in v.rewrites],
                 "decoder_int8": v.decoder_int8.value, "decoder_int4": v.decoder_int4.value}
 
 

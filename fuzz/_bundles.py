@@ -16,7 +16,7 @@ from pathlib import Path
 import _common
 
 CLF_TEMPLATE = _common.HERE / "corpus" / "manifest" / "classification.json"
-VERSION = "1"                      # bump to rebuild the cached bundles
+VERSION = "2"                      # bump to rebuild the cached bundles (2: VLM bundles with golden cases)
 
 
 def _tiny_classifier(path: Path, classes: int) -> None:

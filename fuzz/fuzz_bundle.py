@@ -1,5 +1,5 @@
 """Fuzz the bundle loader: ``edgevlm.runtime.load(bundle_dir, verify=...)`` on mutated bundles, then one
-prediction (classify, or a two-token generate) when it loads.
+prediction (classify, or a two-token generate) when it loads, and sometimes its golden cases (``.verify()``).
 
 Every input (its bytes drive all choices) takes a copy of a real bundle (the cached VLM bundle with ONNX and GGUF
 decoders, or the classification bundle) and applies one to four edits:
@@ -121,6 +121,10 @@ def one_input(ctx, data: bytes, rec) -> None:
         else:
             model.classify(ctx["image"], top_k=2)
         rec.count(f"ran {kind}")
+        if src.int(0, 3) == 0:          # the golden cases (golden/golden.json, its PNGs) are bundle input too
+            rep = model.verify()
+            rec.count(f"verified {kind}: {'pass' if rep.passed else 'fail'}" if rep.golden else
+                      f"verified {kind}: no golden cases")
     except ctx["Edge"]:
         rec.count(f"run refused {kind} (EdgeVLMError)")
     finally:

@@ -131,13 +131,32 @@ def test_onnxruntime_and_llama_cpp_as_installed(machine):
         assert ll["installed"] is True and ll["version"] == llama_cpp.__version__
         assert ll["gpu_offload"] == bool(llama_cpp.llama_supports_gpu_offload())
         assert isinstance(ll["extra_buffers"], bool) and ll["extra_buffers_why"]
-        assert checks(rep, "llama-cpp-python")[0]["status"] == "ok"
+        nvidia = bool(rep["gpu"]["gpus"] or rep["jetson"]["l4t"])
+        line = checks(rep, "llama-cpp-python")[0]
+        assert line["status"] == ("warn" if nvidia and not ll["gpu_offload"] else "ok")
+        assert ("every layer" in line["fact"]) == ll["gpu_offload"]
     else:
         assert ll["installed"] is False
     if sys.platform != "darwin":
         cm = checks(rep, "Core ML")[0]
         assert cm["status"] == "missing" and "macOS/iOS only" in cm["fact"] and rep["coreml"]["available"] is False
     assert rep["kernels"]["state"] != "off"            # the switch below is what turns them off
+
+
+def test_a_cpu_only_llama_cpp_on_a_gpu_machine_says_how_to_build_it_with_cuda():
+    from edgevlm.runtime.doctor import _llama_lines
+    from edgevlm.runtime.llamacpp import CUDA_BUILD
+
+    ll = {"installed": True, "version": "0.3.36", "gpu_offload": False, "extra_buffers": True,
+          "extra_buffers_why": "x", "extra_buffers_fix": None, "error": None}
+    for nvidia, status in ((True, "warn"), (False, "ok")):
+        lines: list = []
+        _llama_lines(ll, lines, nvidia=nvidia)
+        assert lines[0]["status"] == status, lines[0]
+        assert (CUDA_BUILD in (lines[0]["fix"] or "")) == nvidia
+    lines = []
+    _llama_lines({**ll, "gpu_offload": True}, lines, nvidia=True)
+    assert lines[0]["status"] == "ok" and "every layer on the GPU" in lines[0]["fact"]
 
 
 def test_hidden_llama_cpp_is_reported_missing_with_a_fix():

@@ -352,6 +352,46 @@ def test_quantized_files_load_and_agree(tmp_path, bpe_tokenizer):
     assert gguf_tensor_types(tmp_path / "f16.gguf") == {"F32": 5, "F16": 16}       # norms stay F32
 
 
+def test_gpu_layers_follow_the_build_and_a_request_a_cpu_build_cannot_honour_is_refused(tmp_path, bpe_tokenizer,
+                                                                                         monkeypatch):
+    """Default: every layer where llama-cpp-python can offload (a Jetson built with CUDA), none elsewhere; asking
+    a CPU-only build for GPU layers is a one-line error naming the CUDA build, not a silent CPU run."""
+    from edgevlm.runtime.llamacpp import CUDA_BUILD, GPU_LAYERS_ENV, gpu_layers_choice
+
+    monkeypatch.delenv(GPU_LAYERS_ENV, raising=False)
+    assert gpu_layers_choice(None, True)[0] == -1 and gpu_layers_choice(None, False)[0] == 0
+    assert gpu_layers_choice(7, True)[0] == 7 and gpu_layers_choice(0, False)[0] == 0
+    with pytest.raises(ConfigError, match="built without a GPU backend") as e:
+        gpu_layers_choice(-1, False)
+    assert CUDA_BUILD in e.value.fix
+    for bad in (-2, True, 1.5):
+        with pytest.raises(ConfigError, match="GPU layers must be"):
+            gpu_layers_choice(bad, True)
+    monkeypatch.setenv(GPU_LAYERS_ENV, "12")
+    assert gpu_layers_choice(None, True) == (12, f"12 layers on the GPU ({GPU_LAYERS_ENV})")
+    assert gpu_layers_choice(0, True)[0] == 0                   # the caller's choice wins over the environment
+    monkeypatch.setenv(GPU_LAYERS_ENV, "all")
+    with pytest.raises(ConfigError, match=f"{GPU_LAYERS_ENV}='all' is not an integer"):
+        gpu_layers_choice(None, True)
+    monkeypatch.delenv(GPU_LAYERS_ENV)
+
+    needs_llama()
+    import llama_cpp
+
+    from edgevlm.runtime.llamacpp import LlamaCppDecoder
+
+    path = tmp_path / "f32.gguf"
+    write_gguf(llama(bpe_tokenizer.vocab_size, seed=5), bpe_tokenizer, path)
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    with LlamaCppDecoder(path, n_ctx=32, n_threads=2) as dec:
+        assert dec.gpu_layers == (-1 if gpu else 0)
+        if gpu:      # llama.cpp's own count: every block plus the output layer
+            assert dec.offloaded and dec.offloaded[0] == dec.offloaded[1]
+    if not gpu:
+        with pytest.raises(ConfigError, match="built without a GPU backend"):
+            LlamaCppDecoder(path, n_ctx=32, n_threads=2, gpu_layers=4)
+
+
 def test_weight_buffer_choice_keeps_the_crashing_amx_buffers_off(monkeypatch):
     """llama.cpp's AMX weight buffers crash (issue 20824); repacking stays on wherever they are not in play."""
     needs_llama()

@@ -246,11 +246,16 @@ def test_coarse_kl_is_a_lower_bound_of_the_full_kl():
 
 
 def test_jetson_vlm_bundle_carries_golden_cases_that_verify(tmp_path):
-    """The jetson profile's VLM bundle (fp16 by default: TensorRT-ready graphs) verifies here through ONNX
-    Runtime; its criteria are the measured ones widened by the margins, not fp32's exact tokens."""
-    path, m = _export(model="edgevlm_scenes_tiny", weights="random", target="jetson", out=str(tmp_path / "jetson"))
+    """The jetson profile's VLM bundle (fp16 by default; its GGUF decoder for llama.cpp and, asked for, the
+    TensorRT-ready ONNX one) verifies here on both decoders; its criteria are the measured ones widened by the
+    margins, not fp32's exact tokens."""
+    path, m = _export(model="edgevlm_scenes_tiny", weights="random", target="jetson", decoder="both",
+                      out=str(tmp_path / "jetson"))
     doc = json.loads((path / g.GOLDEN_JSON).read_text())
-    assert m["precision"] == "fp16" and set(doc["measured"]["figures"]) == {"onnxruntime"}
+    assert m["precision"] == "fp16" and set(doc["measured"]["figures"]) == {"onnxruntime", "llama.cpp"}
+    assert m["parts"]["decoder_gguf"]["gguf_type"] == "f16"
     assert all("kl_mean_max" in c["criteria"] for c in doc["cases"])
-    rep = runtime.load(path).verify()
-    assert rep.golden and rep.passed and len(rep.rows) == 6
+    reports = g.verify_bundle(path, gpu_layers=0)
+    assert [r.backend for r in reports] == ["onnxruntime", "llama.cpp"]
+    assert all(r.golden and r.passed and len(r.rows) == 6 for r in reports), [r.to_dict() for r in reports]
+    assert reports[1].placement.startswith("CPU") and "providers: CPUExecutionProvider" in reports[0].placement

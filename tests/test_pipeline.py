@@ -51,7 +51,7 @@ def test_jetson_vlm_bundle_is_tensorrt_ready(tmp_path, name, precision):
     from edgevlm.exporters.tensorrt import check_ops
 
     target = get_target("jetson")
-    out, m = _export(tmp_path, name, "jetson", precision)
+    out, m = _export(tmp_path, name, "jetson", precision, decoder="onnx")
     assert m["target"]["vlm"] == target.vlm_dict() and m["target"]["runtime"] == "tensorrt"
     for part, rec in m["parts"].items():
         model = onnx.load(str(out / rec["path"]))
@@ -138,16 +138,57 @@ def test_targets_without_a_vlm_block_refuse_vlms_by_data(tmp_path, target):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_decoder_the_profile_does_not_list_is_refused(tmp_path):
-    assert "gguf" not in get_target("jetson").vlm.decoders
-    with pytest.raises(ConfigError, match="jetson does not take a GGUF decoder"):
-        _export(tmp_path, "edgevlm_scenes_tiny", "jetson", "fp16", decoder="both")
+def test_whether_a_target_takes_vlms_is_its_profiles_vlm_block():
+    """android's profile gained a vlm block (ORT-format parts, tests/test_android_vlm.py) and takes VLMs; the refusal
+    above is data-driven, and the targets it covers are exactly those whose profile has no vlm block."""
+    from edgevlm.build_vlm import vlm_job
+
+    takes = {t.name for t in list_targets() if t.vlm is not None}
+    assert {"cpu", "jetson", "android"} <= takes
+    job = vlm_job(VLMExportConfig(model="edgevlm_scenes_tiny", weights="random", target="android", precision="fp32"))
+    assert job.out.name == "edgevlm_scenes_tiny-android-fp32"
+    for t in list_targets():
+        if t.vlm is None:
+            with pytest.raises(ConfigError, match="no vlm block"):
+                t.require_vlm()
+
+
+def test_a_decoder_the_profile_does_not_list_is_refused():
+    prof = VLMProfile.from_dict({"decoders": ["onnx"]}, "x")
+    assert prof.default_decoder is DecoderChoice.ONNX
+    with pytest.raises(ConfigError, match="x does not take a GGUF decoder.*use --decoder onnx"):
+        prof.check_decoder(DecoderChoice.BOTH, "x")
+
+
+def test_the_default_decoder_is_the_profiles(tmp_path):
+    """No --decoder: jetson's profile says GGUF (llama.cpp with CUDA is what Jetson users run), cpu's says ONNX;
+    the bundle name carries the decoder only when it is not the profile's default."""
+    from edgevlm.build_vlm import vlm_job
+
+    assert get_target("jetson").vlm.default_decoder is DecoderChoice.GGUF
+    assert get_target("cpu").vlm.default_decoder is DecoderChoice.ONNX
+    out, m = _export(tmp_path, "edgevlm_scenes_tiny", "jetson", "int4")
+    assert set(m["parts"]) >= {"vision_encoder", "embed_tokens", "decoder_gguf"} and "decoder" not in m["parts"]
+    assert m["parts"]["decoder_gguf"]["gguf_type"] == "q4_k_m" and m["target"]["vlm"]["default_decoder"] == "gguf"
+    assert [r["backend"] for r in m["parity"]["results"]] == ["llama.cpp"]
+    # TinyGPT-V's Phi-2 with qk-layernorm has no llama.cpp graph: jetson's default gives way to the ONNX decoder
+    out, m = _export(tmp_path, "tinygpt_v_tiny", "jetson", "fp16")
+    assert "decoder" in m["parts"] and "decoder_gguf" not in m["parts"]
+    note = m["target"]["decoder_note"]
+    assert note["default"] == "gguf" and note["written"] == "onnx" and "qk_layernorm" in note["why"]
+    with pytest.raises(edgevlm.errors.ExportError, match="qk_layernorm"):      # asked for: refused, not replaced
+        _export(tmp_path / "asked", "tinygpt_v_tiny", "jetson", "fp16", decoder="gguf")
+    job = vlm_job(VLMExportConfig(model="edgevlm_scenes_tiny", weights="random", target="jetson", decoder="onnx"))
+    assert job.out.name == "edgevlm_scenes_tiny-jetson-fp16-onnx"
+    job = vlm_job(VLMExportConfig(model="edgevlm_scenes_tiny", weights="random", target="cpu", decoder="gguf"))
+    assert job.out.name.endswith("-gguf")
 
 
 def test_vlm_profile_is_checked():
     assert VLMProfile.from_dict({"decoders": ["onnx"], "decoder_int4": "qdq"}, "x").decoder_int4 is DecoderInt4.QDQ
     for bad in ({"decoders": ["onnx"], "decoder_int8": "fast"}, {"decoders": ["both"]}, {"decoders": []},
-                {"decoders": ["onnx"], "rewrites": ["inline_everything"]}, {"decoders": ["onnx"], "quant": "x"}):
+                {"decoders": ["onnx"], "rewrites": ["inline_everything"]}, {"decoders": ["onnx"], "quant": "x"},
+                {"decoders": ["onnx"], "default_decoder": "gguf"}):
         with pytest.raises(ConfigError):
             VLMProfile.from_dict(bad, "x")
 

@@ -71,3 +71,22 @@ def test_the_tunable_puts_malloc_memory_in_huge_pages():
     assert on >= 200, f"only {on} MiB of 256 in huge pages with {memory.TUNABLE}"
     if memory.thp_mode() == "madvise":          # with "always" the kernel gives them to everyone anyway
         assert child(base) < 64
+
+
+def test_bench_peak_rss_is_this_process_not_the_one_that_started_it():
+    """Linux carries ru_maxrss across fork and exec; bench's peak is the address space's own (VmHWM), so a bench
+    started from a large process (a test runner, a notebook) does not report its parent's peak."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    held = np.ones(400 * 2**20 // 8)          # 400 MiB resident in this process
+    held[::512] += 1
+    code = ("import resource; from edgevlm.runtime.bench import peak_rss_mib; "
+            "print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    peak, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                check=True).stdout.split())
+    assert inherited > 400 or sys.platform != "linux"        # what ru_maxrss says in the child
+    assert peak < 200, peak                                   # a Python with numpy imported, not the parent
+    del held

@@ -297,6 +297,34 @@ def _check_input(model, profile: dict) -> str:
     return inp.name
 
 
+def _find_trtexec_sh() -> str:
+    """Bash that sets $TRTEXEC (or dies naming how to install it) and $found, this device's TensorRT version
+    (major.minor, empty when it cannot be told); expects ``die`` to be defined."""
+    return f"""TRTEXEC="${{TRTEXEC:-}}"
+if [ -z "$TRTEXEC" ]; then
+  if command -v trtexec >/dev/null 2>&1; then
+    TRTEXEC="$(command -v trtexec)"
+  elif [ -x {JETPACK_TRTEXEC} ]; then
+    TRTEXEC={JETPACK_TRTEXEC}
+  fi
+fi
+if [ -z "$TRTEXEC" ] || [ ! -x "$TRTEXEC" ]; then
+  die "trtexec not found (looked at \\$TRTEXEC, PATH and {JETPACK_TRTEXEC}). On JetPack install it" \\
+      "with 'sudo apt install tensorrt' (package libnvinfer-bin), or set TRTEXEC=/path/to/trtexec"
+fi
+
+# TensorRT version on this device: trtexec's banner ("[TensorRT v100300]"), else the package.
+found=""
+code="$("$TRTEXEC" --help 2>&1 | sed -n 's/.*\\[TensorRT v\\([0-9][0-9]*\\)\\].*/\\1/p' | head -n 1 || true)"
+if [ -n "$code" ]; then
+  if [ "$code" -ge 10000 ]; then found="$((code / 10000)).$((code / 100 % 100))"
+  else found="$((code / 1000)).$((code / 100 % 10))"; fi
+elif command -v dpkg-query >/dev/null 2>&1; then
+  found="$(dpkg-query -W -f='${{Version}}' libnvinfer-bin 2>/dev/null | cut -d. -f1,2 || true)"
+fi
+"""
+
+
 def render_script(args: list[str], fallback_args: list[str], version: str, jetpack: str, cuda: str,
                   precision: str, onnx_name: str) -> str:
     """The bash script that builds the engine on the Jetson."""
@@ -324,29 +352,7 @@ warn() {{ echo "{SCRIPT}: warning: $*" >&2; }}
 cd "$(dirname "$0")"
 [ -f {shlex.quote(onnx_name)} ] || die "{onnx_name} is missing next to this script"
 
-TRTEXEC="${{TRTEXEC:-}}"
-if [ -z "$TRTEXEC" ]; then
-  if command -v trtexec >/dev/null 2>&1; then
-    TRTEXEC="$(command -v trtexec)"
-  elif [ -x {JETPACK_TRTEXEC} ]; then
-    TRTEXEC={JETPACK_TRTEXEC}
-  fi
-fi
-if [ -z "$TRTEXEC" ] || [ ! -x "$TRTEXEC" ]; then
-  die "trtexec not found (looked at \\$TRTEXEC, PATH and {JETPACK_TRTEXEC}). On JetPack install it" \\
-      "with 'sudo apt install tensorrt' (package libnvinfer-bin), or set TRTEXEC=/path/to/trtexec"
-fi
-
-# TensorRT version on this device: trtexec's banner ("[TensorRT v100300]"), else the package.
-found=""
-code="$("$TRTEXEC" --help 2>&1 | sed -n 's/.*\\[TensorRT v\\([0-9][0-9]*\\)\\].*/\\1/p' | head -n 1 || true)"
-if [ -n "$code" ]; then
-  if [ "$code" -ge 10000 ]; then found="$((code / 10000)).$((code / 100 % 100))"
-  else found="$((code / 1000)).$((code / 100 % 10))"; fi
-elif command -v dpkg-query >/dev/null 2>&1; then
-  found="$(dpkg-query -W -f='${{Version}}' libnvinfer-bin 2>/dev/null | cut -d. -f1,2 || true)"
-fi
-if [ -z "$found" ]; then
+{_find_trtexec_sh()}if [ -z "$found" ]; then
   warn "could not tell the TensorRT version; this graph was checked against TensorRT $EXPECTED_TRT"
 elif [ "${{found%%.*}}" != "${{EXPECTED_TRT%%.*}}" ]; then
   warn "this device has TensorRT $found but the graph was checked against TensorRT $EXPECTED_TRT" \\
@@ -429,3 +435,231 @@ def prepare(ctx: ExportContext, onnx_path) -> dict:
                  f"{trt.get('jetpack', '?')}) to write {ENGINE}; an engine only runs with the GPU and "
                  "TensorRT version it was built with"),
     }
+
+
+# -- engines for a VLM bundle: one per ONNX graph, planned at export, built on the device ---------------------
+ENGINES_SCRIPT = "build_engines.sh"
+ENGINES_DIR = "engines"
+PLAN_VERSION = 1
+# The engine plan's precision flags, by name: what trtexec and the Python API (edgevlm.runtime.tensorrt) each set.
+FLAG_TRTEXEC = {"fp16": "--fp16", "int8": "--int8", "strongly_typed": "--stronglyTyped"}
+_TRTEXEC_FLAG = {v: k for k, v in FLAG_TRTEXEC.items()}
+# Defaults of the profile's optional ``tensorrt.engines`` block; both are clamped to the model's context.
+ENGINE_DEFAULTS = {"max_prompt": 512, "context": 4096, "timing_cache": f"{ENGINES_DIR}/timing.cache"}
+
+
+def _dims(value_info) -> list:
+    """An ONNX input's dims: ints, or the symbolic name (str) of a dynamic axis."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value_info.type.tensor_type.shape.dim]
+
+
+def _axis_kind(name: str, input_name: str, axis: int, rank: int) -> str:
+    """Which range a dynamic axis takes: batch (images), seq (new positions), past (cached positions) or total
+    (past + seq: the attention mask's last axis and the present KV)."""
+    if name == "past":
+        return "past"
+    if name == "seq":
+        return "seq"
+    if input_name == "attention_mask" and axis == rank - 1:
+        return "total"
+    if axis == 0 and rank == 4:
+        return "batch"
+    return "seq"                         # any other dynamic axis counts positions (a part's tokens)
+
+
+def engine_limits(target, context_length: int, vision_tokens: int) -> dict:
+    """Batch, prompt length and context the engines cover, from the profile's ``batch`` and its optional
+    ``tensorrt.engines`` block (max_prompt, context, timing_cache), clamped to the model's context."""
+    eng = {**ENGINE_DEFAULTS, **(target.tensorrt.get("engines") or {})}
+    lo, opt, hi = (int(target.batch[k]) for k in ("min", "opt", "max"))
+    if not 1 <= lo <= opt <= hi:
+        raise ExportError(f"batch profile min={lo} opt={opt} max={hi} is not ordered",
+                          "fix batch in the target profile: 1 <= min <= opt <= max")
+    context = min(int(eng["context"]), int(context_length))
+    max_prompt = min(int(eng["max_prompt"]), context)
+    if max_prompt < 1 or context < 2:
+        raise ExportError(f"tensorrt.engines gives max_prompt={max_prompt} and context={context}",
+                          "set tensorrt.engines.max_prompt >= 1 and context >= 2 in the target profile")
+    opt_prompt = max(1, min(max_prompt, int(vision_tokens) + 32))        # an image and a short question
+    return {"batch": {"min": lo, "opt": opt, "max": hi}, "max_prompt": max_prompt, "opt_prompt": opt_prompt,
+            "context": context, "timing_cache": str(eng["timing_cache"])}
+
+
+def graph_profile(model, limits: dict) -> dict:
+    """One optimization profile {input: {min, opt, max}} for every input of ``model``.
+
+    A decoder gets one profile that covers prefill (seq 1..max_prompt, past 0) and decode (seq 1, past up to the
+    context), tuned (opt) at a decode step over a prompt: the shape the generation loop runs most; trtexec's
+    --minShapes/--optShapes/--maxShapes describe one profile, so both builders use one."""
+    ranges = {"batch": (limits["batch"]["min"], limits["batch"]["opt"], limits["batch"]["max"]),
+              "seq": (1, 1 if _has_past(model) else limits["opt_prompt"], limits["max_prompt"]),
+              "past": (0, limits["opt_prompt"], limits["context"] - 1),
+              "total": (1, limits["opt_prompt"] + 1, limits["context"])}
+    init = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        dims = _dims(vi)
+        out = {"min": [], "opt": [], "max": []}
+        for axis, d in enumerate(dims):
+            r = (d, d, d) if isinstance(d, int) else ranges[_axis_kind(d, vi.name, axis, len(dims))]
+            for k, v in zip(("min", "opt", "max"), r):
+                out[k].append(int(v))
+        shapes[vi.name] = out
+    return shapes
+
+
+def _has_past(model) -> bool:
+    return any(i.name.startswith("past_key_values.") for i in model.graph.input)
+
+
+def graph_flags(precision: str) -> tuple[list[str], list[str]]:
+    """(flags, fallback flags) by name (see :data:`FLAG_TRTEXEC`) for a graph exported at ``precision``: the same
+    choice as :func:`precision_flags` for backbones (explicit Q/DQ graphs build weakly typed with FP16 enabled;
+    INT4 retries strongly typed)."""
+    flags, fallback = precision_flags(Precision.parse(precision))
+    return [_TRTEXEC_FLAG[f] for f in flags], [_TRTEXEC_FLAG[f] for f in fallback]
+
+
+def _shapes_arg(shapes: dict, which: str) -> str:
+    return ",".join(_shape(name, s[which]) for name, s in shapes.items())
+
+
+def engine_trtexec_args(g: dict, workspace_mib: int, timing_cache: str) -> list[str]:
+    """trtexec's arguments for one planned graph (paths relative to the bundle)."""
+    args = [f"--onnx={g['onnx']}", f"--saveEngine={g['engine']}"]
+    if any(s["min"] != s["max"] for s in g["shapes"].values()):
+        args += [f"--{k}Shapes={_shapes_arg(g['shapes'], k)}" for k in ("min", "opt", "max")]
+    args += [f"--memPoolSize=workspace:{int(workspace_mib)}M", f"--timingCacheFile={timing_cache}"]
+    return args + [FLAG_TRTEXEC[f] for f in g["flags"]]
+
+
+def engine_plan(work: Path, parts: dict, target, context_length: int, vision_tokens: int) -> dict:
+    """The manifest's ``engines`` block: per ONNX graph of the bundle its engine file, shape profile, precision
+    flags and the sha256 of the ONNX it is built from, plus workspace and timing cache; ``build_engines.sh`` and
+    ``edgevlm build-engines`` both build from it."""
+    import hashlib
+
+    import onnx
+
+    trt = target.tensorrt
+    limits = engine_limits(target, context_length, vision_tokens)
+    graphs = []
+    for part, rec in parts.items():
+        if rec.get("format") != "onnx":
+            continue
+        path = Path(work) / rec["path"]
+        model = onnx.load(str(path), load_external_data=False)
+        flags, fallback = graph_flags(rec.get("precision", "fp32"))
+        g = {"part": part, "onnx": rec["path"], "onnx_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+             "engine": f"{ENGINES_DIR}/{part}.plan", "sidecar": f"{ENGINES_DIR}/{part}.json",
+             "precision": rec.get("precision", "fp32"), "flags": flags, "fallback_flags": fallback,
+             "shapes": graph_profile(model, limits)}
+        del model
+        g["trtexec_args"] = engine_trtexec_args(g, trt.get("workspace_mib", 1024), limits["timing_cache"])
+        graphs.append(g)
+    return {"version": PLAN_VERSION, "tensorrt": str(trt["version"]), "jetpack": str(trt.get("jetpack", "")),
+            "cuda": str(trt.get("cuda", "")), "workspace_mib": int(trt.get("workspace_mib", 1024)),
+            "timing_cache": limits["timing_cache"], "limits": limits, "script": ENGINES_SCRIPT,
+            "graphs": graphs}
+
+
+def render_engines_script(plan: dict) -> str:
+    """``build_engines.sh``: trtexec once per planned graph, refusing a TensorRT other than the plan's."""
+    version, jetpack = plan["tensorrt"], plan["jetpack"] or "?"
+    builds = []
+    for g in plan["graphs"]:
+        fb = [a for a in g["trtexec_args"] if a not in {FLAG_TRTEXEC[f] for f in g["flags"]}]
+        fb += [FLAG_TRTEXEC[f] for f in g["fallback_flags"]]
+        builds.append(f"build_one {shlex.quote(g['part'])} {shlex.quote(g['onnx'])} {shlex.quote(g['engine'])} "
+                      f"{shlex.quote(g['sidecar'])} {shlex.quote(g['onnx_sha256'])} {shlex.quote(g['precision'])} "
+                      f"\"{' '.join(g['fallback_flags'])}\" -- "
+                      + " ".join(shlex.quote(a) for a in g["trtexec_args"])
+                      + (" --FALLBACK-- " + " ".join(shlex.quote(a) for a in fb) if g["fallback_flags"] else ""))
+    return f"""#!/usr/bin/env bash
+# Builds one TensorRT engine per ONNX graph of this bundle, from the engine plan in manifest.json
+# (`edgevlm build-engines BUNDLE` builds the same with TensorRT's Python API). Run it ON the Jetson: an engine
+# only runs with the GPU and TensorRT version it was built with.
+#   planned for: TensorRT {version} (JetPack {jetpack}, CUDA {plan['cuda'] or '?'}), workspace {plan['workspace_mib']} MiB,
+#   timing cache {plan['timing_cache']}
+#   writes: {', '.join(g['engine'] for g in plan['graphs'])} and a .json sidecar next to each
+#   (TensorRT version, GPU, compute capability, precision, sha256 of the ONNX)
+#
+# usage: bash {ENGINES_SCRIPT} [extra trtexec options]
+#   TRTEXEC=/path/to/trtexec bash {ENGINES_SCRIPT}   to use a specific trtexec
+set -euo pipefail
+
+EXPECTED_TRT="{version}"
+SCRIPT={ENGINES_SCRIPT}
+
+die() {{ echo "$SCRIPT: error: $*" >&2; exit 1; }}
+warn() {{ echo "$SCRIPT: warning: $*" >&2; }}
+
+cd "$(dirname "$0")"
+{_find_trtexec_sh()}if [ -z "$found" ]; then
+  die "could not tell this device's TensorRT version (trtexec --help shows no [TensorRT vNNNNNN] banner); the" \\
+      "engines are planned for TensorRT $EXPECTED_TRT (JetPack {jetpack})"
+elif [ "$found" != "$EXPECTED_TRT" ]; then
+  die "this device has TensorRT $found but the bundle's engine plan is for TensorRT $EXPECTED_TRT. Use JetPack" \\
+      "{jetpack} (TensorRT $EXPECTED_TRT), or export again with tensorrt.version: \\"$found\\" in the target profile"
+fi
+
+GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+SM="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+if [ -z "$SM" ] && [ -r /proc/device-tree/compatible ] && tr '\\0' ' ' </proc/device-tree/compatible | grep -q tegra234; then
+  SM="8.7"; GPU="${{GPU:-Orin (nvgpu)}}"                 # Jetson Orin: nvidia-smi may not report it
+fi
+[ -n "$SM" ] || warn "could not tell the GPU's compute capability; the sidecars record it as unknown"
+
+EXTRA=("$@")
+LOG="${{BUILD_LOG:-$(mktemp "${{TMPDIR:-/tmp}}/edgevlm-trtexec.XXXXXX")}}"
+: >"$LOG"
+mkdir -p {ENGINES_DIR}
+
+run_trtexec() {{
+  echo "$SCRIPT: $TRTEXEC $* --skipInference ${{EXTRA[*]:-}}" | tee -a "$LOG"
+  "$TRTEXEC" "$@" --skipInference ${{EXTRA[@]+"${{EXTRA[@]}}"}} 2>&1 | tee -a "$LOG" >/dev/null
+}}
+
+# build_one PART ONNX ENGINE SIDECAR SHA256 PRECISION FALLBACK_FLAGS -- ARGS... [--FALLBACK-- ARGS...]
+build_one() {{
+  local part="$1" onnx="$2" engine="$3" sidecar="$4" sha="$5" precision="$6" fbflags="$7"; shift 8
+  local args=() fb=() into=args
+  for a in "$@"; do
+    if [ "$a" = "--FALLBACK--" ]; then into=fb; continue; fi
+    if [ "$into" = args ]; then args+=("$a"); else fb+=("$a"); fi
+  done
+  [ -f "$onnx" ] || die "$onnx is missing next to this script"
+  got="$(sha256sum "$onnx" | cut -d' ' -f1)"
+  [ "$got" = "$sha" ] || die "$onnx changed since export (sha256 $got, the plan has $sha); export the bundle again"
+  rm -f "$engine" "$sidecar"
+  local flags="${{args[*]}}"
+  if ! {{ run_trtexec "${{args[@]}}" && [ -s "$engine" ]; }}; then
+    [ ${{#fb[@]}} -gt 0 ] || die "trtexec could not build $engine; full log in $LOG"
+    warn "trtexec failed for $part; retrying with $fbflags (log: $LOG)"
+    {{ run_trtexec "${{fb[@]}}" && [ -s "$engine" ]; }} || die "trtexec could not build $engine; full log in $LOG"
+    flags="${{fb[*]}}"
+  fi
+  printf '{{"part": "%s", "tensorrt": "%s", "gpu": "%s", "compute_capability": "%s", "precision": "%s", "onnx": "%s", "onnx_sha256": "%s", "builder": "trtexec", "args": "%s"}}\\n' \\
+    "$part" "$found" "${{GPU:-unknown}}" "${{SM:-unknown}}" "$precision" "$onnx" "$sha" "$flags" >"$sidecar"
+  echo "$SCRIPT: built $engine ($(wc -c <"$engine") bytes) with TensorRT $found on sm ${{SM:-unknown}}"
+}}
+
+{chr(10).join(builds)}
+echo "$SCRIPT: done; check it with: edgevlm verify ."
+"""
+
+
+def write_engine_plan(work: Path, parts: dict, target, context_length: int, vision_tokens: int, log=None) -> dict:
+    """Plan the bundle's engines and write ``build_engines.sh``; returns the manifest's ``engines`` block."""
+    plan = engine_plan(work, parts, target, context_length, vision_tokens)
+    script = Path(work) / ENGINES_SCRIPT
+    script.write_text(render_engines_script(plan))
+    script.chmod(0o755)
+    if log is not None:
+        lim = plan["limits"]
+        log(f"  engine plan for TensorRT {plan['tensorrt']}: {', '.join(g['part'] for g in plan['graphs'])} "
+            f"(prompt <= {lim['max_prompt']}, context {lim['context']}); wrote {ENGINES_SCRIPT}")
+    return plan

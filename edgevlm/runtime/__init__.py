@@ -24,13 +24,15 @@ def __getattr__(name: str):
 
 
 def load(bundle, backend: str | None = None, verify: bool = True, threads: int | None = None,
-         decoder: str | None = None, providers: list[str] | None = None):
+         decoder: str | None = None, providers: list[str] | None = None, gpu_layers: int | None = None):
     """Open a bundle: read and check its manifest, verify checksums, start a backend session.
 
     Classification bundles give a :class:`Classifier`; VLM bundles a :class:`~edgevlm.runtime.vlm.VLMPipeline`
     (``decoder``: "onnxruntime" or "llama.cpp" when the bundle carries both; default: the first listed).
     ``providers``: ONNX Runtime execution providers to try in order (default: the target profile's); the CPU
-    provider is always the last resort. Either kind's ``.verify()`` runs the bundle's golden cases.
+    provider is always the last resort. ``gpu_layers``: a llama.cpp decoder's layers on the GPU (default: all,
+    where llama-cpp-python was built with a GPU backend; 0: CPU). Either kind's ``.verify()`` runs the bundle's
+    golden cases.
     """
     from .. import bundle as _bundle
     from .backends import open_session
@@ -42,7 +44,8 @@ def load(bundle, backend: str | None = None, verify: bool = True, threads: int |
     if manifest.get("task") == "vlm":
         from .vlm import VLMPipeline
 
-        return VLMPipeline(path, manifest, decoder=decoder, threads=threads, providers=providers)
+        return VLMPipeline(path, manifest, decoder=decoder, threads=threads, providers=providers,
+                           gpu_layers=gpu_layers)
     if manifest.get("task") != "classification":
         from ..errors import BundleError
 

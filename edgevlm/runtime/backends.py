@@ -11,6 +11,9 @@ from ..bundle import resolve
 from ..errors import BackendUnavailableError, BundleError, first_line
 
 
+TRT_CACHE = "trt_cache"      # where ONNX Runtime's TensorRT provider keeps the engines it builds, inside the bundle
+
+
 def usable_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -115,5 +118,43 @@ def open_session(bundle: Path, manifest: dict, artifact: dict, backend: str | No
                               "use --backend coreml on macOS, or export --target cpu")
         wanted = list(providers or manifest["target"].get("providers", ["CPUExecutionProvider"]))
         threads = threads or int(os.environ.get("EDGEVLM_THREADS", "0")) or None
-        return OrtSession(path, wanted, artifact["precision"], threads, cache_dir=Path(bundle) / "trt_cache")
+        return OrtSession(path, wanted, artifact["precision"], threads, cache_dir=Path(bundle) / TRT_CACHE)
     raise BundleError(f"unknown backend {backend!r}", "use onnxruntime or coreml")
+
+
+# -- a VLM bundle's parts: native TensorRT engine, else ONNX Runtime (TensorRT / CUDA providers), else CPU --------
+ENGINES_ENV = "EDGEVLM_ENGINES"          # 0: never use a bundle's TensorRT engines (run its ONNX graphs instead)
+
+
+def part_backend(bundle: Path, manifest: dict, part: str) -> dict:
+    """Which session :func:`open_part` picks for ``part`` here, without opening it: ``{"backend": "tensorrt
+    engine" | "onnxruntime", "engine": path or None, "why": ...}`` (``why``: why not the engine)."""
+    from . import tensorrt as _trt
+
+    g = _trt.plan_graph(manifest, part)
+    if g is None:
+        return {"backend": "onnxruntime", "engine": None, "why": "the bundle plans no TensorRT engine for it"}
+    engine = Path(bundle) / g["engine"]
+    if os.environ.get(ENGINES_ENV, "").strip() == "0":
+        why = f"{ENGINES_ENV}=0"
+    elif not engine.is_file():
+        why = f"{g['engine']} is not built (run `edgevlm build-engines {bundle}` on the device)"
+    else:
+        why = _trt.native_available()
+    if why is None:
+        return {"backend": "tensorrt engine", "engine": g["engine"], "why": None}
+    return {"backend": "onnxruntime", "engine": None, "why": why}
+
+
+def open_part(bundle: Path, manifest: dict, part: str, fallback, expect: tuple[str, ...] = ()):
+    """The session for a VLM bundle's ``part``: its TensorRT engine (``engines/<part>.plan``) run natively when it
+    is built and tensorrt + cuda-python import, after its sidecar was checked against this machine (a mismatch is a
+    one-line BundleError, never a silent fallback); else ``fallback()``, the ONNX Runtime session (whose providers
+    are the target's TensorRT and CUDA ones where this onnxruntime has them, else the CPU's)."""
+    choice = part_backend(bundle, manifest, part)
+    if choice["engine"] is None:
+        return fallback()
+    from . import tensorrt as _trt
+
+    g = _trt.plan_graph(manifest, part)
+    return _trt.TrtSession(_trt.check_engine(Path(bundle), g), expect=expect)

@@ -16,7 +16,17 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """VmHWM of /proc/self/status: this address space's peak. ``ru_maxrss`` is not used where /proc exists: Linux
+    carries it across fork and exec, so a bench started from a large process (a test runner) reported that
+    process's peak (1141 MiB for a 100 MiB bundle)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024               # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB (macOS: bytes)
 
 
 def rss_mib() -> float:
@@ -90,14 +100,14 @@ def bench_bundle(bundle, runs: int = 50, warmup: int = 5, batch: int = 8, json_o
 
 
 def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None, decoder=None, threads=None,
-                     image=None, prompt: str | None = None, quiet: bool = False) -> dict:
+                     image=None, prompt: str | None = None, quiet: bool = False, gpu_layers: int | None = None) -> dict:
     """Time to first token (image encoding + prefill), decode tokens/s and peak memory of a VLM bundle.
 
     Every run decodes exactly ``new_tokens`` tokens (stop tokens ignored) so runs are comparable.
     """
     from ..generation import GenerationConfig
 
-    vlm, load_s, base_rss = _timed_load(bundle, decoder=decoder, threads=threads)
+    vlm, load_s, base_rss = _timed_load(bundle, decoder=decoder, threads=threads, gpu_layers=gpu_layers)
     if image is None:
         from ..data import scenes
 
@@ -128,7 +138,8 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
     res.update(getattr(vlm.decoder, "kernel", {}))  # ONNX Runtime decoders: whose kernel runs decode steps
     if hasattr(vlm.decoder, "weight_buffers"):      # llama.cpp: where the weights went (repacked or plain)
         res.update(llama_weight_buffers_mib=vlm.decoder.weight_buffers,
-                   llama_repacked_weights=vlm.decoder.extra_buffers, llama_repacked_why=vlm.decoder.extra_buffers_why)
+                   llama_repacked_weights=vlm.decoder.extra_buffers, llama_repacked_why=vlm.decoder.extra_buffers_why,
+                   llama_gpu_layers=vlm.decoder.gpu_layers_why, llama_offloaded_layers=vlm.decoder.offloaded)
     # Agreement with eager PyTorch is not measured here (bench runs no eager model): it is what `edgevlm export`
     # measured on its parity prompt and recorded in the manifest. It is copied under its own key, named as such.
     par = {r["backend"]: r for r in m.get("parity", {}).get("results", [])}.get(vlm.backend)

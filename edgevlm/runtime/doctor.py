@@ -416,17 +416,25 @@ def llama_cpp_facts() -> dict:
     return out
 
 
-def _llama_lines(ll: dict, lines: list) -> None:
-    from .llamacpp import REPACK_ENV
+def _llama_lines(ll: dict, lines: list, nvidia: bool = False) -> None:
+    """``nvidia``: this machine has an NVIDIA GPU or is a Jetson (then a CPU-only llama.cpp is worth a fix)."""
+    from .llamacpp import CUDA_BUILD, GPU_LAYERS_ENV, REPACK_ENV
 
     if not ll["installed"]:
         why = f"does not import ({ll['error']})" if ll["error"] else "not installed"
         _line(lines, "llama-cpp-python", MISSING, f"{why}: GGUF decoders (a bundle's decoder_gguf part) cannot run "
               "here", FIX_LLAMA + ", or run a bundle's ONNX decoder")
         return
-    gpu = {True: "yes (edgevlm still runs GGUF decoders on the CPU: n_gpu_layers 0)", False: "no",
-           None: "unknown"}[ll["gpu_offload"]]
-    _line(lines, "llama-cpp-python", OK, f"{ll['version']}; GPU offload: {gpu}")
+    if ll["gpu_offload"]:
+        _line(lines, "llama-cpp-python", OK, f"{ll['version']}; GPU offload: yes, GGUF decoders put every layer on "
+              f"the GPU (--gpu-layers N or {GPU_LAYERS_ENV} to change)")
+    elif nvidia:
+        _line(lines, "llama-cpp-python", WARN, f"{ll['version']}; GPU offload: "
+              f"{'no' if ll['gpu_offload'] is False else 'unknown'}, built without CUDA: GGUF decoders run on the "
+              "CPU although this machine has an NVIDIA GPU", f"on JetPack (nvcc in /usr/local/cuda/bin): {CUDA_BUILD}")
+    else:
+        _line(lines, "llama-cpp-python", OK, f"{ll['version']}; GPU offload: "
+              f"{'no' if ll['gpu_offload'] is False else 'unknown'} (GGUF decoders run on the CPU)")
     if ll["extra_buffers"] is None:
         _line(lines, "llama.cpp buffers", WARN, f"extra CPU weight buffers: {ll['extra_buffers_why']}",
               ll["extra_buffers_fix"] or f"set {REPACK_ENV}=0 or 1 to decide")
@@ -552,7 +560,8 @@ def _part_backend(fmt: str, task: str, target: dict, facts: dict, bundle_has_onn
     if fmt in GGUF_FORMATS:
         ll = facts["llama_cpp"]
         if ll["installed"]:
-            return {"backend": "llama.cpp (CPU)", "why": None, "fix": None}
+            where = "GPU, every layer" if ll["gpu_offload"] else "CPU"
+            return {"backend": f"llama.cpp ({where})", "why": None, "fix": None}
         why = f"does not import ({ll['error']})" if ll["error"] else "is not installed"
         return {"backend": None, "why": f"llama.cpp: llama-cpp-python {why}",
                 "fix": FIX_LLAMA + (", or run the bundle's ONNX decoder (--decoder-backend onnxruntime)"
@@ -622,7 +631,7 @@ def bundle_facts(path, facts: dict) -> dict:
         p = {"name": name, "file": rec["path"], "format": fmt, "precision": rec.get("precision"),
              "role": "decoder" if is_decoder else "part", "required": not is_decoder and (task == "vlm" or i == 0),
              "size_bytes": None, "backend": None, "providers": None, "runs": False, "why": None, "fix": None,
-             "kv_cache_bytes": None, "kv_cache": None, "decode_kernel": None, "loaded": False}
+             "kv_cache_bytes": None, "kv_cache": None, "decode_kernel": None, "loaded": False, "engine": None}
         parts.append(p)
         try:
             f = resolve(path, m, rec["path"], f"part {name!r}" if task == "vlm" else "artifact")
@@ -634,6 +643,16 @@ def bundle_facts(path, facts: dict) -> dict:
         b = _part_backend(fmt, task, target, facts, has_onnx_decoder)
         p.update(backend=b["backend"], providers=b.get("providers"), why=b["why"], fix=b["fix"],
                  runs=b["backend"] is not None)
+        if task == "vlm" and fmt in ORT_FORMATS and m.get("engines"):
+            # a TensorRT engine built on the device runs the part natively where it can (backends.open_part)
+            from .backends import part_backend
+
+            try:
+                p["engine"] = part_backend(path, m, name)
+            except (EdgeVLMError, OSError, KeyError, TypeError, ValueError) as e:
+                p["engine"] = {"backend": "onnxruntime", "engine": None, "why": first_line(e)}
+            if p["engine"]["engine"]:
+                p["backend"] = f"tensorrt engine ({p['engine']['engine']})"
         if is_decoder and fmt in ORT_FORMATS:
             p["kv_cache"] = "fp32, 2 x layers x kv_heads x head_dim x context x 4 bytes"
             p["kv_cache_bytes"] = 2 * int(gen["num_layers"]) * int(gen["num_kv_heads"]) * int(gen["head_dim"]) * ctx \
@@ -727,6 +746,8 @@ def _bundle_lines(b: dict, lines: list) -> None:
             fact = f"{what} -> {'no backend here' if p['size_bytes'] is not None else 'cannot be used'}: {p['why']}"
         if p["decode_kernel"]:
             fact += f"; decode steps: {p['decode_kernel']}"
+        if p["engine"] and not p["engine"]["engine"]:
+            fact += f"; TensorRT engine not used: {p['engine']['why']}"
         if p["role"] == "decoder" and p["runs"] and not p["loaded"]:
             fact += " (not the decoder the runtime picks by default)"
         add(f"part {p['name']}", status, fact, p["fix"])
@@ -780,7 +801,7 @@ def report(bundle=None) -> dict:
     _memory_lines(facts["memory"], lines)
     _ort_lines(facts["onnxruntime"], lines)
     _kernel_lines(facts["kernels"], lines)
-    _llama_lines(facts["llama_cpp"], lines)
+    _llama_lines(facts["llama_cpp"], lines, nvidia=bool(facts["gpu"]["gpus"] or facts["jetson"]["l4t"]))
     _nvidia_lines(facts["gpu"], facts["tensorrt"], facts["jetson"], lines)
     _coreml_lines(facts["coreml"], lines)
     if py["tokenizers"]:

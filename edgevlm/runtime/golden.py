@@ -182,6 +182,7 @@ class Report:
     golden: bool
     rows: list[Row] = field(default_factory=list)
     note: str = ""
+    placement: str = ""         # where the decoder ran: ONNX Runtime's providers, llama.cpp's GPU layers
 
     @property
     def passed(self) -> bool:
@@ -189,7 +190,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "backend": self.backend, "golden": self.golden, "passed": self.passed,
-                "note": self.note, "rows": [r.to_dict() for r in self.rows]}
+                "note": self.note, "placement": self.placement, "rows": [r.to_dict() for r in self.rows]}
 
 
 def format_reports(reports: list[Report]) -> str:
@@ -205,7 +206,8 @@ def format_reports(reports: list[Report]) -> str:
     for rep in reports:
         if rep.note:
             lines.append(f"{rep.backend}: {rep.note}")
-        lines.append(f"{rep.bundle} on {rep.backend}: {'PASS' if rep.passed else 'FAIL'}"
+        lines.append(f"{rep.bundle} on {rep.backend}" + (f" ({rep.placement})" if rep.placement else "")
+                     + f": {'PASS' if rep.passed else 'FAIL'}"
                      + ("" if rep.golden else " (no golden cases: see the note)"))
     return "\n".join(lines)
 
@@ -265,6 +267,16 @@ def _no_golden(model, backend: str) -> Report:
         "the checksums of every file; export it again for a device check"))
 
 
+def placement(model) -> str:
+    """Where a loaded model's decoder (VLMs) or session (classifiers) runs, in words."""
+    dec = getattr(model, "decoder", None)
+    if dec is not None and getattr(dec, "gpu_layers_why", None):
+        got = getattr(dec, "offloaded", None)
+        return dec.gpu_layers_why + (f"; llama.cpp offloaded {got[0]}/{got[1]} layers" if got else "")
+    providers = getattr(dec if dec is not None else getattr(model, "session", None), "providers", None)
+    return f"providers: {', '.join(providers)}" if providers else ""
+
+
 def verify(model) -> Report:
     """Run the bundle's golden cases through a loaded runtime model (:class:`~edgevlm.runtime.vlm.VLMPipeline`
     or :class:`~edgevlm.runtime.pipeline.Classifier`) and judge them by the stored criteria."""
@@ -272,7 +284,7 @@ def verify(model) -> Report:
     golden = read_golden(model.path, model.manifest)
     if golden is None:
         return _no_golden(model, backend)
-    rep = Report(str(model.path), backend, True)
+    rep = Report(str(model.path), backend, True, placement=placement(model))
     for case in golden["cases"]:
         image = resolve(model.path, model.manifest, f"{GOLDEN_DIR}/{case['image']}", f"golden case {case['id']}")
         if golden["kind"] == "vlm":
@@ -301,7 +313,8 @@ def vlm_trace(pipe, image, prompt: str, ref_ids: list[int]) -> dict:
 
 
 def verify_bundle(bundle, decoders: list[str] | None = None, providers: list[str] | None = None,
-                  threads: int | None = None, backend: str | None = None) -> list[Report]:
+                  threads: int | None = None, backend: str | None = None,
+                  gpu_layers: int | None = None) -> list[Report]:
     """Load ``bundle`` (checksums verified) once per decoder backend (VLMs: ``decoders``, default every decoder
     the bundle carries) and run its golden cases on each; one :class:`Report` per backend."""
     from . import load
@@ -315,7 +328,7 @@ def verify_bundle(bundle, decoders: list[str] | None = None, providers: list[str
 
     reports = []
     for name in decoders or decoder_backends(manifest.get("parts") or {}):
-        model = load(bundle, threads=threads, decoder=name, providers=providers)
+        model = load(bundle, threads=threads, decoder=name, providers=providers, gpu_layers=gpu_layers)
         try:
             reports.append(verify(model))
         finally:

@@ -249,6 +249,48 @@ def check_context(header: dict, n_ctx: int, kv_cache: str, name: str, available:
                           "KV cache type (f16 or q8_0), or free memory")
 
 
+GPU_LAYERS_ENV = "EDGEVLM_GPU_LAYERS"
+# How to get a llama-cpp-python that offloads to an NVIDIA GPU (llama-cpp-python's README: CMAKE_ARGS selects
+# the ggml backend at build time; on JetPack, nvcc is /usr/local/cuda/bin/nvcc).
+CUDA_BUILD = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir --no-binary '
+              'llama-cpp-python llama-cpp-python')
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python was built with a GPU backend (CUDA, Metal, Vulkan, ...)."""
+    return bool(_llama_cpp().llama_supports_gpu_offload())
+
+
+def gpu_layers_choice(requested: int | None, supported: bool) -> tuple[int, str]:
+    """(``n_gpu_layers`` for llama.cpp, why). ``requested``: None = every layer where this llama-cpp-python
+    can offload (else none), 0 = none, N = the first N layers, -1 = all; ``EDGEVLM_GPU_LAYERS`` sets it when
+    the caller does not. Asking for layers on a build without a GPU backend is an error, not a silent CPU run."""
+    how = "requested"
+    if requested is None:
+        env = os.environ.get(GPU_LAYERS_ENV, "").strip()
+        if env:
+            try:
+                requested = int(env)
+            except ValueError:
+                raise ConfigError(f"{GPU_LAYERS_ENV}={env!r} is not an integer",
+                                  f"unset {GPU_LAYERS_ENV}, or set it to -1 (all layers), 0 (CPU) or a count") from None
+            how = GPU_LAYERS_ENV
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < -1):
+        raise ConfigError(f"GPU layers must be -1 (all), 0 (CPU) or a positive count, got {requested!r}",
+                          "pass --gpu-layers -1, 0 or N")
+    if requested == 0:
+        return 0, f"CPU ({how}: 0 GPU layers)"
+    if not supported:
+        if requested is not None:
+            raise ConfigError(f"{requested if requested > 0 else 'all'} GPU layers {how}, but this llama-cpp-python "
+                              "was built without a GPU backend", f"rebuild it with CUDA: {CUDA_BUILD}; or use 0 "
+                              "GPU layers")
+        return 0, "CPU: this llama-cpp-python was built without a GPU backend"
+    if requested is None or requested == -1:
+        return -1, "every layer on the GPU" + ("" if requested is None else f" ({how})")
+    return requested, f"{requested} layers on the GPU ({how})"
+
+
 def _default_threads() -> int:
     from .backends import usable_cpus
 
@@ -263,6 +305,8 @@ class LlamaCppDecoder:
     (``auto``: on for CPU), except with an F32 KV cache, where it is off: llama.cpp's CPU flash attention
     works in F16 internally (logits ~1e-3 off eager; without it ~1e-5). ``n_batch``: the most positions one
     llama.cpp batch takes (default ``min(n_ctx, 2048)``); a bidirectional prefix must fit in one.
+    ``gpu_layers``: layers offloaded to the GPU (:func:`gpu_layers_choice`; default: all of them where this
+    llama-cpp-python has a GPU backend, as on a Jetson built with CUDA); ``offloaded`` is llama.cpp's own count.
 
     Weights go into llama.cpp's repacked CPU buffers where that is safe (:func:`extra_buffers_choice`);
     ``weight_buffers`` maps each buffer type llama.cpp used to its MiB (e.g. ``{'CPU_REPACK': 236.2, 'CPU': 51.0}``).
@@ -271,7 +315,7 @@ class LlamaCppDecoder:
     name = "llama.cpp"
 
     def __init__(self, path, n_ctx: int, n_threads: int | None = None, *, kv_cache: str = "f16",
-                 n_batch: int | None = None, flash_attn: bool | None = None):
+                 n_batch: int | None = None, flash_attn: bool | None = None, gpu_layers: int | None = None):
         self._ctx = self._model = None
         self._tok_batch = None
         llama_cpp = self._ll = _llama_cpp()
@@ -291,9 +335,11 @@ class LlamaCppDecoder:
         self.n_batch = int(n_batch or min(self.n_ctx, 2048))
 
         self.extra_buffers, self.extra_buffers_why = extra_buffers_choice()
+        self.gpu_layers, self.gpu_layers_why = gpu_layers_choice(gpu_layers,
+                                                                 bool(llama_cpp.llama_supports_gpu_offload()))
         with LOG.capture() as lines:
             mp = llama_cpp.llama_model_default_params()
-            mp.n_gpu_layers = 0
+            mp.n_gpu_layers = self.gpu_layers
             mp.use_extra_bufts = self.extra_buffers
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
             if self._model:
@@ -314,6 +360,9 @@ class LlamaCppDecoder:
         # "load_tensors:   CPU_REPACK model buffer size =   123.45 MiB": where llama.cpp put the weights
         self.weight_buffers = {m.group(1): float(m.group(2)) for _, t in lines
                                for m in [re.search(r"(\S+) model buffer size\s*=\s*([0-9.]+) MiB", t)] if m}
+        # "load_tensors: offloaded 25/25 layers to GPU": what llama.cpp actually put on the GPU
+        found = [m for _, t in lines for m in [re.search(r"offloaded (\d+)/(\d+) layers to GPU", t)] if m]
+        self.offloaded = (int(found[-1].group(1)), int(found[-1].group(2))) if found else None
         if not self._model:
             why = LOG.last_error(lines) or "unknown reason"
             raise BundleError(f"llama.cpp could not load {path.name}: {why}", _FIX_REBUILD)

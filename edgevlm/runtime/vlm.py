@@ -27,7 +27,7 @@ from ..generation import Generation, GenerationConfig, GenerationStats, decode_l
 from ..processor import (ImageSpec, PromptPieces, PromptSpec, TextTokenizer, preprocess_image, stream_text,
                          tokenize_prompt)
 from . import skills
-from .backends import OrtSession, usable_cpus
+from .backends import TRT_CACHE, OrtSession, open_part, usable_cpus
 from ..bundle import resolve
 from .vlm_ops import DECODERS, attention_mask, decoder_backends, merge_crops_numpy, splice_llava_mini
 
@@ -221,7 +221,8 @@ KERNEL_REL_TOL = 0.1
 
 
 def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: int | None, embed: _Graph | None,
-                     layers: int, kv_heads: int, head_dim: int, kernels: bool | None = None) -> OrtDecoder:
+                     layers: int, kv_heads: int, head_dim: int, kernels: bool | None = None,
+                     cache_dir: Path | None = None) -> OrtDecoder:
     """An :class:`OrtDecoder` for ``path``; for 4-bit decoders on the CPU with edgevlm's kernel built here
     (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps run
     the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
@@ -231,6 +232,8 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
         why = "turned off" + (" (EDGEVLM_KERNELS=0)" if kernels is not False else "")
     elif precision != "int4":
         why = f"a {precision} decoder (the kernel runs 4-bit weights)"
+    elif Path(path).suffix == ".ort":
+        why = "an ORT-format decoder (the kernel rewrites ONNX graphs; ONNX Runtime Mobile's MatMulNBits runs it)"
     elif _accelerators(providers):
         why = f"{_accelerators(providers)[0]} runs this decoder (the kernel is for the CPU provider)"
     lib = None
@@ -253,7 +256,7 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
         why = _kernel_misfit(model)
     if why is not None:
         model = None
-        return OrtDecoder(_Graph(path, providers, precision, threads), embed, layers, kv_heads, head_dim,
+        return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime", "decode_kernel_why": why})
     t = time.perf_counter()
     handed = [model]
@@ -261,7 +264,7 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
     try:
         prompt, step, n = _kernel_graphs(handed, path, providers, precision, threads, lib)
     except BundleError as e:             # ONNX Runtime refused a rewritten graph: run the bundle as it is
-        return OrtDecoder(_Graph(path, providers, precision, threads), embed, layers, kv_heads, head_dim,
+        return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime",
                                   "decode_kernel_why": f"the kernel's graphs did not load: {e.problem}"})
     dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step)
@@ -354,7 +357,7 @@ class VLMPipeline:
     (:mod:`edgevlm.runtime.skills`)."""
 
     def __init__(self, path: Path, manifest: dict, decoder: str | None = None, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, gpu_layers: int | None = None):
         self.path, self.manifest = Path(path), manifest
         gen = manifest.get("generation")
         parts = manifest.get("parts")
@@ -384,13 +387,17 @@ class VLMPipeline:
         providers = list(providers or manifest["target"].get("providers", ["CPUExecutionProvider"]))
         self._providers = providers
         self.threads = threads or usable_cpus()
+        self.gpu_layers = gpu_layers             # llama.cpp decoders: None = all where the build can offload
+        self.trt_cache = self.path / TRT_CACHE   # ONNX Runtime's TensorRT provider keeps its engines in the bundle
 
         def graph(name: str) -> _Graph:
             rec = parts.get(name)
             if rec is None:
                 raise BundleError(f"{path} has no {name} part", "copy the whole bundle directory again, or re-export")
-            return PART_SESSIONS[fmt](self.file(rec["path"], f"part {name!r}"), providers,
-                                      rec.get("precision", "fp32"), self.threads, expect=PART_INPUTS.get(name, ()))
+            expect = PART_INPUTS.get(name, ())
+            return open_part(self.path, manifest, name, lambda: PART_SESSIONS[fmt](    # a built TensorRT engine first
+                self.file(rec["path"], f"part {name!r}"), providers, rec.get("precision", "fp32"), self.threads,
+                expect=expect, cache_dir=self.trt_cache), expect=expect)
 
         vision = gen.get("vision", {}).get("kind", "encoder")
         if vision == "moondream_crops":
@@ -422,10 +429,18 @@ class VLMPipeline:
             # F32 bundles keep the KV cache in F32 (llama.cpp then runs attention without its F16 flash kernel),
             # so they reproduce eager greedy tokens; quantized ones use llama.cpp's default F16 cache.
             return LlamaCppDecoder(self.file(rec["path"], "part 'decoder_gguf'"), n_ctx=self.context_length, n_threads=self.threads,
-                                   kv_cache="f32" if rec.get("precision") == "fp32" else "f16")
+                                   kv_cache="f32" if rec.get("precision") == "fp32" else "f16",
+                                   gpu_layers=self.gpu_layers)
         g, rec = self.spec, parts["decoder"]
+        engine = open_part(self.path, self.manifest, "decoder", lambda: None)     # a built TensorRT engine first
+        if engine is not None:
+            dec = OrtDecoder(engine, self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]),
+                             kernel={"decode_kernel": "tensorrt", "decode_kernel_why": "a TensorRT engine runs it"})
+            dec.name = engine.name
+            return dec
         return open_ort_decoder(self.file(rec["path"], "part 'decoder'"), self._providers, rec.get("precision", "fp32"), self.threads,
-                                self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]))
+                                self.embed, int(g["num_layers"]), int(g["num_kv_heads"]), int(g["head_dim"]),
+                                cache_dir=self.trt_cache)
 
     def verify(self):
         """Run the bundle's golden cases on this pipeline's decoder; a :class:`edgevlm.runtime.golden.Report`
