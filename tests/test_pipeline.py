@@ -43,7 +43,8 @@ def _ops(path: Path) -> set[str]:
 
 # -- the profile's rules reach every part -------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["edgevlm_scenes_tiny", "moondream2_tiny"])
+@pytest.mark.parametrize("name", ["edgevlm_scenes_tiny", "moondream2_tiny", "llava_tiny", "llava_mini_tiny",
+                                  "tinygpt_v_tiny"])          # every VLM family
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_jetson_vlm_bundle_is_tensorrt_ready(tmp_path, name, precision):
     """jetson's profile: symmetric INT8 on the parts that read pixels, weight-only DequantizeLinear decoders, no
