@@ -17,7 +17,7 @@ import numpy as np
 
 from .bundle import file_table
 from .config import DecoderChoice, Precision, Rewrite, VLMExportConfig
-from .errors import ExportError, ValidationError
+from .errors import ConfigError, ExportError, ValidationError
 from .manifest import GENERATION_VERSION
 from .pipeline import ExportJob, header, run
 from .targets import get_target
@@ -122,6 +122,11 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
             m = st["model"] if st["model"] is not None else load_vlm(recipe.name, cfg.weights, cfg.revision)
             m = m.eval()
             m.require_tokenizer()
+            if cfg.context is not None:      # --context: the KV cache, the GGUF and the engine plan hold this many
+                if cfg.context > m.max_context:
+                    raise ConfigError(f"--context {cfg.context} is longer than the {m.max_context} positions "
+                                      f"{recipe.name} takes", f"use --context {m.max_context} or less")
+                m.max_context = int(cfg.context)
             st["params"] = sum(t.numel() for t in m.parameters())
             st["reparam"] = _reparameterize(m, log)
             log(f"      {st['params'] / 1e6:.2f}M parameters, family {m.family}")
@@ -211,7 +216,12 @@ def _device_fit(cfg: VLMExportConfig, name: str, p: Precision, decoder: DecoderC
     dev = get_device(cfg.device)
     runtime = "llama.cpp" if decoder.formats() == ("gguf",) else "tensorrt"
     allowed = tuple(x.value for x in target.precisions if x.value in PRECISIONS)
-    return dev, check_fit(facts_from_recipe(name), p.value, dev, runtime, allowed=allowed, block_size=cfg.block_size)
+    facts = facts_from_recipe(name)
+    if cfg.context is not None and cfg.context > facts.max_context:
+        raise ConfigError(f"--context {cfg.context} is longer than the {facts.max_context} positions {name} takes",
+                          f"use --context {facts.max_context} or less")
+    return dev, check_fit(facts, p.value, dev, runtime, allowed=allowed, block_size=cfg.block_size,
+                          context=cfg.context)
 
 
 def golden_inputs(model) -> list[tuple[object, str]]:

@@ -56,7 +56,7 @@ def _export_config(args):
     given = {k: v for k, v in (("calib_size", args.calib_size),) if v is not None}
     if is_vlm(model):
         return VLMExportConfig(model=model, weights=args.weights, revision=args.revision, target=args.target,
-                               precision=args.quant, decoder=args.decoder or "onnx", out=args.out,
+                               precision=args.quant, decoder=args.decoder, out=args.out, context=args.context,
                                overwrite=args.overwrite, calib=args.calib, block_size=args.block_size,
                                opset=args.opset if args.opset is not None else ExportConfig.opset,
                                device=args.device, **given)
@@ -88,7 +88,7 @@ def _print_vlm_export(out, m) -> None:
 # export flags that only one model kind reads, with their defaults: given to the other kind they are refused, never
 # silently ignored
 _BACKBONE_ONLY = {"num_classes": None, "img_size": None, "calib_method": None, "seed": 0, "no_accuracy": False}
-_VLM_ONLY = {"revision": None, "decoder": None, "device": None}
+_VLM_ONLY = {"revision": None, "decoder": None, "device": None, "context": None}
 
 
 def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
@@ -512,6 +512,9 @@ def _add_export(sub) -> None:
     s.add_argument("--device", metavar=_alts(d.name for d in list_devices()),
                    help="VLMs, --target jetson: the Jetson module the bundle must fit (export/devices/DEVICE.yaml); "
                         "checked before the weights load, recorded with the predicted speed (`edgevlm plan`)")
+    s.add_argument("--context", type=int, metavar="N",
+                   help="VLMs: positions the bundle's KV cache holds, prompt + image + answer (default: the model's "
+                        "maximum); a shorter one takes less memory on the device (`edgevlm plan`)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=Path, help="bundle directory (default bundles/MODEL-TARGET-PRECISION)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")

@@ -146,10 +146,15 @@ class VLMExportConfig:
     parity_tokens: int = 32             # greedy tokens compared with eager through the runtime
     opset: int = 18
     device: str | None = None           # a Jetson module (export/devices/NAME.yaml): the bundle must fit it
+    context: int | None = None          # positions the bundle's KV cache holds (None: the model's maximum)
 
     def __post_init__(self) -> None:
         if self.precision is not None:
             self.precision = Precision.parse(self.precision)
+        if self.context is not None and (isinstance(self.context, bool) or not isinstance(self.context, int)
+                                         or not 16 <= self.context <= 1 << 20):
+            raise ConfigError(f"--context must be a whole number of positions from 16 to {1 << 20}, got "
+                              f"{self.context!r}", "pass e.g. --context 2048")
         if self.device is not None and self.target != "jetson":
             raise ConfigError(f"--device {self.device} names a Jetson module; target {self.target} has none",
                               "export with --target jetson, or drop --device")

@@ -471,7 +471,7 @@ def _alternatives(facts: ModelFacts, precision: str, device: DeviceProfile, runt
             out.append((f"{p.tokens} vision tokens (token compression){flag}",
                         estimate(facts, q, device, runtime, context, p.tokens)))
         for c in shorter:
-            out.append((f"a {c}-token context{flag}", estimate(facts, q, device, runtime, c, vision_tokens)))
+            out.append((f"--context {c}{flag}", estimate(facts, q, device, runtime, c, vision_tokens)))
     return [(what, e) for what, e in out if e.fits]
 
 
@@ -499,9 +499,9 @@ def fit(facts: ModelFacts, precision: str, device: DeviceProfile, runtime: str =
 
 
 def check_fit(facts: ModelFacts, precision: str, device: DeviceProfile, runtime: str = "tensorrt",
-              allowed: tuple[str, ...] = PRECISIONS, block_size: int = 32) -> Fit:
+              allowed: tuple[str, ...] = PRECISIONS, block_size: int = 32, context: int | None = None) -> Fit:
     """:func:`fit`, raising a one-line :class:`ConfigError` (the problem and what would fit) when it does not."""
-    f = fit(facts, precision, device, runtime, allowed=allowed, block_size=block_size)
+    f = fit(facts, precision, device, runtime, context=context, allowed=allowed, block_size=block_size)
     if not f.ok:
         raise ConfigError(f.message, f.fix)
     return f

@@ -112,7 +112,7 @@ def test_fit_offers_token_compression_and_a_shorter_context():
     f = _facts(ctx=131072, paths=paths)
     r = D.fit(f, "int4", dev, allowed=("fp16", "int8", "int4"))
     assert not r.ok                      # the 131k-token KV cache alone is 14 GiB
-    assert "-token context" in r.fix
+    assert "--context " in r.fix         # a flag `edgevlm export` takes
     shorter = D.fit(f, "int4", dev, context=2048)
     assert shorter.ok
 

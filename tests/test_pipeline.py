@@ -310,3 +310,31 @@ def test_calibration_session_is_bounded_and_restored():
         onnxruntime.InferenceSession = real
     assert seen == {"arena": False, "pattern": False}
     assert calibrate.CalibraterBase.create_inference_session is original
+
+
+def test_context_sets_what_the_bundle_holds_and_is_checked(tmp_path):
+    """--context N: the manifest's context, the GGUF decoder's own context_length and the runtime's KV cache hold N
+    positions; longer than the model takes, or not a sane count, is a one-line error; the CLI leaves --decoder to the
+    profile."""
+    import argparse
+
+    from edgevlm import runtime
+    from edgevlm.cli import _export_config
+    from edgevlm.runtime.gguf_header import read_gguf_header
+
+    out, m = _export(tmp_path, "edgevlm_scenes_tiny", "cpu", "fp32", decoder="both", context=96)
+    assert m["generation"]["context_length"] == 96
+    meta = read_gguf_header(out / m["parts"]["decoder_gguf"]["path"])["metadata"]
+    assert meta[f"{meta['general.architecture']}.context_length"] == 96
+    vlm = runtime.load(out, decoder="llama.cpp")
+    assert vlm.context_length == 96 and vlm.decoder.n_ctx == 96
+    vlm.close()
+    with pytest.raises(ConfigError, match="--context 1000000 is longer than the .* positions"):
+        _export(tmp_path / "long", "edgevlm_scenes_tiny", "cpu", "fp32", context=1_000_000)
+    for bad in (8, 1.5, True):
+        with pytest.raises(ConfigError, match="--context must be"):
+            VLMExportConfig(model="edgevlm_scenes_tiny", context=bad)
+    args = argparse.Namespace(model="edgevlm_scenes_tiny", weights=None, revision=None, target="jetson", quant=None,
+                              decoder=None, out=None, overwrite=False, calib=None, block_size=32, opset=None,
+                              device=None, context=None, calib_size=None)
+    assert _export_config(args).decoder is None            # the profile's default decides (jetson: gguf)
