@@ -316,19 +316,6 @@ def _calibration_progress(log):
     return report
 
 
-def _place_onnx(src: Path, dst: Path) -> None:
-    """Move an ONNX file into the bundle; one with external weights names its ``.data`` file, so it is
-    saved again under the new name."""
-    from .compress.onnx_io import save_model
-
-    if src.with_name(src.name + ".data").exists():
-        import onnx
-
-        save_model(onnx.load(str(src)), dst, external_data=True)
-    else:
-        shutil.move(str(src), dst)
-
-
 def _export_image_parts(model, image, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path,
                         log) -> dict:
     """Every part the family declares (``model.export_parts``): FP32 export and parity, then the part's precision
@@ -392,7 +379,9 @@ def _export_text_parts(model, p: Precision, cfg: VLMExportConfig, target, work: 
             key, fn = REWRITES[rewrite]
             src, rec["details"][key] = fn(model, src, p, dfacts, scratch, log)
         if p == Precision.FP32:
-            _place_onnx(src, work / "decoder.onnx")
+            from .compress.onnx_io import move_model
+
+            move_model(src, work / "decoder.onnx")
         else:
             method = {Precision.INT8: prof.decoder_int8.value, Precision.INT4: prof.decoder_int4.value}.get(p)
             log(f"  quantizing the decoder to {p.value}" + (f" ({method})" if method else ""))

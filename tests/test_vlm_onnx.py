@@ -287,8 +287,9 @@ def test_phi_rope_and_biased_projections_move_into_the_attention_op(tmp_path):
 
 def test_decoder_with_external_weights_keeps_them_when_placed_in_a_bundle(tmp_path):
     """A decoder over 2 GiB is saved with its weights in ``<file>.data``, which the graph names: moving it into
-    the bundle under another name (build_vlm._place_onnx) saves it again, so the bundle's decoder.onnx loads."""
-    from edgevlm.build_vlm import _place_onnx
+    the bundle under another name (onnx_io.move_model, as build_vlm places it) saves it again, so the bundle's
+    decoder.onnx loads."""
+    from edgevlm.compress.onnx_io import move_model
 
     lm = load_vlm("llava_tiny", weights="random").language_model.eval()
     src = tmp_path / "scratch" / "decoder.fp32.onnx"
@@ -297,9 +298,9 @@ def test_decoder_with_external_weights_keeps_them_when_placed_in_a_bundle(tmp_pa
     assert src.with_name("decoder.fp32.onnx.data").is_file()
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    _place_onnx(src, bundle / "decoder.onnx")
+    move_model(src, bundle / "decoder.onnx")
     assert sorted(p.name for p in bundle.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
-    src.with_name("decoder.fp32.onnx.data").unlink()              # the scratch directory goes away
+    src.with_name("decoder.fp32.onnx.data").unlink(missing_ok=True)    # the scratch directory goes away
     sess = _session(bundle / "decoder.onnx")
     assert sess.get_inputs()[0].name == "inputs_embeds"
 

@@ -59,6 +59,23 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(ops.items()))
 
 
+def move_model(src: Path, dst: Path) -> None:
+    """Move an ONNX file; one with external weights names its ``<file>.data``, so it is saved again under the new
+    name (and the source pair removed)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    data = src.with_name(src.name + ".data")
+    if data.exists():
+        import onnx
+
+        save_model(onnx.load(str(src)), dst, external_data=True)
+        src.unlink()
+        data.unlink()
+    else:
+        shutil.move(str(src), dst)
+
+
 def check_model(path: Path) -> str:
     """``onnx.checker`` with ``full_check`` (shape inference too) on a saved graph; raises when it fails, else
     returns the line a manifest records."""

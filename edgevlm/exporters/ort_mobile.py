@@ -296,19 +296,6 @@ def check_ops_config(bundle: Path, parts: dict, config: Path | None = None) -> i
     return n
 
 
-def _move_onnx(src: Path, dst: Path) -> None:
-    from ..compress.onnx_io import save_model
-
-    if src.with_name(src.name + ".data").exists():
-        import onnx
-
-        save_model(onnx.load(str(src)), dst, external_data=True)
-        src.unlink()
-        src.with_name(src.name + ".data").unlink()
-    else:
-        shutil.move(str(src), dst)
-
-
 def finish_parts(model, work: Path, scratch: Path, parts: dict, target, log) -> dict:
     """Every final ONNX part of ``parts`` (in ``work``) becomes ``<part>.ort`` (ONNX Runtime's converter, one call
     over the directory of parts, Fixed optimizations for ARM); ``required_operators.config`` (operators and types)
@@ -317,7 +304,7 @@ def finish_parts(model, work: Path, scratch: Path, parts: dict, target, log) -> 
     Then the tokenizer graphs (:mod:`edgevlm.exporters.tokenizer_graph`). Returns the manifest's extra blocks."""
     import onnxruntime as ort
 
-    from ..compress.onnx_io import op_counts
+    from ..compress.onnx_io import move_model, op_counts
     from .tokenizer_graph import CORPUS, family_prompts, write_tokenizer_graphs
 
     try:
@@ -327,11 +314,11 @@ def finish_parts(model, work: Path, scratch: Path, parts: dict, target, log) -> 
                           "pip install 'edgevlm[android]'") from None
     src, out = Path(scratch) / "ort-src", Path(scratch) / "ort-out"
     src.mkdir()
-    todo = {name: rec for name, rec in parts.items() if rec["format"] == "onnx"}
+    onnx_parts = {name: rec for name, rec in parts.items() if rec["format"] == "onnx"}
     facts: dict = {}
-    for name, rec in todo.items():
+    for name, rec in onnx_parts.items():
         f = src / f"{Path(rec['path']).stem}.onnx"
-        _move_onnx(Path(work) / rec["path"], f)
+        move_model(Path(work) / rec["path"], f)
         held = hold_in_ort_format(f)
         if held:
             log(f"  {name}: {', '.join(held['tensors'])} tensors held as 8-bit in the ORT format ({held['why']})")
@@ -339,7 +326,7 @@ def finish_parts(model, work: Path, scratch: Path, parts: dict, target, log) -> 
                        "onnx_bytes": f.stat().st_size + (f.with_name(f.name + ".data").stat().st_size
                                                          if f.with_name(f.name + ".data").exists() else 0)}
     conv = _converter()
-    log(f"  converting {len(todo)} graphs to ORT format ({VLM_STYLE} optimizations, {TARGET_PLATFORM}; "
+    log(f"  converting {len(onnx_parts)} graphs to ORT format ({VLM_STYLE} optimizations, {TARGET_PLATFORM}; "
         f"onnxruntime {ort.__version__})")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -350,11 +337,11 @@ def finish_parts(model, work: Path, scratch: Path, parts: dict, target, log) -> 
                           "export --target cpu (plain ONNX), or report the model and onnxruntime version") from None
     lines = [ln for ln in (out / TYPED_CONFIG).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     (Path(work) / OPS_CONFIG).write_text(
-        f"# Operators and types of every graph of this bundle ({', '.join(Path(r['path']).stem + '.ort' for r in todo.values())}; "
+        f"# Operators and types of every graph of this bundle ({', '.join(Path(r['path']).stem + '.ort' for r in onnx_parts.values())}; "
         f"ONNX Runtime {ort.__version__}, {VLM_STYLE} optimizations, {TARGET_PLATFORM}),\n"
         f"# for a custom build: --minimal_build extended --include_ops_by_config {OPS_CONFIG} "
         "--enable_reduced_operator_type_support\n" + "\n".join(lines) + "\n")
-    for name, rec in todo.items():
+    for name, rec in onnx_parts.items():
         stem = Path(rec["path"]).stem
         dst = Path(work) / f"{stem}.ort"
         shutil.move(str(out / f"{stem}.ort"), dst)

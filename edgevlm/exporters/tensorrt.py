@@ -540,9 +540,9 @@ def engine_plan(work: Path, parts: dict, target, context_length: int, vision_tok
     """The manifest's ``engines`` block: per ONNX graph of the bundle its engine file, shape profile, precision
     flags and the sha256 of the ONNX it is built from, plus workspace and timing cache; ``build_engines.sh`` and
     ``edgevlm build-engines`` both build from it."""
-    import hashlib
-
     import onnx
+
+    from ..bundle import sha256_file
 
     trt = target.tensorrt
     limits = engine_limits(target, context_length, vision_tokens)
@@ -553,7 +553,7 @@ def engine_plan(work: Path, parts: dict, target, context_length: int, vision_tok
         path = Path(work) / rec["path"]
         model = onnx.load(str(path), load_external_data=False)
         flags, fallback = graph_flags(rec.get("precision", "fp32"))
-        g = {"part": part, "onnx": rec["path"], "onnx_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        g = {"part": part, "onnx": rec["path"], "onnx_sha256": sha256_file(path),
              "engine": f"{ENGINES_DIR}/{part}.plan", "sidecar": f"{ENGINES_DIR}/{part}.json",
              "precision": rec.get("precision", "fp32"), "flags": flags, "fallback_flags": fallback,
              "shapes": graph_profile(model, limits)}

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import EdgeVLMError, first_line
+from .memory import read_text
 
 OK, MISSING, OFF, WARN = "ok", "missing", "off", "warn"
 SCHEMA_VERSION = 1                       # of report()'s dict; keys are only ever added
@@ -73,14 +74,6 @@ def _size(n: int | None) -> str:
     if n >= 2**10:
         return f"{n / 2**10:.1f} KiB"
     return f"{n} B"
-
-
-def _read(path: Path, limit: int = 1 << 20) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit).decode("utf-8", "replace")
-    except OSError:
-        return None
 
 
 def _dist_version(name: str) -> str | None:
@@ -152,7 +145,7 @@ def cpu_facts() -> dict:
 
     machine = platform.machine() or "unknown"
     kind = _arch_kind(machine)
-    text = _read(CPUINFO)
+    text = read_text(CPUINFO)
     if text is not None:
         info = parse_cpuinfo(text)
         model, flags, source = info["model"], info["flags"], str(CPUINFO)
@@ -308,7 +301,7 @@ def gpu_facts() -> dict:
     """NVIDIA GPUs by ``nvidia-smi`` (where it exists; 5 s at most), the CUDA toolkit's version file."""
     cuda = None
     for f in CUDA_VERSION_FILES:
-        text = _read(f, 1 << 16)
+        text = read_text(f, 1 << 16)
         m = re.search(r'"cuda"\s*:\s*\{[^}]*"version"\s*:\s*"([^"]+)"', text or "") or \
             re.search(r"CUDA Version\s+([\d.]+)", text or "")
         if m:
@@ -346,7 +339,7 @@ def tensorrt_facts() -> dict:
 
 
 def jetson_facts() -> dict:
-    text = _read(TEGRA_RELEASE, 4096)
+    text = read_text(TEGRA_RELEASE, 4096)
     if text is None:
         return {"l4t": None, "jetpack": None, "release_file": None}
     m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)

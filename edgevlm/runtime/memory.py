@@ -119,7 +119,8 @@ def status() -> dict:
 
 
 # -- how much memory there is (edgevlm doctor, and llama.cpp's context check before it allocates) ------------------
-def _read(path: Path, limit: int = 1 << 20) -> str | None:
+def read_text(path: Path, limit: int = 1 << 20) -> str | None:
+    """The first ``limit`` bytes of a system file as text (None when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             return f.read(limit).decode("utf-8", "replace")
@@ -130,7 +131,7 @@ def _read(path: Path, limit: int = 1 << 20) -> str | None:
 def meminfo(path: Path | None = None) -> dict:
     """``MemTotal`` and ``MemAvailable`` of /proc/meminfo in bytes (keys absent where unknown)."""
     out = {}
-    for line in (_read(path or MEMINFO) or "").splitlines():
+    for line in (read_text(path or MEMINFO) or "").splitlines():
         key, _, value = line.partition(":")
         parts = value.split()
         if key in ("MemTotal", "MemAvailable") and parts and parts[0].isdigit():
@@ -142,10 +143,10 @@ def cgroup_room() -> tuple[int | None, int | None]:
     """(this process's cgroup memory limit, what it has left under it) in bytes, or (None, None) without one."""
     for limit_file, used_file in ((CGROUP_V2 / "memory.max", CGROUP_V2 / "memory.current"),
                                   (CGROUP_V1 / "memory.limit_in_bytes", CGROUP_V1 / "memory.usage_in_bytes")):
-        limit = (_read(limit_file, 64) or "").strip()
+        limit = (read_text(limit_file, 64) or "").strip()
         if not limit.isdigit() or int(limit) >= 1 << 60:          # "max", absent, or v1's "no limit" (2**63 - 4096)
             continue
-        used = (_read(used_file, 64) or "").strip()
+        used = (read_text(used_file, 64) or "").strip()
         return int(limit), max(0, int(limit) - int(used)) if used.isdigit() else None
     return None, None
 

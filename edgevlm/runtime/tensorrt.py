@@ -14,7 +14,6 @@ API and cuda-python's runtime bindings (see docs/jetson.md), and the tests that 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import sha256_file
 from ..errors import BackendUnavailableError, BundleError, first_line
 
 FIX_TRT = ("on the Jetson install JetPack's TensorRT Python package (sudo apt install python3-libnvinfer) and "
@@ -104,14 +104,6 @@ def engine_plan(manifest: dict) -> dict | None:
 def plan_graph(manifest: dict, part: str) -> dict | None:
     plan = engine_plan(manifest) or {}
     return next((g for g in plan.get("graphs", ()) if g.get("part") == part), None)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_sidecar(path: Path) -> dict:
