@@ -195,8 +195,9 @@ GOLDEN_SIDE = 128           # golden images are stored at most this large (the r
 
 
 def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, blocks: dict, log) -> dict:
-    """Eager's top-5 on a few held-out images stored as PNG, the artifact's figures on them where this machine
-    runs its format (ONNX; a Core ML package's criteria are edgevlm's defaults), and each case's criteria."""
+    """Eager's top-5 on a few held-out images stored as PNG, the artifact's figures on them as the runtime runs it
+    here (ONNX Runtime; a Core ML package off Apple OSes: edgevlm's reference ML-program interpreter), and each
+    case's criteria."""
     from .data.images import preprocess
     from .exporters import golden as gw
     from .runtime import golden as g
@@ -210,10 +211,11 @@ def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, bl
     x = np.stack([preprocess(p, pre) for p in paths])                  # as the runtime reads the files
     eager = _logits_torch(model, x)
     art = blocks["artifacts"][0]
-    got = None
-    if art["format"] in ("onnx", "ort"):
+    got, runner = None, None
+    if art["format"] in ("onnx", "ort", "coreml"):
         sess = _staged_session(work, art)
         got = np.concatenate([sess.run(x[i:i + 1]) for i in range(len(x))])
+        runner = "coreml-reference" if art["format"] == "coreml" else "onnxruntime"
     cases, figs = [], []
     for i, path in enumerate(paths):
         case = {"id": f"case{i}", "image": path.name, "eager": {"top5": g.top_k_record(eager[i])}}
@@ -230,7 +232,7 @@ def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, bl
     else:
         log(f"      {len(cases)} cases; criteria from edgevlm's defaults ({art['format']} does not run here)")
     measured = {"precision": blocks["precision"],
-                "figures": {"onnxruntime": figs} if got is not None else {},
+                "figures": {runner: figs} if got is not None else {},
                 "note": None if got is not None else f"{art['format']} does not run on the export machine"}
     return gw.write(work, "classification", cases, measured)
 

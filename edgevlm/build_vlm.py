@@ -149,15 +149,21 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
         m, log, ref = st["model"], stages.log, st["ref"]
         formats = st["formats"]
         parts: dict = {}
-        with stages(f"export ONNX parts at {p.value} ({target.name} rules)"):
-            parts.update(_export_image_parts(m, st["image"], p, cfg, target, work, scratch, log))
-            facts = _export_text_parts(m, p, cfg, target, work, scratch, log, parts, onnx_decoder="onnx" in formats)
+        fx = get_vlm_parts(target.format)
+        if hasattr(fx, "build_parts"):      # a format that converts from PyTorch itself (coreml): every part at once
+            with stages(f"export {target.format} parts at {p.value} ({target.name} rules)"):
+                built, facts = fx.build_parts(m, st["image"], p, cfg, target, work, scratch, log, formats)
+                parts.update(built)
+        else:
+            with stages(f"export ONNX parts at {p.value} ({target.name} rules)"):
+                parts.update(_export_image_parts(m, st["image"], p, cfg, target, work, scratch, log))
+                facts = _export_text_parts(m, p, cfg, target, work, scratch, log, parts, onnx_decoder="onnx" in formats)
         with stages("write GGUF decoder" if "gguf" in formats else "GGUF decoder (not requested)"):
             if "gguf" in formats:
                 parts["decoder_gguf"] = _export_gguf(m, p, work, scratch, log)
         m.tokenizer.tok.save(str(work / "tokenizer.json"))
         # a format whose parts leave the ONNX files (ort): converted once every part is final, before parity
-        finish = getattr(get_vlm_parts(target.format), "finish_parts", None)
+        finish = getattr(fx, "finish_parts", None)
         extra = finish(m, work, scratch, parts, target, log) if finish else {}
         blocks = {
             "model": {"name": recipe.name, "family": m.family, "params": int(st["params"]),

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from . import __version__
 
+# runtime.vlm_ops.DECODERS, written out: the parser imports only the standard library (tests hold the two equal)
+DECODERS = ("onnxruntime", "llama.cpp", "coreml")
+
 
 def _cmd_list(args) -> int:
     from .report import table
@@ -536,7 +539,7 @@ def _add_run(sub) -> None:
     s.add_argument("--max-objects", type=int, default=50, help="--skill detect/point: at most this many (default 50)")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--backend", help="onnxruntime | coreml (default: by the bundle's format)")
-    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"],
+    s.add_argument("--decoder-backend", choices=list(DECODERS),
                    help="VLM bundles carrying both decoders: which runs (default: the ONNX one)")
     _add_gpu_layers(s)
     _add_sampling_args(s)
@@ -555,7 +558,7 @@ def _add_verify(sub) -> None:
     s = sub.add_parser("verify", help="check on this machine that a bundle still answers like eager PyTorch did "
                        "at export (its golden cases and criteria; no torch needed)")
     s.add_argument("bundle", type=Path)
-    s.add_argument("--decoder-backend", action="append", choices=["onnxruntime", "llama.cpp"],
+    s.add_argument("--decoder-backend", action="append", choices=list(DECODERS),
                    help="VLM bundles: the decoder(s) to check (repeat for several; default: every one it carries)")
     s.add_argument("--providers", help="ONNX Runtime execution providers to try, comma-separated (e.g. "
                    "TensorrtExecutionProvider,CUDAExecutionProvider; default: the target profile's)")
@@ -575,7 +578,7 @@ def _add_bench(sub) -> None:
     s.add_argument("--batch", type=int, default=8, help="batch size for the throughput run")
     s.add_argument("--threads", type=int, help="intra-op threads (default: the backend's)")
     s.add_argument("--backend")
-    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"], help="VLM bundles: which decoder")
+    s.add_argument("--decoder-backend", choices=list(DECODERS), help="VLM bundles: which decoder")
     s.add_argument("--new-tokens", type=int, default=64, help="VLM bundles: tokens decoded per run (default 64)")
     _add_gpu_layers(s)
     s.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-NAME.json)")
@@ -590,7 +593,7 @@ def _add_eval(sub) -> None:
     s.add_argument("--weights", help="for an eager zoo model: its weights (default: shipped)")
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
     s.add_argument("--limit", type=int)
-    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"], help="VLM bundles: which decoder")
+    s.add_argument("--decoder-backend", choices=list(DECODERS), help="VLM bundles: which decoder")
     s.add_argument("--json", type=Path)
     s.set_defaults(func=_cmd_eval)
 
@@ -676,7 +679,7 @@ def _add_demo(sub) -> None:
                    help="bundle directories (default: the default model's cpu INT8 bundle, exported on first use "
                    "into $EDGEVLM_CACHE or ~/.cache/edgevlm)")
     s.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the first free one from 7860)")
-    s.add_argument("--decoder-backend", choices=["onnxruntime", "llama.cpp"],
+    s.add_argument("--decoder-backend", choices=list(DECODERS),
                    help="VLM bundles carrying both decoders: which one answers first (switchable in the app)")
     s.add_argument("--max-upload-mb", type=float, default=10, help="largest image upload in MiB (default 10)")
     s.add_argument("--concurrency", type=int, default=1, help="model calls running at once (default 1)")

@@ -39,11 +39,12 @@ class Precision(_Choice):
 
 
 class DecoderChoice(_Choice):
-    """Which decoders a VLM bundle carries: ONNX (ONNX Runtime / TensorRT), GGUF (llama.cpp), or both."""
+    """Which decoders a VLM bundle carries: ONNX (ONNX Runtime / TensorRT), GGUF (llama.cpp), both, or Core ML."""
 
     ONNX = "onnx"
     GGUF = "gguf"
-    BOTH = "both"
+    COREML = "coreml"     # a stateful Core ML program (iOS 18)
+    BOTH = "both"         # onnx and gguf
 
     def formats(self) -> tuple[str, ...]:
         return ("onnx", "gguf") if self is DecoderChoice.BOTH else (self.value,)

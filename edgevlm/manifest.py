@@ -316,7 +316,7 @@ OPS_CONFIG = Dict({"path": RelPath(required=True), "graphs": Int(min=1), "operat
 VLM = {
     "model": Dict({**MODEL_COMMON, "vision_tokens": Int(min=0, required=True)}, required=True),
     "generation": GENERATION,
-    "parts": Dict(required=True, values=PART, one_of_keys=[["decoder", "decoder_gguf"]],
+    "parts": Dict(required=True, values=PART, one_of_keys=[["decoder", "decoder_gguf", "decoder_coreml"]],
                   keys={"embed_tokens": PART.copy() | {"required": True}}),
     "artifacts": List(Dict({"path": RelPath(required=True), "format": Str(required=True, nonempty=True),
                             "precision": Str(required=True, choices=list(PRECISIONS)), "part": Str()}),

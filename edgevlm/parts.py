@@ -38,6 +38,8 @@ class PartSpec:
     example: tuple                              # example inputs (tensors), in ``inputs`` order
     role: PartRole = PartRole.PIXELS
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)   # input -> {axis: dim name}
+    bounds: dict[str, int] = field(default_factory=dict)   # dim name -> largest size fed (formats with bounded
+    #                                           flexible shapes, as Core ML, need one for every dynamic axis)
     facts: dict = field(default_factory=dict)   # recorded in the part's manifest record (merge rule, tokens, ...)
     what: str = ""                              # named in export errors
 

@@ -20,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = float(os.environ.get("EDGEVLM_FUZZ_SECONDS", "30"))
 NEEDS = {"manifest": ("onnx", "torch"), "bundle": ("onnxruntime", "onnx", "torch", "tokenizers"),
-         "gguf": ("gguf", "torch", "transformers"), "safetensors": ("safetensors", "torch"), "images": ()}
+         "gguf": ("gguf", "torch", "transformers"), "safetensors": ("safetensors", "torch"), "images": (),
+         "mil": ("coremltools", "torch")}
 
 
 def run_harness(name: str, out: Path, seconds: float = SECONDS) -> dict:
@@ -41,7 +42,7 @@ def _findings(out: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["manifest", "bundle", "gguf", "safetensors", "images"])
+@pytest.mark.parametrize("name", ["manifest", "bundle", "gguf", "safetensors", "images", "mil"])
 def test_harness_finds_nothing(name, tmp_path):
     for module in NEEDS[name]:
         pytest.importorskip(module)

@@ -145,7 +145,7 @@ def test_whether_a_target_takes_vlms_is_its_profiles_vlm_block():
     from edgevlm.build_vlm import vlm_job
 
     takes = {t.name for t in list_targets() if t.vlm is not None}
-    assert {"cpu", "jetson", "android"} <= takes
+    assert {"cpu", "jetson", "android", "ios"} <= takes
     job = vlm_job(VLMExportConfig(model="edgevlm_scenes_tiny", weights="random", target="android", precision="fp32"))
     assert job.out.name == "edgevlm_scenes_tiny-android-fp32"
     for t in list_targets():

@@ -294,9 +294,9 @@ def test_bad_bundles_and_inputs(scenes_bundle, tmp_path):
     other = tmp_path / "other-target"
     shutil.copytree(out, other)
     man = json.loads((other / "manifest.json").read_text())
-    man["target"].update(name="ios", format="coreml")
+    man["target"].update(name="edge-tpu", format="tflite")
     (other / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(BundleError, match="target 'ios'"):
+    with pytest.raises(BundleError, match="target 'edge-tpu'"):
         runtime.load(other)
     with pytest.raises(ConfigError, match="no llama.cpp decoder"):
         runtime.load(out, decoder="llama.cpp")
@@ -305,7 +305,7 @@ def test_bad_bundles_and_inputs(scenes_bundle, tmp_path):
 def test_export_refuses_bad_requests_before_work(tmp_path):
     with pytest.raises(ConfigError, match="decoder"):
         VLMExportConfig(model="edgevlm_scenes_tiny", decoder="tflite")
-    with pytest.raises(ConfigError, match="cpu"):
+    with pytest.raises(ConfigError, match="ios does not take a GGUF decoder"):
         export_vlm_bundle(VLMExportConfig(model="edgevlm_scenes_tiny", weights="random", target="ios",
-                                          out=str(tmp_path / "x")), quiet=True)
+                                          decoder="gguf", out=str(tmp_path / "x")), quiet=True)
     assert not (tmp_path / "x").exists()

@@ -23,7 +23,8 @@ def get_exporter(fmt: str):
 # A VLM's parts per target format: the module that exports, checks and quantizes them (export_part, part_parity,
 # export_embed_tokens, export_decoder, quantize_decoder, and the rewrites the profiles name). A new format for VLMs
 # registers its module here; the pipeline (edgevlm.build_vlm) looks it up by the target profile's ``format``.
-VLM_PART_FORMATS = {"onnx": "vlm_onnx", "ort": "ort_mobile"}   # ort: ONNX parts, then finish_parts
+# ort: ONNX parts, then finish_parts; coreml: build_parts converts every part from PyTorch
+VLM_PART_FORMATS = {"onnx": "vlm_onnx", "ort": "ort_mobile", "coreml": "coreml_vlm"}
 
 
 def get_vlm_parts(fmt: str):

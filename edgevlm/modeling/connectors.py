@@ -66,7 +66,7 @@ def sincos_2d(dim: int, grid: int):
 
 
 def _square(n: int, what: str) -> int:
-    side = int(round(n ** 0.5))
+    side = int(round(int(n) ** 0.5))      # int(): a traced size (torch.jit.trace) is a tensor
     if side * side != n:
         from ..errors import ConfigError
 
@@ -110,9 +110,19 @@ class QueryCompressor(nn.Module):
         side = _square(m, "the number of vision features")
         if side == self.grid:
             return self.pos_embed
+        # An eager call without gradients keeps the resized table; torch.jit.trace (what coremltools reads) then takes
+        # it as a constant while the table is unchanged (same tensor, same version counter): Core ML's converter has
+        # no bicubic resize. torch.export never reads it (ONNX has a cubic Resize).
+        key = (m, id(self.pos_embed), self.pos_embed._version)
+        if torch.jit.is_tracing() and getattr(self, "_key_pos", (None,))[0] == key:
+            return self._key_pos[1]
         pe = self.pos_embed.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)   # (1, C, n, n)
         pe = F.interpolate(pe, size=(side, side), mode="bicubic", align_corners=False)       # (1, C, s, s)
-        return pe.permute(0, 2, 3, 1).reshape(m, -1).to(self.pos_embed.dtype)
+        out = pe.permute(0, 2, 3, 1).reshape(m, -1).to(self.pos_embed.dtype)
+        if not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting()):
+            self._key_pos = (key, out)
+        return out
 
     def forward(self, feats):                                                 # (V, M, C)
         kv = self.ln_kv(feats)                                                # (V, M, C)

@@ -137,6 +137,7 @@ class LlavaMiniModel(VisionLanguageModel):
         parts.append(PartSpec("prefusion", _Fuse(self.fusion).eval(), ("inputs_embeds", "keep"), ("fused",),
                               (x, keep), role=PartRole.FEATURES, dynamic={"inputs_embeds": {1: "length"},
                                                                           "keep": {0: "length"}},
+                              bounds={"length": m + int(self.max_context)},
                               facts={"image_tokens": m, "vision_tokens": int(self.n_tokens),
                                      "skip_ids": list(self.prefusion_skip_ids)}, what="LLaVA-Mini pre-fusion"))
         return parts

@@ -55,6 +55,9 @@ REFUSED = {
                   "a tokenizer the vikhyatk/moondream2 repo does not ship (its tokenizer.json is the old GPT-2 one, "
                   "which gives garbage with these weights)",
 }
+# The most rows the runtime feeds one region-head path in a call (skills.Region feeds one; Core ML's flexible shapes
+# need a bound).
+REGION_MAX_ROWS = 16
 OLD_LAYOUT = "2024 revisions (2024-03-04 .. 2024-08-26) use the old HF remote-code layout (vision_encoder.*, text_model.*)"
 
 
@@ -131,7 +134,9 @@ class MoondreamVision(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:                         # (V, 3, S, S)
         v_, c, p, s = x.shape[0], x.shape[1], self.patch_size, self.side
-        x = x.reshape(v_, c, s, p, s, p).permute(0, 2, 4, 1, 3, 5)               # (V, sy, sx, C, py, px)
+        # (V, C, sy, py, sx, px) -> (V, sy*sx, C*py*px), through tensors of rank 5 at most (Core ML's limit)
+        x = x.reshape(v_ * c, s, p, s, p).permute(0, 1, 3, 2, 4)                  # (V*C, sy, sx, py, px)
+        x = x.reshape(v_, c, s * s, p * p).permute(0, 2, 1, 3)                    # (V, N, C, py*px)
         return x.reshape(v_, s * s, c * p * p)                                    # (V, N, 3*p*p)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:               # (V, 3, S, S)
@@ -323,7 +328,8 @@ class MoondreamModel(VisionLanguageModel):
         merged = torch.cat([feats[0], feats[0]], dim=-1).float()                  # (N, 2C)
         return [
             PartSpec("vision_tower", _Float(self.vision).eval(), ("pixel_values",), ("image_features",), (views,),
-                     dynamic={"pixel_values": {0: "views"}}, what="Moondream vision tower",
+                     dynamic={"pixel_values": {0: "views"}}, bounds={"views": self.info_views()},
+                     what="Moondream vision tower",
                      facts={"features": [int(feats.shape[1]), int(feats.shape[2])]}),
             PartSpec("vision_projector", _Projector(self.connector).eval(), ("merged_features",), ("image_embeds",),
                      (merged,), role=PartRole.FEATURES, what="Moondream projector",
@@ -408,6 +414,7 @@ class MoondreamModel(VisionLanguageModel):
         rows = {"coord": "n_coord", "size": "n_size", "coord_hidden": "n_coord_hidden", "size_hidden": "n_size_hidden"}
         return [PartSpec("region", RegionGraph(r).eval(), tuple(rows), ("coord_embed", "size_embed", "coord_logits",
                          "size_logits"), example, role=PartRole.HEADS, dynamic={k: {0: v} for k, v in rows.items()},
+                         bounds={v: REGION_MAX_ROWS for v in rows.values()},
                          what="Moondream region heads",
                          facts={"coord_bins": int(r.coord_decoder.fc2.out_features),
                                 "size_bins": int(r.size_decoder.fc2.out_features) // 2,

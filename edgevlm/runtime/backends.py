@@ -79,15 +79,31 @@ class OrtSession:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
+class ReferenceCoreMLSession:
+    """A Core ML package off Apple OSes: edgevlm's reference ML-program interpreter (numpy, the program's own
+    dtypes), not Core ML's kernels; the name says so. One image per call, as Core ML runs these packages."""
+
+    def __init__(self, path: Path):
+        from .coreml import INTERPRETER, CoreMLGraph
+
+        self.graph = CoreMLGraph(path, expect=("pixel_values",))
+        self.name = f"coreml-reference ({INTERPRETER})"
+        self.providers = ["edgevlm-mil-reference"]
+        self.fixed_batch = 1
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        i = self.graph.outputs.index("logits") if "logits" in self.graph.outputs else 0
+        return np.concatenate([self.graph(pixel_values=np.ascontiguousarray(x[j:j + 1], np.float32))[i]
+                               for j in range(len(x))]).astype(np.float32)
+
+
 class CoreMLSession:
-    """Core ML packages predict only on macOS/iOS."""
+    """Core ML packages predict only on macOS/iOS (elsewhere :class:`ReferenceCoreMLSession` runs them)."""
 
     def __init__(self, path: Path):
         if sys.platform != "darwin":
-            raise BackendUnavailableError(
-                "Core ML bundles (target ios) run on macOS and iOS only",
-                "run it on a Mac or iPhone, or export --target cpu to try the model here",
-            )
+            raise BackendUnavailableError("Core ML predicts on macOS and iOS only",
+                                          "off Apple OSes, edgevlm runs the package with its reference interpreter")
         try:
             import coremltools as ct
         except ImportError:
@@ -111,7 +127,7 @@ def open_session(bundle: Path, manifest: dict, artifact: dict, backend: str | No
     if backend == "coreml":
         if fmt != "coreml":
             raise BundleError(f"{bundle} holds a {fmt} model, not Core ML", "use --backend onnxruntime")
-        return CoreMLSession(path)
+        return CoreMLSession(path) if sys.platform == "darwin" else ReferenceCoreMLSession(path)
     if backend == "onnxruntime":
         if fmt not in ("onnx", "ort"):
             raise BundleError(f"{bundle} is a {fmt} bundle (target {manifest['target']['name']})",

@@ -51,12 +51,15 @@ ORT_FORMATS = ("onnx", "ort")
 GGUF_FORMATS = ("gguf",)
 COREML_FORMATS = ("coreml", "mlpackage", "mlmodel")
 ENGINE_FORMATS = ("engine", "plan", "tensorrt")
-DECODERS = (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf"))   # a VLM bundle's decoders, as the runtime's
+DECODERS = (("onnxruntime", "decoder"), ("llama.cpp", "decoder_gguf"), ("coreml", "decoder_coreml"))   # as the runtime's
 ACCELERATOR_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 FIX_ORT = "pip install onnxruntime (onnxruntime-gpu for NVIDIA GPUs; NVIDIA's wheel for JetPack on a Jetson)"
 FIX_LLAMA = "pip install 'edgevlm[gguf]' (llama-cpp-python)"
 FIX_COREML = "run ios bundles on a Mac, iPhone or iPad, or export the model with --target cpu to try it here"
+# Off Apple OSes an ios bundle's packages run through edgevlm's reference ML-program interpreter (runtime/mil)
+REFERENCE_COREML = "edgevlm reference ML-program interpreter (numpy; not Core ML's kernels, slow)"
+RAW_FORMATS = ("raw",)
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------
@@ -452,10 +455,11 @@ def _coreml_lines(cm: dict, lines: list) -> None:
     if cm["available"]:
         _line(lines, "Core ML", OK, f"coremltools {cm['version'] or '(version unknown)'}: ios bundles run here")
     elif cm["platform_ok"]:
-        _line(lines, "Core ML", MISSING, "coremltools is not installed: ios bundles cannot run here",
-              "pip install 'edgevlm[coreml]'")
+        _line(lines, "Core ML", MISSING, "coremltools is not installed: ios bundles run through edgevlm's "
+              "reference ML-program interpreter (numpy, slow)", "pip install 'edgevlm[coreml]'")
     else:
-        _line(lines, "Core ML", MISSING, "not available (macOS/iOS only); ios bundles cannot run here", FIX_COREML)
+        _line(lines, "Core ML", MISSING, "not available (macOS/iOS only); ios bundles run through edgevlm's reference "
+              "ML-program interpreter (numpy, slow)", FIX_COREML)
 
 
 def kernels_facts(arch_kind: str) -> dict:
@@ -545,7 +549,7 @@ def _ort_backend(target: dict, ort: dict) -> dict:
 
 def _part_backend(fmt: str, task: str, target: dict, facts: dict, bundle_has_onnx_decoder: bool) -> dict:
     tfmt = target.get("format")
-    if task == "vlm" and tfmt not in ORT_FORMATS:
+    if task == "vlm" and tfmt not in ORT_FORMATS + COREML_FORMATS:
         return {"backend": None, "why": f"this runtime runs VLM bundles exported for ONNX targets; this one is for "
                 f"{target.get('name')!r} ({tfmt})", "fix": "export the model again with --target cpu"}
     if fmt in ORT_FORMATS:
@@ -563,10 +567,10 @@ def _part_backend(fmt: str, task: str, target: dict, facts: dict, bundle_has_onn
         cm = facts["coreml"]
         if cm["available"]:
             return {"backend": "Core ML", "why": None, "fix": None}
-        if cm["platform_ok"]:
-            return {"backend": None, "why": "Core ML: coremltools is not installed",
-                    "fix": "pip install 'edgevlm[coreml]'"}
-        return {"backend": None, "why": "Core ML: not available (macOS/iOS only)", "fix": FIX_COREML}
+        return {"backend": REFERENCE_COREML, "why": None, "fix": None,
+                "note": "Core ML is not available here (macOS/iOS only): " + FIX_COREML}
+    if fmt in RAW_FORMATS:
+        return {"backend": "numpy (a table read directly)", "why": None, "fix": None}
     if fmt in ENGINE_FORMATS:
         return {"backend": None, "why": "a TensorRT engine: edgevlm's runtime loads ONNX graphs (ONNX Runtime's "
                 "TensorRT provider builds and caches its own engines)",
@@ -634,6 +638,8 @@ def bundle_facts(path, facts: dict) -> dict:
                      fix=e.fix if isinstance(e, EdgeVLMError) else "copy the whole bundle directory again")
             continue
         b = _part_backend(fmt, task, target, facts, has_onnx_decoder)
+        if b.get("note"):
+            p["note"] = b["note"]
         p.update(backend=b["backend"], providers=b.get("providers"), why=b["why"], fix=b["fix"],
                  runs=b["backend"] is not None)
         if task == "vlm" and fmt in ORT_FORMATS and m.get("engines"):
@@ -653,6 +659,9 @@ def bundle_facts(path, facts: dict) -> dict:
             p["decode_kernel"] = _decode_kernel(rec, b, facts)
         elif is_decoder and fmt in GGUF_FORMATS:
             _gguf_kv(p, f, rec, ctx)
+        elif is_decoder and fmt in COREML_FORMATS:        # the stateful decoder's KV states (float16, the whole context)
+            p["kv_cache"] = "fp16 Core ML states, 2 x layers x kv_heads x head_dim x context x 2 bytes"
+            p["kv_cache_bytes"] = 2 * int(gen["num_layers"]) * int(gen["num_kv_heads"]) * int(gen["head_dim"]) * ctx * 2
     out["parts"] = parts
 
     # which decoder the runtime would run: the first the bundle lists (onnxruntime, then llama.cpp) that runs here

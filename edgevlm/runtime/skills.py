@@ -90,7 +90,8 @@ def query(pipe, image, question: str, stream: bool = False, max_new_tokens: int 
 
 class Region:
     """region.onnx (``MoondreamModel.export_parts``): four independent paths, each fed its own rows; a call feeds 0
-    rows to the paths it does not need, since ONNX Runtime runs every node whatever outputs are fetched."""
+    rows to the paths it does not need, since ONNX Runtime runs every node whatever outputs are fetched (Core ML:
+    one zero row, its smallest flexible size; ``graph.min_rows``)."""
 
     OUTPUTS = ("coord_embed", "size_embed", "coord_logits", "size_logits")
 
@@ -101,9 +102,10 @@ class Region:
                               f"{', '.join(missing)}", "re-export the bundle with `edgevlm export`")
         self.graph = graph
         self.index = {o: graph.outputs.index(o) for o in self.OUTPUTS}
-        self.empty = {"coord": np.zeros((0, 1), np.float32), "size": np.zeros((0, 2), np.float32),
-                      "coord_hidden": np.zeros((0, hidden_size), np.float32),
-                      "size_hidden": np.zeros((0, hidden_size), np.float32)}
+        n = int(getattr(graph, "min_rows", 0))       # Core ML's flexible shapes start at 1: one zero row there
+        self.empty = {"coord": np.zeros((n, 1), np.float32), "size": np.zeros((n, 2), np.float32),
+                      "coord_hidden": np.zeros((n, hidden_size), np.float32),
+                      "size_hidden": np.zeros((n, hidden_size), np.float32)}
 
     def _run(self, output: str, **feeds) -> np.ndarray:
         return self.graph(**{**self.empty, **feeds})[self.index[output]]

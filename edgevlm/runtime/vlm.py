@@ -60,8 +60,14 @@ class _Graph:
                               "re-export the bundle with `edgevlm export`; if it persists, report it") from None
 
 
-# The session class that runs a VLM bundle's parts, by the target's format (a new format adds its session here).
-PART_SESSIONS = {"onnx": _Graph, "ort": _Graph}
+def _coreml_graph(*args, **kwargs):
+    from .coreml import CoreMLGraph
+
+    return CoreMLGraph(*args, **kwargs)
+
+
+# The session class that runs a VLM bundle's parts, by the part's format (a new format adds its session here).
+PART_SESSIONS = {"onnx": _Graph, "ort": _Graph, "coreml": _coreml_graph}
 
 # The inputs each ONNX part of a VLM bundle is fed (see VLMPipeline); the decoder's are checked in OrtDecoder.
 PART_INPUTS = {"vision_encoder": ("pixel_values",), "vision_tower": ("pixel_values",),
@@ -394,8 +400,13 @@ class VLMPipeline:
             rec = parts.get(name)
             if rec is None:
                 raise BundleError(f"{path} has no {name} part", "copy the whole bundle directory again, or re-export")
+            if rec.get("format") == "raw":                 # a table read directly (ios: embed_tokens.f16)
+                from .coreml import RawEmbedding
+
+                return RawEmbedding(self.file(rec["path"], f"part {name!r}"), rec.get("details") or {})
             expect = PART_INPUTS.get(name, ())
-            return open_part(self.path, manifest, name, lambda: PART_SESSIONS[fmt](    # a built TensorRT engine first
+            kind = rec.get("format") if rec.get("format") in PART_SESSIONS else fmt
+            return open_part(self.path, manifest, name, lambda: PART_SESSIONS[kind](    # a built TensorRT engine first
                 self.file(rec["path"], f"part {name!r}"), providers, rec.get("precision", "fp32"), self.threads,
                 expect=expect, cache_dir=self.trt_cache), expect=expect)
 
@@ -422,6 +433,11 @@ class VLMPipeline:
                               f"re-export with --decoder {'gguf' if want == 'llama.cpp' else 'onnx'}, or pick "
                               f"--decoder-backend {have[0]}")
         choice = want or have[0]
+        if choice == "coreml":
+            from .coreml import CoreMLDecoder
+
+            return CoreMLDecoder(self.file(parts["decoder_coreml"]["path"], "part 'decoder_coreml'"), self.embed,
+                                 self.context_length)
         if choice == "llama.cpp":
             from .llamacpp import LlamaCppDecoder
 

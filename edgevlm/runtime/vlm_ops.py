@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-DECODERS = ("onnxruntime", "llama.cpp")
-DECODER_PARTS = {"onnxruntime": "decoder", "llama.cpp": "decoder_gguf"}     # backend -> the part it runs
+DECODERS = ("onnxruntime", "llama.cpp", "coreml")
+# backend -> the part it runs (coreml: a stateful Core ML program, run here by the reference interpreter)
+DECODER_PARTS = {"onnxruntime": "decoder", "llama.cpp": "decoder_gguf", "coreml": "decoder_coreml"}
 
 
 def decoder_backends(parts: dict) -> list[str]:
