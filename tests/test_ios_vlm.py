@@ -182,3 +182,21 @@ def test_raw_embedding_refuses_a_short_file(scenes_fp16, tmp_path):
     table = RawEmbedding(out / rec["path"], rec["details"])
     with pytest.raises(BundleError, match="outside"):
         table(input_ids=np.array([[10 ** 6]]))
+
+
+def test_a_part_that_does_not_convert_names_the_part_and_the_op(tmp_path):
+    """Core ML's converter has no bicubic resize: the export names the part and the op, and writes nothing."""
+    import torch.nn.functional as F
+
+    from edgevlm.config import Precision
+    from edgevlm.parts import PartSpec
+    from edgevlm.targets import get_target
+
+    class Bicubic(torch.nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2.0, mode="bicubic", align_corners=False)
+
+    spec = PartSpec("upsampler", Bicubic(), ("pixel_values",), ("image_embeds",), (torch.rand(1, 3, 8, 8),))
+    with pytest.raises(ExportError, match=r"part upsampler: .*upsample_bicubic2d"):
+        cv.export_image_part(spec, Precision.FP16, get_target("ios"), tmp_path, 32, lambda *_: None)
+    assert not (tmp_path / "upsampler.mlpackage").exists()

@@ -15,6 +15,27 @@ from ..errors import BundleError, first_line
 from .vlm_ops import attention_mask
 
 INTERPRETER = "edgevlm reference ML-program interpreter (numpy), not Core ML"
+REFERENCE_ENV = "EDGEVLM_COREML_REFERENCE"     # =1: the interpreter even where Core ML runs (macOS)
+
+
+def _apple_model(path: Path):
+    """Core ML itself (coremltools' MLModel, which compiles the package) on macOS, else None. coremltools 8+:
+    ``MLModel.predict(data, state=None)`` and ``MLModel.make_state()`` (stateful programs, macOS 15). Not run in this
+    repository's CI (no macOS)."""
+    import os
+    import sys
+
+    if sys.platform != "darwin" or os.environ.get(REFERENCE_ENV) == "1":
+        return None
+    try:
+        import coremltools as ct
+    except ImportError:
+        return None
+    try:
+        return ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
+    except Exception as e:  # noqa: BLE001 -- Core ML's own errors
+        raise BundleError(f"Core ML cannot load {Path(path).name}: {first_line(e)}",
+                          f"re-export the bundle, or set {REFERENCE_ENV}=1 to use edgevlm's reference interpreter") from None
 
 
 def _program(path: Path):
@@ -36,7 +57,13 @@ class CoreMLGraph:
     def __init__(self, path: Path, providers=None, precision: str = "fp16", threads: int | None = None,
                  expect: tuple[str, ...] = (), **_):
         self.path = Path(path)
-        self.program = _program(self.path)
+        self.apple = _apple_model(self.path)
+        if self.apple is not None:            # Core ML on macOS: same names, its kernels
+            spec = self.apple.get_spec().description
+            self.program = _AppleProgram(self.apple, [i.name for i in spec.input], [o.name for o in spec.output])
+            self.backend = "Core ML (MLModel.predict)"
+        else:
+            self.program = _program(self.path)
         self.outputs = list(self.program.outputs)
         missing = [n for n in expect if n not in self.program.inputs]
         if missing:
@@ -54,6 +81,21 @@ class CoreMLGraph:
                               "re-export the bundle with `edgevlm export`; if it persists, report it") from None
         return [np.asarray(out[n], np.float32) if np.asarray(out[n]).dtype.kind == "f" else out[n]
                 for n in self.outputs]
+
+
+class _AppleProgram:
+    """Core ML's MLModel behind the interpreter's interface (inputs, outputs, states, new_state, predict)."""
+
+    def __init__(self, model, inputs: list[str], outputs: list[str], states: tuple[str, ...] = ()):
+        self.model, self.inputs, self.outputs, self.states = model, {n: None for n in inputs}, outputs, states
+
+    def new_state(self):
+        return self.model.make_state() if self.states else None
+
+    def predict(self, feeds: dict, state=None) -> dict:
+        feeds = {k: (v.astype(np.int32) if np.asarray(v).dtype.kind in "iub" else np.asarray(v, np.float32))
+                 for k, v in feeds.items()}
+        return self.model.predict(feeds, state) if state is not None else self.model.predict(feeds)
 
 
 class RawEmbedding:
@@ -92,7 +134,14 @@ class CoreMLDecoder:
 
     def __init__(self, path: Path, embed, context: int):
         self.path, self.embed, self.context = Path(path), embed, int(context)
-        self.program = _program(self.path)
+        apple = _apple_model(self.path)
+        if apple is not None:                 # Core ML on macOS 15+: MLModel.make_state / predict(data, state)
+            spec = apple.get_spec().description
+            self.program = _AppleProgram(apple, [i.name for i in spec.input], [o.name for o in spec.output],
+                                         tuple(st.name for st in spec.state))
+            self.name = "coreml"
+        else:
+            self.program = _program(self.path)
         need = ("inputs_embeds", "attention_mask", "position_ids")
         missing = [n for n in need if n not in self.program.inputs] + \
             [s for s in ("key_cache", "value_cache") if s not in self.program.states]
