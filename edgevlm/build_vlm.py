@@ -102,6 +102,7 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
     prof = target.require_vlm()
     p = cfg.precision or target.default_precision
     target.check_precision(p)
+    prof.check_precision(p, target.name)
     decoder = cfg.decoder or prof.default_decoder
     prof.check_decoder(decoder, target.name)
     device = _device_fit(cfg, recipe.name, p, decoder, target) if cfg.device else None   # before any weights load

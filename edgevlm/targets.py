@@ -23,10 +23,13 @@ class VLMProfile:
     rewrites: tuple[Rewrite, ...] = ()
     decoder_int8: DecoderInt8 = DecoderInt8.DYNAMIC
     decoder_int4: DecoderInt4 = DecoderInt4.MATMULNBITS
+    precisions: tuple[Precision, ...] = ()     # VLM bundles take only these (empty: the target's precisions)
+    precisions_why: str = ""                   # why, named when a precision is refused
 
     @classmethod
     def from_dict(cls, d: dict, target: str) -> "VLMProfile":
-        unknown = set(d) - {"decoders", "default_decoder", "rewrites", "decoder_int8", "decoder_int4"}
+        unknown = set(d) - {"decoders", "default_decoder", "rewrites", "decoder_int8", "decoder_int4", "precisions",
+                            "precisions_why"}
         if unknown:
             raise ConfigError(f"target {target}: unknown vlm key(s) {sorted(unknown)}", "fix export/" + target + ".yaml")
         decoders = tuple(DecoderChoice.parse(x).value for x in d.get("decoders", ("onnx",)))
@@ -37,7 +40,14 @@ class VLMProfile:
             raise ConfigError(f"target {target}: vlm.default_decoder {default.value} is not among vlm.decoders "
                               f"({', '.join(decoders)})", f"fix export/{target}.yaml")
         return cls(decoders, default, tuple(Rewrite.parse(r) for r in d.get("rewrites") or ()),
-                   DecoderInt8.parse(d.get("decoder_int8", "dynamic")), DecoderInt4.parse(d.get("decoder_int4", "matmulnbits")))
+                   DecoderInt8.parse(d.get("decoder_int8", "dynamic")), DecoderInt4.parse(d.get("decoder_int4", "matmulnbits")),
+                   tuple(Precision.parse(p) for p in d.get("precisions") or ()), str(d.get("precisions_why") or ""))
+
+    def check_precision(self, p: Precision, target: str) -> None:
+        if self.precisions and p not in self.precisions:
+            raise ConfigError(f"target {target} does not take VLMs at {p.value}"
+                              + (f" ({self.precisions_why})" if self.precisions_why else ""),
+                              f"use --quant {' | '.join(x.value for x in self.precisions)}")
 
     def check_decoder(self, choice: DecoderChoice, target: str) -> None:
         missing = [f for f in choice.formats() if f not in self.decoders]
@@ -100,7 +110,8 @@ class TargetProfile:
         """The ``vlm`` block as recorded in a VLM bundle's manifest."""
         v = self.require_vlm()
         return {"decoders": list(v.decoders), "default_decoder": v.default_decoder.value, "rewrites": [r.value for r in v.rewrites],
-                "decoder_int8": v.decoder_int8.value, "decoder_int4": v.decoder_int4.value}
+                "decoder_int8": v.decoder_int8.value, "decoder_int4": v.decoder_int4.value,
+                **({"precisions": [p.value for p in v.precisions]} if v.precisions else {})}
 
 
 TARGETS: Registry[TargetProfile] = Registry("target")

@@ -200,3 +200,9 @@ def test_a_part_that_does_not_convert_names_the_part_and_the_op(tmp_path):
     with pytest.raises(ExportError, match=r"part upsampler: .*upsample_bicubic2d"):
         cv.export_image_part(spec, Precision.FP16, get_target("ios"), tmp_path, 32, lambda *_: None)
     assert not (tmp_path / "upsampler.mlpackage").exists()
+
+
+def test_fp32_is_refused_for_vlms_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not take VLMs at fp32 \(Core ML states.*float16 only\).*--quant fp16"):
+        _export(tmp_path / "x", "edgevlm_scenes_tiny", "fp32")
+    assert not (tmp_path / "x").exists()
