@@ -913,3 +913,31 @@ def test_interpreter_imports_neither_torch_nor_coremltools(small_package):
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "IMPORTED []" in res.stdout
+
+
+def test_an_op_asking_for_a_huge_array_is_refused_before_numpy_allocates_it(tmp_path):
+    """A package is untrusted input: fill with a shape from inside the program, a tile, a range and a broadcast of
+    two operands whose product is huge are refused with one line (runtime.mil.ops.MAX_ELEMENTS), not run."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from edgevlm.runtime.mil import ops as mil_ops
+
+    # the shape is an input, so coremltools cannot fold the fill at conversion (which would allocate it here)
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,), dtype=types.int32)], opset_version=ct.target.iOS16)
+    def prog(s):
+        return mb.reduce_sum(x=mb.fill(shape=s, value=1.0), axes=[0, 1], keep_dims=False)
+
+    with quiet():
+        ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                        compute_precision=ct.precision.FLOAT32)
+    path = save(ml, tmp_path / "fill.mlpackage")
+    p = load_package(path)
+    (name,) = p.inputs
+    assert float(np.asarray(list(p.predict({name: np.array([3, 4], np.int32)}).values())[0])) == 12.0
+    with pytest.raises(BundleError, match="would make 4900000000 elements"):
+        p.predict({name: np.array([70000, 70000], np.int32)})
+    for shape in ([2, -1], [1 << 16, 1 << 16]):
+        with pytest.raises(BundleError):
+            mil_ops.budget(shape, "t")
+    mil_ops.budget([1 << 15, 1 << 15], "t")                        # 2^30: allowed

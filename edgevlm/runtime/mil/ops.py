@@ -140,9 +140,30 @@ _BINARY = {
 }
 
 
+# The most elements one op may make. A package is untrusted input: an op whose output size comes from values
+# inside the program (fill's shape, tile's reps, a range, a broadcast of two large operands, an upsample's scale) is
+# refused before numpy allocates it, instead of exhausting memory. 2^30 elements (4 GiB at float32) is ~10x the
+# largest tensor of a real-size zoo VLM (Moondream2's KV states: 24 x 32 x 2048 x 64).
+MAX_ELEMENTS = 1 << 30
+
+
+def budget(shape, what: str) -> None:
+    """Refuse an output of ``shape`` over :data:`MAX_ELEMENTS` (or with a negative dimension), before it is made."""
+    n = 1
+    for d in shape:
+        d = int(d)
+        if d < 0:
+            raise BundleError(f"Core ML program: op {what} asks for a dimension of {d}", "re-export the package")
+        n *= d
+    if n > MAX_ELEMENTS:
+        raise BundleError(f"Core ML program: op {what} would make {n} elements (at most {MAX_ELEMENTS})",
+                          "the package is broken or hostile: re-export it")
+
+
 def _binary(fn):
     def run(a: Args):
         x, y = up(a["x"]), up(a["y"])
+        budget(np.broadcast_shapes(x.shape, y.shape), a.op.type)
         with np.errstate(all="ignore"):
             return fn(x, y)
     return run
@@ -757,7 +778,10 @@ def _reverse(a):
 
 @op("tile")
 def _tile(a):
-    return np.tile(a["x"], a.ints("reps"))
+    x, reps = np.asarray(a["x"]), a.ints("reps")
+    d = max(len(reps), x.ndim)                  # np.tile pads the shorter of shape and reps with leading 1s
+    budget([n * r for n, r in zip((1,) * (d - x.ndim) + x.shape, (1,) * (d - len(reps)) + tuple(reps))], "tile")
+    return np.tile(x, reps)
 
 
 @op("pad")
@@ -766,6 +790,7 @@ def _pad(a):
     p = a.ints("pad")
     k = len(p) // 2
     widths = [(0, 0)] * (x.ndim - k) + [(p[2 * i], p[2 * i + 1]) for i in range(k)]
+    budget([n + lo + hi for n, (lo, hi) in zip(x.shape, widths)], "pad")
     mode = a.str("mode", "constant")
     if mode == "constant":
         return np.pad(x, widths, constant_values=a.float("constant_val", 0.0))
@@ -779,6 +804,7 @@ def _shape(a):
 
 @op("fill")
 def _fill(a):
+    budget(a.ints("shape"), "fill")
     return np.full(a.ints("shape"), a.get("value", 0.0))
 
 
@@ -790,6 +816,9 @@ def _fill_like(a):
 @op("range_1d")
 def _range_1d(a):
     start, end, step = (np.asarray(a[k]).item() for k in ("start", "end", "step"))
+    if step == 0 or not all(math.isfinite(float(v)) for v in (start, end, step)):
+        raise BundleError(f"Core ML program: range_1d({start}, {end}, {step}) has no length", "re-export the package")
+    budget([max(0, math.ceil((end - start) / step))], "range_1d")
     return np.arange(start, end, step)
 
 
@@ -807,6 +836,7 @@ def _band_part(a):
 def _one_hot(a):
     idx = np.asarray(a["indices"]).astype(np.int64)
     depth = a.int("one_hot_vector_size")
+    budget([*idx.shape, depth], "one_hot")
     axis = a.int("axis", -1)
     on, off = a.get("on_value", 1), a.get("off_value", 0)
     hot = np.arange(depth) == idx[..., None]
@@ -941,6 +971,7 @@ def _grid(size_in: int, size_out: int, mode: str) -> np.ndarray:
 
 
 def _bilinear(x: np.ndarray, out_h: int, out_w: int, mode: str) -> np.ndarray:
+    budget([*x.shape[:-2], out_h, out_w], "a bilinear resize")
     for axis, size in ((-2, out_h), (-1, out_w)):
         g = _grid(x.shape[axis], size, mode)
         lo = np.floor(g).astype(np.int64)
@@ -961,6 +992,7 @@ def _upsample_bilinear(a):
     half = a.bool("half_pixel_centers", not align)
     mode = "STRICT_ALIGN_CORNERS" if align else ("UNALIGN_CORNERS" if half else "ASYMMETRIC")
     h, w = math.floor(x.shape[-2] * sh), math.floor(x.shape[-1] * sw)
+    budget([*x.shape[:-2], h, w], "upsample_bilinear")
     if mode == "ASYMMETRIC":   # align_corners=False, half_pixel_centers=False: grid = i / scale
         return _asymmetric_bilinear(x, h, w, sh, sw)
     return _bilinear(x, h, w, mode)
@@ -990,6 +1022,9 @@ def _upsample_nearest(a):
     x = np.asarray(a["x"])
     for axis, s in ((-2, a.float("scale_factor_height", 1.0)), (-1, a.float("scale_factor_width", 1.0))):
         size = math.floor(x.shape[axis] * s)
+        out = list(x.shape)
+        out[axis] = size
+        budget(out, "upsample_nearest_neighbor")
         idx = np.minimum(np.floor(np.arange(size) / s).astype(np.int64), x.shape[axis] - 1)
         x = np.take(x, idx, axis=axis)
     return x
