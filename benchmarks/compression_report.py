@@ -31,12 +31,6 @@ PRECISIONS = ("fp32", "int8", "int4")
 TARGET_BACKENDS = {"cpu": [("onnx", "onnxruntime")], "ios": [("coreml", "coreml")]}
 
 
-def part_bytes(m: dict, path: str) -> int:
-    """A part's size from the manifest's files table (a Core ML package is a directory of files)."""
-    files = m["files"]
-    if path in files:
-        return int(files[path]["size"])
-    return sum(int(v["size"]) for k, v in files.items() if k.startswith(path.rstrip("/") + "/"))
 
 
 def log(msg: str) -> None:
@@ -93,6 +87,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edgevlm import runtime
+    from edgevlm.bundle import listed_size
     from edgevlm.build_vlm import VLMExportConfig, export_vlm_bundle
     from edgevlm.evaluate import evaluate_vlm, evaluate_vlm_bundle
     from edgevlm.report import table, write_json
@@ -129,7 +124,7 @@ def main(argv=None) -> int:
                 from edgevlm.runtime.vlm_ops import DECODER_PARTS
 
                 other = [DECODER_PARTS[b] for b in DECODER_PARTS if b != backend]
-                size_mb = sum(part_bytes(m, parts[k]["path"]) for k in parts if k not in other) / 1e6
+                size_mb = sum(listed_size(m["files"], parts[k]["path"]) for k in parts if k not in other) / 1e6
                 engine = backend if target == "cpu" else f"{vlm.backend} ({target})"
                 log(f"{name}: {target} {prec} on {vlm.backend}: accuracy")
                 r = evaluate_vlm_bundle(vlm, args.split, args.limit, json_out=args.out /

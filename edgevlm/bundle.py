@@ -64,6 +64,15 @@ def file_table(root: Path) -> dict:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
+def listed_size(files: dict, rel: str) -> int:
+    """Bytes of one artifact from a manifest's ``files`` table: a file, or a directory (a Core ML package) as the sum
+    of the files listed under it."""
+    if rel in files:
+        return int(files[rel]["size"])
+    prefix = rel.rstrip("/") + "/"
+    return sum(int(v["size"]) for k, v in files.items() if k.startswith(prefix))
+
+
 def is_bundle(path: Path) -> bool:
     """``path`` is a directory holding an edgevlm manifest (the only directories --overwrite replaces)."""
     m = Path(path) / MANIFEST

@@ -72,10 +72,11 @@ def _export_config(args):
 
 
 def _print_vlm_export(out, m) -> None:
+    from .bundle import listed_size
     from .report import table
 
     rows = [{"part": k, "file": v["path"], "precision": v["precision"],
-             "size (MB)": round(m["files"][v["path"]]["size"] / 1e6, 2)} for k, v in m["parts"].items()]
+             "size (MB)": round(listed_size(m["files"], v["path"]) / 1e6, 2)} for k, v in m["parts"].items()]
     print(table(rows, title=f"{out} ({m['model']['name']}, target {m['target']['name']})"))
     par = [{"decoder": r["backend"], "precision": r["precision"], "same greedy tokens": r["same_greedy_tokens"],
             "first divergence": r["first_divergence"], "top-1 (teacher forced)": r["teacher_forced_top1_agreement"],

@@ -206,3 +206,13 @@ def test_fp32_is_refused_for_vlms_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match=r"does not take VLMs at fp32 \(Core ML states.*float16 only\).*--quant fp16"):
         _export(tmp_path / "x", "edgevlm_scenes_tiny", "fp32")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_export_summary_sizes_package_directories(scenes_fp16, capsys):
+    from edgevlm.cli import _print_vlm_export
+
+    out, m = scenes_fp16
+    _print_vlm_export(out, m)
+    text = capsys.readouterr().out
+    size = sum(f.stat().st_size for f in (out / "decoder.mlpackage").rglob("*") if f.is_file())
+    assert "decoder.mlpackage" in text and f"{round(size / 1e6, 2)}" in text
