@@ -142,7 +142,10 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
                    llama_gpu_layers=vlm.decoder.gpu_layers_why, llama_offloaded_layers=vlm.decoder.offloaded)
     # Agreement with eager PyTorch is not measured here (bench runs no eager model): it is what `edgevlm export`
     # measured on its parity prompt and recorded in the manifest. It is copied under its own key, named as such.
-    par = {r["backend"]: r for r in m.get("parity", {}).get("results", [])}.get(vlm.backend)
+    # the export's parity records are keyed by decoder backend (runtime.vlm_ops.DECODERS), which a decoder that names
+    # its runner more closely (coreml-reference) gives as parity_key
+    par = {r["backend"]: r for r in m.get("parity", {}).get("results", [])}.get(
+        getattr(vlm.decoder, "parity_key", vlm.backend))
     if par:
         res["export_parity"] = {
             "recorded": "by edgevlm export in the bundle manifest, not measured by this bench run",

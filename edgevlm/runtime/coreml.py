@@ -131,6 +131,7 @@ class CoreMLDecoder:
     program writes its keys and values into the state. Same interface as :class:`edgevlm.runtime.vlm.OrtDecoder`."""
 
     name = "coreml-reference"
+    parity_key = "coreml"          # runtime.vlm_ops.DECODERS: the backend the export's parity records name
 
     def __init__(self, path: Path, embed, context: int):
         self.path, self.embed, self.context = Path(path), embed, int(context)
