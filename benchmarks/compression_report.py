@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     from edgevlm.evaluate import evaluate_vlm, evaluate_vlm_bundle
     from edgevlm.report import table, write_json
     from edgevlm.runtime.bench import bench_vlm_bundle
+    from edgevlm.runtime.vlm_ops import DECODER_PARTS
 
     variants = [v.split("=", 1) for v in args.variant] or [["edgevlm_scenes", None]]
     labels = [variant_label(name, weights) for name, weights in variants]
@@ -121,8 +122,6 @@ def main(argv=None) -> int:
                 m = vlm.manifest
                 tokens = m["model"]["vision_tokens"]
                 parts = m["parts"]
-                from edgevlm.runtime.vlm_ops import DECODER_PARTS
-
                 other = [DECODER_PARTS[b] for b in DECODER_PARTS if b != backend]
                 size_mb = sum(listed_size(m["files"], parts[k]["path"]) for k in parts if k not in other) / 1e6
                 engine = backend if target == "cpu" else f"{vlm.backend} ({target})"

@@ -215,7 +215,7 @@ def write_golden(model, dataset: str | None, pre: PreprocessSpec, work: Path, bl
     if art["format"] in ("onnx", "ort", "coreml"):
         sess = _staged_session(work, art)
         got = np.concatenate([sess.run(x[i:i + 1]) for i in range(len(x))])
-        runner = "coreml-reference" if art["format"] == "coreml" else "onnxruntime"
+        runner = sess.name.split(" ")[0]      # onnxruntime, coreml (macOS) or coreml-reference (the interpreter)
     cases, figs = [], []
     for i, path in enumerate(paths):
         case = {"id": f"case{i}", "image": path.name, "eager": {"top5": g.top_k_record(eager[i])}}

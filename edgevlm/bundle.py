@@ -278,7 +278,8 @@ _ONNX_FIELDS = {
 }
 
 
-def _varint(buf, i: int, end: int) -> tuple[int, int]:
+def read_varint(buf, i: int, end: int) -> tuple[int, int]:
+    """(value, next index) of the protobuf base-128 varint at ``buf[i]``; ValueError when it runs past ``end``."""
     value = shift = 0
     while True:
         if i >= end or shift > 63:
@@ -295,16 +296,16 @@ def _scan(buf, start: int, end: int):
     """(field number, start, end) of each length-delimited field of the message in ``buf[start:end]``."""
     i = start
     while i < end:
-        key, i = _varint(buf, i, end)
+        key, i = read_varint(buf, i, end)
         wire = key & 7
         if wire == 0:
-            _, i = _varint(buf, i, end)
+            _, i = read_varint(buf, i, end)
         elif wire == 1:
             i += 8
         elif wire == 5:
             i += 4
         elif wire == 2:
-            n, i = _varint(buf, i, end)
+            n, i = read_varint(buf, i, end)
             if i + n > end:
                 raise ValueError("field past the end")
             yield key >> 3, i, i + n

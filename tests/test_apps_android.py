@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vlm_utils import edgevlm_name
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "android"
@@ -356,18 +357,8 @@ def test_readme_is_honest_and_its_name_table_holds():
     rows = re.findall(r"^\| `([^`]+)` \| `([^`]+)` \|", text, re.MULTILINE)
     assert len(rows) >= 20
     kt = kotlin()
-    import importlib
-
     for py, kname in rows:
-        parts = py.split(".")
-        for cut in range(len(parts), -1, -1):            # the longest prefix that is a module, then attributes
-            try:
-                owner = importlib.import_module(".".join(["edgevlm", *parts[:cut]]))
-                break
-            except ImportError:
-                continue
-        for part in parts[cut:]:
-            owner = getattr(owner, part)                  # AttributeError names a Python name that is gone
+        edgevlm_name(py)                                  # AttributeError names a Python name that is gone
         last = kname.split(".")[-1].split("(")[0]
         assert re.search(rf"\b(?:fun|class|val|var|const val)\s+(?:\w+\.)?{re.escape(last)}\b", kt), kname
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vlm_utils import edgevlm_name
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "ios"
@@ -246,8 +247,6 @@ def test_package_swift_pins_swift_transformers_exactly():
 
 
 def test_readme_is_honest_and_its_name_table_holds():
-    import importlib
-
     text = README.read_text()
     head = text[:1500].lower()
     assert "not compiled" in head and "not run" in head
@@ -262,15 +261,7 @@ def test_readme_is_honest_and_its_name_table_holds():
     assert len(rows) >= 25
     sw = swift()
     for py, sname in rows:
-        parts = py.split(".")
-        for cut in range(len(parts), -1, -1):            # the longest prefix that is a module, then attributes
-            try:
-                owner = importlib.import_module(".".join(["edgevlm", *parts[:cut]]))
-                break
-            except ImportError:
-                continue
-        for part in parts[cut:]:
-            owner = getattr(owner, part)                  # AttributeError names a Python name that is gone
+        edgevlm_name(py)                                  # AttributeError names a Python name that is gone
         last = sname.split(".")[-1].split("(")[0]
         assert re.search(rf"\b(?:func|class|struct|enum|actor|let|var)\s+{re.escape(last)}\b", sw), sname
 

@@ -670,63 +670,16 @@ CACHE = 64
 
 
 def _stateful_decoder():
-    """edgevlm_scenes_tiny's language model with its KV cache in two registered fp16 buffers
-    (L, 1, H, CACHE, HD), written by slice assignment at positions taken from the mask's shape."""
-    from transformers.cache_utils import Cache, CacheLayerMixin
-
+    """edgevlm_scenes_tiny's language model wrapped as the ios exporter wraps it (``coreml_vlm.decoder_module``): its
+    KV cache in two registered fp16 buffers (L, 1, H, CACHE, HD), written by slice assignment at positions taken from
+    the mask's shape."""
+    from edgevlm.exporters.coreml_vlm import decoder_module
     from edgevlm.modeling.families import load_vlm
     torch.manual_seed(0)
     lm = load_vlm("edgevlm_scenes_tiny", weights="random").eval().language_model
     lm.config._attn_implementation = "eager"
-    cfg = lm.config
-    n_layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-    class Layer(CacheLayerMixin):
-        is_sliding = False
-        is_compileable = False
-
-        def __init__(self, owner, i):
-            super().__init__()
-            self.owner, self.i, self.is_initialized = owner, i, True
-
-        def lazy_initialization(self, key_states):
-            pass
-
-        def update(self, k, v, cache_kwargs=None):
-            o, i = self.owner, self.i
-            o.key_cache[i, :, :, o.past:o.end] = k.to(o.key_cache.dtype)
-            o.value_cache[i, :, :, o.past:o.end] = v.to(o.value_cache.dtype)
-            return o.key_cache[i, :, :, :o.end].to(k.dtype), o.value_cache[i, :, :, :o.end].to(v.dtype)
-
-        def get_mask_sizes(self, cache_position):
-            return self.owner.end, 0
-
-        def get_seq_length(self):
-            return self.owner.past
-
-        def get_max_cache_shape(self):
-            return CACHE
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm
-            shape = (n_layers, 1, heads, CACHE, head_dim)
-            self.register_buffer("key_cache", torch.zeros(shape, dtype=torch.float16))
-            self.register_buffer("value_cache", torch.zeros(shape, dtype=torch.float16))
-
-        def forward(self, inputs_embeds, attention_mask, position_ids):
-            self.end = attention_mask.shape[-1]
-            self.past = self.end - inputs_embeds.shape[1]
-            cache = Cache(layers=[Layer(self, i) for i in range(n_layers)])
-            pos = position_ids.long()
-            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.clamp(min=-3e4),
-                          position_ids=pos, cache_position=pos[0], past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
-            return out.logits[:, -1, :].float()
-
-    return Decoder().eval(), cfg.hidden_size, (n_layers, 1, heads, CACHE, head_dim)
+    m, sizes = decoder_module(lm, CACHE)
+    return m, sizes["hidden_size"], (sizes["num_layers"], 1, sizes["num_kv_heads"], CACHE, sizes["head_dim"])
 
 
 def build_decoder(path: Path, fp16: bool = False):

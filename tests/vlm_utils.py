@@ -1,4 +1,5 @@
-"""Helpers that write tiny checkpoints in real on-disk formats (tokenizer files, configs)."""
+"""Helpers that write tiny checkpoints in real on-disk formats (tokenizer files, configs), and one that resolves the
+Python names the app READMEs map to their Swift/Kotlin ports."""
 from __future__ import annotations
 
 import json
@@ -51,3 +52,20 @@ def hf_llava_checkpoint(folder: Path, sharpen: float = 1.0):
     hf.save_pretrained(folder, safe_serialization=True)
     write_tokenizer(folder)
     return hf
+
+
+def edgevlm_name(dotted: str):
+    """The object ``edgevlm.<dotted>`` names: the longest prefix that is a module, then attributes (AttributeError
+    names a Python name that is gone)."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), -1, -1):
+        try:
+            owner = importlib.import_module(".".join(["edgevlm", *parts[:cut]]))
+            break
+        except ImportError:
+            continue
+    for part in parts[cut:]:
+        owner = getattr(owner, part)
+    return owner

@@ -444,15 +444,21 @@ def predict_parity(path: Path, example: np.ndarray, reference: np.ndarray, preci
     return rec
 
 
+def interpreted(path: Path) -> tuple[object, dict]:
+    """(the saved package loaded by edgevlm's reference ML-program interpreter, the fields every parity record
+    through it carries: the runtime, the op types covered and used, the uncovered ones)."""
+    from ..runtime.mil import load_package
+
+    prog = load_package(path)
+    return prog, {"runtime": "edgevlm reference ML-program interpreter (numpy)",
+                  "ops_covered": f"{len(prog.ops_used) - len(prog.uncovered)}/{len(prog.ops_used)} op types",
+                  "ops_used": dict(sorted(prog.ops_used.items())), "uncovered": prog.uncovered}
+
+
 def interpreter_parity(path: Path, example: np.ndarray, reference: np.ndarray, precision: str) -> dict:
     """Run the saved package through edgevlm's reference ML-program interpreter (numpy, the program's own
     dtypes) one image at a time and compare with eager. An op it does not cover is recorded, never passed."""
-    from ..runtime.mil import load_package as load_program
-
-    prog = load_program(path)
-    base = {"runtime": "edgevlm reference ML-program interpreter (numpy)",
-            "ops_covered": f"{len(prog.ops_used) - len(prog.uncovered)}/{len(prog.ops_used)} op types",
-            "ops_used": dict(sorted(prog.ops_used.items())), "uncovered": prog.uncovered}
+    prog, base = interpreted(path)
     if prog.uncovered:
         return {"status": f"not covered: {', '.join(prog.uncovered)}", "passed": None, **base}
     try:

@@ -27,11 +27,13 @@ import numpy as np
 
 from ..config import Precision
 from ..errors import ExportError
+from .coreml import _coremltools as _ct
+from .coreml import _quiet, interpreted, package_size, quantize
 from .validate import compare
 
 DECODER_PART = "decoder_coreml"
 DECODER_FILE = "decoder.mlpackage"
-EMBED_FILE = {"float32": "embed_tokens.f32", "float16": "embed_tokens.f16"}
+EMBED_FILE = "embed_tokens.f16"
 STATES = ("key_cache", "value_cache")
 STATEFUL_TARGET = "iOS18"          # Core ML states (MLState) need iOS 18 / macOS 15
 # The additive mask's "masked" (float32 min in runtime.vlm_ops) is clamped to this inside the program: FP16 holds it
@@ -53,12 +55,6 @@ def _trace(module, example: tuple):
         return torch.jit.trace(module, example, check_trace=False)
 
 
-def _ct():
-    from .coreml import _coremltools
-
-    return _coremltools()
-
-
 def deployment_target(target, p: Precision) -> str:
     t = (target.minimum_deployment_target or {}).get(p.value)
     if not t:
@@ -72,8 +68,6 @@ def _later(a: str, b: str) -> str:
 
 
 def _save(mlmodel, path: Path) -> None:
-    from .coreml import _quiet
-
     if path.exists():
         shutil.rmtree(path)
     with _quiet():
@@ -82,8 +76,6 @@ def _save(mlmodel, path: Path) -> None:
 
 def _convert(traced, inputs, outputs, p: Precision, target_name: str, states=None, block_size: int = 32):
     """ct.convert + weight compression for ``p``; a one-line ExportError names the part on failure."""
-    from .coreml import _quiet, quantize
-
     ct = _ct()
     try:
         with _quiet():
@@ -115,19 +107,20 @@ def _tensor_type(spec, name: str, example):
     return ct.TensorType(name=name, shape=shape, dtype=dtype)
 
 
+def _not_covered(base: dict) -> dict:
+    return {"status": "not covered", "passed": None, **base,
+            "why": "the reference interpreter has no implementation of these ops; parity is not claimed"}
+
+
 def interpreter_parity(path: Path, feeds: dict, reference: dict, precision: str) -> dict:
     """The saved package through edgevlm's reference ML-program interpreter against eager outputs (per output)."""
-    from ..runtime.mil import load_package
-
-    prog = load_package(path)
+    prog, base = interpreted(path)
     if prog.uncovered:
-        return {"status": "not covered", "uncovered": list(prog.uncovered),
-                "why": "the reference interpreter has no implementation of these ops; parity is not claimed"}
+        return _not_covered(base)
     got = prog.predict(feeds)
     recs = {k: compare(np.asarray(v, np.float32), np.asarray(got[k], np.float32).reshape(np.shape(v)), precision, k)
             for k, v in reference.items()}
-    return {"status": "ok", "runtime": "edgevlm reference ML-program interpreter (numpy)",
-            "program_dtype": "fp32" if precision == "fp32" else "fp16", "outputs": recs,
+    return {"status": "ok", **base, "program_dtype": "fp32" if precision == "fp32" else "fp16", "outputs": recs,
             "max_abs_diff": max(r["max_abs_diff"] for r in recs.values()),
             "max_rel_diff": max(r.get("max_rel_diff", 0.0) for r in recs.values())}
 
@@ -197,8 +190,6 @@ def _log_parity(log, parity: dict) -> None:
 
 
 def _facts(path: Path, ml, tname: str, p: Precision) -> dict:
-    from .coreml import package_size
-
     ct = _ct()
     spec = ml.get_spec()
     return {"minimum_deployment_target": tname, "spec_version": int(spec.specificationVersion),
@@ -209,23 +200,22 @@ def _facts(path: Path, ml, tname: str, p: Precision) -> dict:
 
 
 # -- token embedding --------------------------------------------------------------------------------------------
-def write_embedding(language_model, work: Path, p: Precision) -> dict:
-    """The LM's input embedding table, raw: float32 for fp32 bundles, float16 otherwise."""
+def write_embedding(language_model, work: Path) -> dict:
+    """The LM's input embedding table, raw float16 (ios VLM bundles compute in FLOAT16; ``vlm.precisions``)."""
     from torch import nn
 
     emb = language_model.get_input_embeddings()
     if type(emb) is not nn.Embedding or emb.max_norm is not None:
         raise ExportError(f"{type(language_model).__name__}'s input embedding is {type(emb).__name__}, not a plain "
                           "table: Core ML bundles carry the table raw", "export for --target cpu or android")
-    dtype = "float32" if p == Precision.FP32 else "float16"
-    table = emb.weight.detach().float().cpu().numpy().astype(dtype)
-    path = Path(work) / EMBED_FILE[dtype]
-    table.astype(table.dtype.newbyteorder("<")).tofile(path)
-    exact = dtype == "float32"
-    return {"path": path.name, "format": "raw", "precision": "fp32" if exact else "fp16",
-            "details": {"dtype": dtype, "shape": [int(s) for s in table.shape], "byte_order": "little",
+    weight = emb.weight.detach().float().cpu().numpy()
+    table = weight.astype("<f2")
+    path = Path(work) / EMBED_FILE
+    table.tofile(path)
+    return {"path": path.name, "format": "raw", "precision": "fp16",
+            "details": {"dtype": "float16", "shape": [int(s) for s in table.shape], "byte_order": "little",
                         "layout": "row-major (vocab, hidden)"},
-            "parity": {"max_abs_diff": float(np.abs(table.astype(np.float32) - emb.weight.detach().float().numpy()).max()),
+            "parity": {"max_abs_diff": float(np.abs(table.astype(np.float32) - weight).max()),
                        "what": "the stored table against the model's, element by element"}}
 
 
@@ -236,23 +226,10 @@ def decoder_module(language_model, context: int, outputs: tuple[str, ...] = ()):
     from torch import nn
     from transformers.cache_utils import Cache, CacheLayerMixin
 
-    from .vlm_onnx import DECODER_EXTRA_OUTPUTS, _final_norm
+    from .vlm_onnx import decoder_sizes, hidden_norm
 
-    unknown = [o for o in outputs if o not in DECODER_EXTRA_OUTPUTS]
-    if unknown:
-        raise ExportError(f"the decoder cannot give the output(s) {', '.join(unknown)}",
-                          f"declare only {', '.join(DECODER_EXTRA_OUTPUTS)} in the model's decoder_outputs")
-    norm = _final_norm(language_model) if "hidden" in outputs else None
-    if "hidden" in outputs and norm is None:
-        raise ExportError(f"{type(language_model).__name__} has no final norm to read the hidden state before",
-                          "report the model")
-    with torch.no_grad():        # sizes from a real forward (configs spell head_dim and kv heads differently)
-        d = int(language_model.config.hidden_size)
-        dt = language_model.get_input_embeddings().weight.dtype
-        out = language_model(inputs_embeds=torch.zeros(1, 1, d, dtype=dt), use_cache=True)
-        k = out.past_key_values.layers[0].keys
-        sizes = {"num_layers": len(out.past_key_values.layers), "num_kv_heads": int(k.shape[1]),
-                 "head_dim": int(k.shape[3]), "hidden_size": d, "vocab_size": int(out.logits.shape[-1])}
+    norm = hidden_norm(language_model, outputs)
+    sizes, _ = decoder_sizes(language_model)
     n, h, hd = sizes["num_layers"], sizes["num_kv_heads"], sizes["head_dim"]
 
     class StateLayer(CacheLayerMixin):
@@ -422,12 +399,9 @@ def _trace_parity(traced, calls, refs) -> dict:
 
 def decoder_interpreter_parity(path: Path, calls, refs, precision: str) -> dict:
     """The saved stateful package through the reference interpreter over the same calls, one state throughout."""
-    from ..runtime.mil import load_package
-
-    prog = load_package(path)
+    prog, base = interpreted(path)
     if prog.uncovered:
-        return {"status": "not covered", "uncovered": list(prog.uncovered),
-                "why": "the reference interpreter has no implementation of these ops; parity is not claimed"}
+        return _not_covered(base)
     state, done, recs, top1 = prog.new_state(), 0, [], []
     for x, ref in zip(calls, refs):
         got = prog.predict(_feeds(x, done), state)
@@ -435,8 +409,7 @@ def decoder_interpreter_parity(path: Path, calls, refs, precision: str) -> dict:
         recs.append({k: compare(v, np.asarray(got[k], np.float32).reshape(v.shape), precision, k) for k, v in ref.items()})
         done += x.shape[1]
     flat = [r for rec in recs for r in rec.values()]
-    return {"status": "ok", "runtime": "edgevlm reference ML-program interpreter (numpy)",
-            "calls": [x.shape[1] for x in calls], "max_abs_diff": max(r["max_abs_diff"] for r in flat),
+    return {"status": "ok", **base, "calls": [x.shape[1] for x in calls], "max_abs_diff": max(r["max_abs_diff"] for r in flat),
             "max_rel_diff": max(r.get("max_rel_diff", 0.0) for r in flat),
             "top1_agreement": float(np.mean(top1)), "per_call": recs}
 
@@ -448,7 +421,7 @@ def build_parts(model, image, p: Precision, cfg, target, work: Path, scratch: Pa
     for spec in model.export_parts(image):
         parts[spec.name] = export_image_part(spec, p, target, work, cfg.block_size, log)
     log("  token embedding table (raw)")
-    parts["embed_tokens"] = write_embedding(model.language_model, work, p)
+    parts["embed_tokens"] = write_embedding(model.language_model, work)
     dec = export_decoder(model, p, target, int(model.max_context), work, cfg.block_size, log)
     parts[DECODER_PART] = dec
     return parts, {k: dec["details"]["export"][k] for k in ("num_layers", "num_kv_heads", "head_dim")}

@@ -62,11 +62,9 @@ def _final_norm(language_model):
     return None
 
 
-def _decoder_wrapper(language_model, outputs: tuple[str, ...] = ()):
-    import torch
-    from torch import nn
-    from transformers import DynamicCache
-
+def hidden_norm(language_model, outputs: tuple[str, ...]):
+    """The final norm whose input is the ``hidden`` output when ``outputs`` asks for it (else None); a one-line
+    ExportError for an output no decoder gives, or a model without a final norm."""
     from ..errors import ExportError
 
     unknown = [o for o in outputs if o not in DECODER_EXTRA_OUTPUTS]
@@ -77,6 +75,29 @@ def _decoder_wrapper(language_model, outputs: tuple[str, ...] = ()):
     if "hidden" in outputs and norm is None:
         raise ExportError(f"{type(language_model).__name__} has no final norm (model.final_layernorm or model.norm) "
                           "to read the hidden state before", "report the model")
+    return norm
+
+
+def decoder_sizes(language_model) -> tuple[dict, object]:
+    """(layers, kv heads, head dim, hidden and vocabulary sizes; the LM's dtype), read off a real one-position
+    forward: configs spell head_dim and kv heads differently."""
+    import torch
+
+    with torch.no_grad():
+        dtype = language_model.get_input_embeddings().weight.dtype
+        d = int(language_model.config.hidden_size)
+        out = language_model(inputs_embeds=torch.zeros(1, 1, d, dtype=dtype), use_cache=True)
+        k = out.past_key_values.layers[0].keys
+        sizes = {"num_layers": len(out.past_key_values.layers), "num_kv_heads": int(k.shape[1]),
+                 "head_dim": int(k.shape[3]), "hidden_size": d, "vocab_size": int(out.logits.shape[-1])}
+    return sizes, dtype
+
+
+def _decoder_wrapper(language_model, outputs: tuple[str, ...] = ()):
+    from torch import nn
+    from transformers import DynamicCache
+
+    norm = hidden_norm(language_model, outputs)
 
     class DecoderWithCache(nn.Module):
         """Flat tensors in and out around the causal LM: the past becomes a DynamicCache, the grown
@@ -110,16 +131,8 @@ def _decoder_wrapper(language_model, outputs: tuple[str, ...] = ()):
                 present += [layer.keys.float(), layer.values.float()]
             return (out.logits[:, -1, :].float(), *present)
 
-    wrapper = DecoderWithCache(language_model).eval()
-    # The sizes are read off a real forward (configs spell head_dim and kv heads differently).
-    with torch.no_grad():
-        dtype = language_model.get_input_embeddings().weight.dtype
-        d = int(language_model.config.hidden_size)
-        out = language_model(inputs_embeds=torch.zeros(1, 1, d, dtype=dtype), use_cache=True)
-        k = out.past_key_values.layers[0].keys
-        sizes = {"num_layers": len(out.past_key_values.layers), "num_kv_heads": int(k.shape[1]),
-                 "head_dim": int(k.shape[3]), "hidden_size": d, "vocab_size": int(out.logits.shape[-1])}
-    return wrapper, sizes, dtype
+    sizes, dtype = decoder_sizes(language_model)
+    return DecoderWithCache(language_model).eval(), sizes, dtype
 
 
 def export_decoder(language_model, path, opset: int = 18, external_data: bool | None = None,

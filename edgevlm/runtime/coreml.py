@@ -38,7 +38,14 @@ def _apple_model(path: Path):
                           f"re-export the bundle, or set {REFERENCE_ENV}=1 to use edgevlm's reference interpreter") from None
 
 
-def _program(path: Path):
+def open_program(path: Path):
+    """A package as a program with ``inputs``, ``outputs``, ``states``, ``new_state()`` and ``predict(feeds,
+    state)``: Core ML itself on macOS (:class:`_AppleProgram`), else edgevlm's reference interpreter."""
+    apple = _apple_model(path)
+    if apple is not None:
+        d = apple.get_spec().description
+        return _AppleProgram(apple, [i.name for i in d.input], [o.name for o in d.output],
+                             tuple(st.name for st in d.state))
     from .mil import load_package
 
     prog = load_package(path)
@@ -57,13 +64,9 @@ class CoreMLGraph:
     def __init__(self, path: Path, providers=None, precision: str = "fp16", threads: int | None = None,
                  expect: tuple[str, ...] = (), **_):
         self.path = Path(path)
-        self.apple = _apple_model(self.path)
-        if self.apple is not None:            # Core ML on macOS: same names, its kernels
-            spec = self.apple.get_spec().description
-            self.program = _AppleProgram(self.apple, [i.name for i in spec.input], [o.name for o in spec.output])
+        self.program = open_program(self.path)
+        if isinstance(self.program, _AppleProgram):       # Core ML on macOS: same names, its kernels
             self.backend = "Core ML (MLModel.predict)"
-        else:
-            self.program = _program(self.path)
         self.outputs = list(self.program.outputs)
         missing = [n for n in expect if n not in self.program.inputs]
         if missing:
@@ -79,8 +82,8 @@ class CoreMLGraph:
         except Exception as e:  # noqa: BLE001 -- numpy errors inside an op
             raise BundleError(f"the reference interpreter failed running {self.path.name}: {first_line(e)}",
                               "re-export the bundle with `edgevlm export`; if it persists, report it") from None
-        return [np.asarray(out[n], np.float32) if np.asarray(out[n]).dtype.kind == "f" else out[n]
-                for n in self.outputs]
+        arrays = [np.asarray(out[n]) for n in self.outputs]
+        return [a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a for a in arrays]
 
 
 class _AppleProgram:
@@ -135,14 +138,9 @@ class CoreMLDecoder:
 
     def __init__(self, path: Path, embed, context: int):
         self.path, self.embed, self.context = Path(path), embed, int(context)
-        apple = _apple_model(self.path)
-        if apple is not None:                 # Core ML on macOS 15+: MLModel.make_state / predict(data, state)
-            spec = apple.get_spec().description
-            self.program = _AppleProgram(apple, [i.name for i in spec.input], [o.name for o in spec.output],
-                                         tuple(st.name for st in spec.state))
+        self.program = open_program(self.path)
+        if isinstance(self.program, _AppleProgram):       # Core ML on macOS 15+: make_state / predict(data, state)
             self.name = "coreml"
-        else:
-            self.program = _program(self.path)
         need = ("inputs_embeds", "attention_mask", "position_ids")
         missing = [n for n in need if n not in self.program.inputs] + \
             [s for s in ("key_cache", "value_cache") if s not in self.program.states]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from ...bundle import read_varint
 from ...errors import BundleError
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
@@ -32,19 +33,11 @@ def _bad(problem: str) -> BundleError:
 
 
 def varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """(value, next position) of the base-128 varint at ``pos``."""
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise _bad("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise _bad("varint longer than 10 bytes")
+    """(value, next position) of the base-128 varint at ``pos`` (the bundle's protobuf scanner reads them too)."""
+    try:
+        return read_varint(buf, pos, len(buf))
+    except ValueError:
+        raise _bad("truncated varint") from None
 
 
 def fields(buf: bytes) -> list[tuple[int, int, object]]:
