@@ -11,6 +11,7 @@ runtime itself) -> the VLM's manifest blocks.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def export_vlm_bundle(cfg: VLMExportConfig, quiet: bool = False, model=None) -> 
 def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
     """A VLM as an :class:`~edgevlm.pipeline.ExportJob`: the parts its family declares (``model.export_parts``),
     the token embedding and the decoder, each exported, quantized by the target profile's rules and validated."""
+    from .exporters import get_vlm_parts
     from .modeling.families import load_vlm
     from .zoo import get_vlm_recipe
 
@@ -108,7 +110,9 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
     device = _device_fit(cfg, recipe.name, p, decoder, target) if cfg.device else None   # before any weights load
     # the decoder formats written; a profile's default GGUF gives way to its ONNX decoder where GGUF cannot be
     # written (no gguf package, or a family llama.cpp has no graph for), and the manifest says why
-    st: dict = {"model": model, "formats": decoder.formats(), "decoder_note": None}
+    # owned: the pipeline loaded the model itself, so it may drop the eager weights once every part that reads
+    # them is exported (a caller's model is left whole)
+    st: dict = {"model": model, "formats": decoder.formats(), "decoder_note": None, "owned": model is None}
     if "gguf" in st["formats"]:
         try:
             import gguf  # noqa: F401
@@ -133,6 +137,7 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
             log(f"      {st['params'] / 1e6:.2f}M parameters, family {m.family}")
             st["image"], st["prompt"] = parity_inputs(m)
             st["ref"] = eager_trace(m, st["image"], st["prompt"], cfg.parity_tokens)
+            st["golden"] = golden_references(m)        # eager's answers now: the weights may be gone by then
             st["model"] = m
             if cfg.decoder is None and "gguf" in st["formats"] and "onnx" in prof.decoders:
                 from .exporters.gguf import check_supported
@@ -145,8 +150,6 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
                 log(f"      decoder: {st['decoder_note']['why']}")
 
     def build(work: Path, scratch: Path, stages) -> dict:
-        from .exporters import get_vlm_parts
-
         m, log, ref = st["model"], stages.log, st["ref"]
         formats = st["formats"]
         parts: dict = {}
@@ -155,13 +158,26 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
             with stages(f"export {target.format} parts at {p.value} ({target.name} rules)"):
                 built, facts = fx.build_parts(m, st["image"], p, cfg, target, work, scratch, log, formats)
                 parts.update(built)
+            with stages("write GGUF decoder" if "gguf" in formats else "GGUF decoder (not requested)"):
+                if "gguf" in formats:
+                    parts["decoder_gguf"] = _export_gguf(m, p, work, scratch, log)
         else:
-            with stages(f"export ONNX parts at {p.value} ({target.name} rules)"):
-                parts.update(_export_image_parts(m, st["image"], p, cfg, target, work, scratch, log))
-                facts = _export_text_parts(m, p, cfg, target, work, scratch, log, parts, onnx_decoder="onnx" in formats)
-        with stages("write GGUF decoder" if "gguf" in formats else "GGUF decoder (not requested)"):
-            if "gguf" in formats:
-                parts["decoder_gguf"] = _export_gguf(m, p, work, scratch, log)
+            # every step that reads the eager weights first (FP32 graphs, their parity, eager references, the
+            # GGUF), then the weights go (a real-size model and its quantizer do not fit in memory together),
+            # then the profile's rewrites and precisions on the graphs alone
+            with stages(f"export ONNX parts at fp32 ({target.name} rules)"):
+                pending = _export_image_parts(m, st["image"], p, cfg, target, scratch, log, release=st["owned"])
+                dec_fp32 = _export_text_parts(m, cfg, target, work, scratch, log, parts)
+            with stages("write GGUF decoder" if "gguf" in formats else "GGUF decoder (not requested)"):
+                if "gguf" in formats:
+                    parts["decoder_gguf"] = _export_gguf(m, p, work, scratch, log)
+            rotary = _rotary(m)
+            if st["owned"]:
+                release_weights(m, log)
+            with stages(f"quantize and check parts at {p.value} ({target.name} rules)"):
+                parts.update(_finish_image_parts(pending, p, target, work, scratch, log))
+                facts = _finish_decoder(m, dec_fp32, rotary, p, cfg, target, work, scratch, log, parts,
+                                        onnx_decoder="onnx" in formats)
         m.tokenizer.tok.save(str(work / "tokenizer.json"))
         # a format whose parts leave the ONNX files (ort): converted once every part is final, before parity
         finish = getattr(fx, "finish_parts", None)
@@ -201,10 +217,11 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
         return blocks
 
     def golden(work: Path, blocks: dict, stages) -> dict:
-        return write_golden(st["model"], work, {**header("vlm"), **blocks}, stages.log)
+        return write_golden(st["golden"], work, {**header("vlm"), **blocks}, stages.log)
 
     out = Path(cfg.out) if cfg.out else default_out(cfg, p)
-    return ExportJob("vlm", out, cfg.overwrite, 5, load, build, PACKAGES, golden)
+    n_stages = 5 if hasattr(get_vlm_parts(target.format), "build_parts") else 6    # + quantize and check
+    return ExportJob("vlm", out, cfg.overwrite, n_stages, load, build, PACKAGES, golden)
 
 
 def _default_gives_way(st: dict, why: str) -> None:
@@ -238,9 +255,9 @@ def golden_inputs(model) -> list[tuple[object, str]]:
     return [(scenes.render(scenes.make_scene("val", i)), prompt) for i, prompt in enumerate(model.golden_prompts)]
 
 
-def write_golden(model, work: Path, manifest: dict, log, new_tokens: int | None = None) -> dict:
-    """Eager's greedy tokens and teacher-forced top-5 on each golden input, the figures of every decoder of the
-    bundle-to-be on them (the runtime, as a device runs it), and each case's criteria from those figures."""
+def golden_references(model, new_tokens: int | None = None) -> list[dict]:
+    """Eager's greedy tokens and teacher-forced top-5 on each golden input, taken while the weights are loaded:
+    [{"id", "png" (the image's bytes as the bundle stores them), "prompt", "eager"}]."""
     from .data.images import load_image
     from .exporters import golden as gw
     from .runtime import golden as g
@@ -248,10 +265,21 @@ def write_golden(model, work: Path, manifest: dict, log, new_tokens: int | None 
     n_new = new_tokens or g.NEW_TOKENS
     cases = []
     for i, (img, prompt) in enumerate(golden_inputs(model)):
-        path = gw.save_image(img, work, f"case{i}")
-        ref = eager_trace(model, load_image(path), prompt, n_new)       # eager reads the PNG the device reads
-        cases.append({"id": f"case{i}", "image": path.name, "prompt": prompt,
+        png = gw.png_bytes(img)
+        ref = eager_trace(model, load_image(png), prompt, n_new)       # eager decodes the PNG the device decodes
+        cases.append({"id": f"case{i}", "png": png, "prompt": prompt,
                       "eager": {"tokens": ref["ids"], "top5": g.top_k_record(ref["logits"])}})
+    return cases
+
+
+def write_golden(references: list[dict], work: Path, manifest: dict, log) -> dict:
+    """The golden cases (:func:`golden_references`) with the figures of every decoder of the bundle-to-be on them
+    (the runtime, as a device runs it), and each case's criteria from those figures."""
+    from .exporters import golden as gw
+    from .runtime import golden as g
+
+    cases = [{"id": r["id"], "image": gw.save_image(r["png"], work, r["id"]).name, "prompt": r["prompt"],
+              "eager": r["eager"]} for r in references]
     precision = manifest["precision"]
     measured: dict = {}
     for backend, pipe in _staged_pipelines(work, manifest):
@@ -323,55 +351,76 @@ def _calibration_progress(log):
     return report
 
 
-def _export_image_parts(model, image, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path,
-                        log) -> dict:
-    """Every part the family declares (``model.export_parts``): FP32 export and parity, then the part's precision
-    by its role: a part that reads pixels goes to FP16, or to INT8 static with the target profile's int8 rules,
-    calibrated on ``--calib`` images (default: the family's calibration set); parts that read features stay FP32."""
-    from .compress import quantize
+def _export_image_parts(model, image, p: Precision, cfg: VLMExportConfig, target, scratch: Path, log,
+                        release: bool = False) -> list[dict]:
+    """Every part the family declares (``model.export_parts``), exported at FP32 and checked against eager; each
+    comes back with what its precision step needs once the eager weights are gone: its eager outputs, and for a
+    part that reads pixels below FP16, the calibration views. ``release``: the parts' own weights (none the
+    language model holds) go once every part is exported, before ONNX Runtime loads the graphs to check them."""
     from .exporters import get_vlm_parts
     from .parts import PartRole
 
     fx = get_vlm_parts(target.format)             # the target format's part exporter
-
     pixel_prec = {Precision.FP32: "fp32", Precision.FP16: "fp16"}.get(p, "int8")
-    parts = {}
+    pending, calib = [], None
     for spec in model.export_parts(image):
-        src = scratch / spec.file
         log(f"  {spec.name} ({spec.what or spec.name}): fp32 export")
         facts = fx.export_part(spec, scratch, cfg.opset)
-        parity32 = fx.part_parity(spec, src, "fp32")
-        log(f"    parity fp32: max abs {parity32['max_abs_diff']:.2e} [ok]")
-        rec = {"path": spec.file, "format": "onnx", "precision": "fp32", "details": {"export": facts},
-               "parity": parity32}
         prec = pixel_prec if spec.role is PartRole.PIXELS else "fp32"
+        if prec == "int8" and calib is None:
+            calib = _calibration_pixels(model, cfg)
+        pending.append({"spec": replace(spec, module=None), "facts": facts, "precision": prec,
+                        "reference": fx.part_reference(spec), "calib": calib if prec == "int8" else None})
+    if release and pending:
+        release_weights(model, log, keep=model.language_model, what="the image parts' eager weights")
+    for item in pending:
+        spec = item["spec"]
+        parity32 = fx.part_parity(spec, scratch / spec.file, "fp32", reference=item["reference"])
+        log(f"  {spec.name}: parity fp32: max abs {parity32['max_abs_diff']:.2e} [ok]")
+        item["rec"] = {"path": spec.file, "format": "onnx", "precision": "fp32",
+                       "details": {"export": item.pop("facts")}, "parity": parity32}
+    return pending
+
+
+def _finish_image_parts(pending: list[dict], p: Precision, target, work: Path, scratch: Path, log) -> dict:
+    """Each exported part at its precision by its role: a part that reads pixels goes to FP16, or to INT8 static
+    with the target profile's int8 rules, calibrated on ``--calib`` images (default: the family's calibration
+    set); parts that read features stay FP32. Quantized parts are checked against the eager outputs kept."""
+    from .compress import quantize
+    from .exporters import get_vlm_parts
+
+    fx = get_vlm_parts(target.format)
+    parts = {}
+    for item in pending:
+        spec, rec, prec = item["spec"], item["rec"], item["precision"]
+        src = scratch / spec.file
         if prec != "fp32":
             q = scratch / f"{spec.name}.{prec}.onnx"
             if prec == "fp16":
                 rec["details"]["quantization"] = quantize.to_fp16(src, q)
             else:
-                data = _calibration_pixels(model, cfg)
-                log(f"    calibrating INT8 on {len(data)} views ({cfg.calib or 'built-in images'}, {target.name} rules)")
+                data = item["calib"]
+                log(f"  {spec.name}: calibrating INT8 on {len(data)} views ({target.name} rules)")
                 rec["details"]["quantization"] = quantize.to_int8(src, q, data, batch=1,
                                                                   progress=_calibration_progress(log),
                                                                   **target.int8_options())
             src.unlink()
             q.replace(src)
-            rec.update(precision=prec, parity=fx.part_parity(spec, src, prec), parity_fp32=parity32)
+            parity32 = rec["parity"]
+            rec.update(precision=prec, parity=fx.part_parity(spec, src, prec, reference=item["reference"]),
+                       parity_fp32=parity32)
             log(f"    parity {prec}: max rel {rec['parity']['max_rel_diff']:.2e} [recorded]")
         shutil.move(str(src), work / spec.file)
         parts[spec.name] = rec
     return parts
 
 
-def _export_text_parts(model, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path, log, parts: dict,
-                       onnx_decoder: bool) -> dict:
-    """The token embedding (FP32) and, when an ONNX decoder is wanted, the decoder: FP32 export, the target
-    profile's rewrites (``vlm.rewrites``), then its quantization method for ``p`` (``vlm.decoder_int8/int4``).
-    Returns the decoder's sizes for the ``generation`` block."""
+def _export_text_parts(model, cfg: VLMExportConfig, target, work: Path, scratch: Path, log, parts: dict) -> dict:
+    """The token embedding (FP32, into the bundle) and the decoder's FP32 graph (into ``scratch``); returns the
+    decoder export's facts with its path."""
     from .exporters import get_vlm_parts
 
-    vlm_onnx, prof = get_vlm_parts(target.format), target.require_vlm()
+    vlm_onnx = get_vlm_parts(target.format)
     lm = model.language_model
     log("  token embedding (fp32)")
     facts = vlm_onnx.export_embed_tokens(lm, work / "embed_tokens.onnx", opset=cfg.opset)
@@ -379,12 +428,24 @@ def _export_text_parts(model, p: Precision, cfg: VLMExportConfig, target, work: 
     dec_fp32 = scratch / "decoder.fp32.onnx"
     log("  decoder with KV cache (fp32 export)")
     dfacts = vlm_onnx.export_decoder(lm, dec_fp32, opset=cfg.opset, outputs=model.decoder_outputs)
+    return {"path": dec_fp32, "facts": dfacts, "heads": getattr(lm.config, "num_attention_heads", None)}
+
+
+def _finish_decoder(model, dec: dict, rotary, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path,
+                    log, parts: dict, onnx_decoder: bool) -> dict:
+    """When an ONNX decoder is wanted: the FP32 graph, the target profile's rewrites (``vlm.rewrites``), then its
+    quantization method for ``p`` (``vlm.decoder_int8/int4``). Returns the decoder's sizes for the ``generation``
+    block."""
+    from .exporters import get_vlm_parts
+
+    vlm_onnx, prof = get_vlm_parts(target.format), target.require_vlm()
+    dfacts = dec["facts"]
     if onnx_decoder:
         rec = {"path": "decoder.onnx", "format": "onnx", "precision": p.value, "details": {"export": dfacts}}
-        src = dec_fp32
+        src = dec["path"]
         for rewrite in prof.rewrites:
             key, fn = REWRITES[rewrite]
-            src, rec["details"][key] = fn(model, src, p, dfacts, scratch, log)
+            src, rec["details"][key] = fn(dec, rotary, src, p, scratch, log)
         if p == Precision.FP32:
             from .compress.onnx_io import move_model
 
@@ -398,28 +459,63 @@ def _export_text_parts(model, p: Precision, cfg: VLMExportConfig, target, work: 
     return {k: dfacts[k] for k in ("num_layers", "num_kv_heads", "head_dim")}
 
 
-def _attention_fusion(model, src: Path, p: Precision, dfacts: dict, scratch: Path, log) -> tuple[Path, dict]:
+def _rotary(model):
+    """The language model's RoPE tables for the attention rewrite (:func:`edgevlm.compress.attention.rotary_tables`),
+    or None; read from buffers, so they are taken while the model is whole."""
+    from .compress.attention import rotary_tables
+
+    return rotary_tables(model.language_model, model.max_context)
+
+
+def release_weights(model, log, keep=None, what: str = "the eager weights") -> int:
+    """Drop an eager model's parameters once every part that reads them is exported: each becomes a meta tensor of
+    its shape (the model keeps its config, tokenizer, processing and buffers; it can no longer run). ``keep``: a
+    submodule whose parameters stay. Returns the bytes freed."""
+    import ctypes
+    import gc
+
+    import torch
+
+    kept = {id(t) for t in keep.parameters()} if keep is not None else set()
+    freed, seen = 0, set()
+    for mod in model.modules():
+        for name, prm in list(mod._parameters.items()):
+            if prm is None or prm.device.type == "meta" or id(prm) in kept:
+                continue
+            if id(prm) not in seen:
+                seen.add(id(prm))
+                freed += prm.numel() * prm.element_size()
+            mod._parameters[name] = torch.nn.Parameter(prm.detach().to("meta"), requires_grad=False)
+    gc.collect()
+    try:                                   # hand the freed heap back to the system (glibc keeps it otherwise)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    log(f"      released {what} ({freed / 2**30:.2f} GiB): every part that reads them is exported")
+    return freed
+
+
+def _attention_fusion(dec: dict, rotary, src: Path, p: Precision, scratch: Path, log) -> tuple[Path, dict]:
     """ONNX Runtime's CPU attention op with a KV buffer appended in place (no per-step cache copy) and the model's
     RoPE inside it; fused on the FP32 graph, where the check against the model's own RoPE ops is exact, then
     quantized. FP16 keeps float32 KV I/O around fp16 compute and runs the plain graph."""
-    from .compress.attention import fuse_attention, rotary_tables
+    from .compress.attention import fuse_attention
 
-    lm = model.language_model
-    heads = getattr(lm.config, "num_attention_heads", None)
+    dfacts, heads = dec["facts"], dec["heads"]
     if p == Precision.FP16 or not heads:
         why = "fp16 decoders keep float32 KV I/O around fp16 compute" if heads else "the config names no head count"
         log(f"  attention: concat ({why})")
         return src, {"kv_cache": "concat", "why": why}
     fused = scratch / "decoder.fused.onnx"
     att = fuse_attention(src, int(heads), dfacts["num_kv_heads"], dfacts["head_dim"], dst=fused,
-                         rotary=rotary_tables(lm, model.max_context))
+                         rotary=rotary)
     log(f"  attention: {att['kv_cache']}" + (f" ({att['why']})" if "why" in att else "")
         + (f"; RoPE: {att['rope']}" if "rope" in att else "") + (f" ({att['rope_why']})" if "rope_why" in att else ""))
     return (src if att["kv_cache"] == "concat" else fused), att
 
 
 # The graph rewrites a target profile may name (``vlm.rewrites``): the details key they record under, and the
-# function (model, FP32 graph, precision, decoder facts, scratch, log) -> (graph to go on with, record).
+# function (decoder export facts, RoPE tables, FP32 graph, precision, scratch, log) -> (graph to go on with, record).
 REWRITES = {Rewrite.ATTENTION_FUSION: ("attention", _attention_fusion)}
 
 

@@ -338,3 +338,70 @@ def test_context_sets_what_the_bundle_holds_and_is_checked(tmp_path):
                               decoder=None, out=None, overwrite=False, calib=None, block_size=32, opset=None,
                               device=None, context=None, calib_size=None)
     assert _export_config(args).decoder is None            # the profile's default decides (jetson: gguf)
+
+
+# -- real sizes fit: the eager weights leave memory before the graphs are quantized --------------------------
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_released_weights_leave_resident_memory():
+    from edgevlm.build_vlm import release_weights
+
+    big = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 4096), torch.nn.LayerNorm(4096))
+    big[0].weight.data.normal_()                    # touched: 2 x 64 MiB resident
+    big[1].weight.data.normal_()
+    keep = big[2]
+    before = _rss_bytes()
+    freed = release_weights(big, lambda *_: None, keep=keep)
+    after = _rss_bytes()
+    assert freed == 2 * (4096 * 4096 + 4096) * 4
+    assert before - after > 0.8 * freed, (before, after, freed)
+    assert big[0].weight.device.type == "meta" and big[0].weight.shape == (4096, 4096)
+    assert keep.weight.device.type == "cpu"         # what `keep` holds stays
+
+
+def test_an_owned_model_is_released_before_quantization_and_a_callers_is_not(tmp_path, monkeypatch):
+    """The pipeline drops the eager weights it loaded itself once every part that reads them is exported, so a
+    real-size model and the quantizer of its decoder never share memory; a model the caller passes stays whole."""
+    import edgevlm.build_vlm as bv
+    from edgevlm.exporters import vlm_onnx
+
+    seen: dict = {}
+    release = bv.release_weights
+
+    def spy_release(model, log, **kw):
+        seen.setdefault("model", model)
+        return release(model, log, **kw)
+
+    quantize = vlm_onnx.quantize_decoder
+
+    def spy_quantize(*a, **kw):
+        if "model" in seen:
+            seen["live_at_quantize"] = [n for n, p in seen["model"].named_parameters() if p.device.type != "meta"]
+        return quantize(*a, **kw)
+
+    monkeypatch.setattr(bv, "release_weights", spy_release)
+    monkeypatch.setattr(vlm_onnx, "quantize_decoder", spy_quantize)
+    out, m = edgevlm.export("edgevlm_scenes_tiny", precision="int8", weights="random", calib_size=4,
+                            out=tmp_path / "owned", quiet=True)
+    assert seen["live_at_quantize"] == []               # no eager weight left when the decoder is quantized
+    assert m["golden"]["cases"] and m["parity"]["results"][0]["backend"]   # golden and parity from the kept refs
+    assert m["parts"]["vision_encoder"]["parity_fp32"]["passed"] is True
+
+    seen.clear()
+    vlm = load_vlm("edgevlm_scenes_tiny", weights="random").eval()
+    cfg = VLMExportConfig(model="edgevlm_scenes_tiny", weights="random", target="cpu", precision="int8", calib_size=4,
+                          out=tmp_path / "given")
+    from edgevlm.api import export_config
+
+    export_config(cfg, quiet=True, model=vlm)
+    assert "model" not in seen                          # never released
+    assert all(p.device.type == "cpu" for p in vlm.parameters())     # (its tower reparameterized, as ever)
+    from edgevlm.build_vlm import eager_trace, parity_inputs
+
+    assert eager_trace(vlm, *parity_inputs(vlm), 3)["ids"]              # still runs

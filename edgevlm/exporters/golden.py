@@ -15,13 +15,23 @@ from ..errors import ExportError
 from ..runtime import golden as g
 
 
+def png_bytes(img) -> bytes:
+    """``img`` (a PIL image) encoded as a golden case stores it (RGB PNG): eager decodes these bytes, as the
+    runtime decodes the file, so both see the same pixels."""
+    import io
+
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 def save_image(img, work: Path, name: str) -> Path:
-    """``img`` (a PIL image) as ``golden/<name>.png`` in the bundle being staged; returns its path. Eager and the
-    runtime both read this file back, so they see the same pixels."""
+    """``img`` (a PIL image, or its :func:`png_bytes`) as ``golden/<name>.png`` in the bundle being staged;
+    returns its path. Eager and the runtime both read this file back, so they see the same pixels."""
     d = work / g.GOLDEN_DIR
     d.mkdir(exist_ok=True)
     path = d / f"{name}.png"
-    img.convert("RGB").save(path, format="PNG", optimize=True)
+    path.write_bytes(img if isinstance(img, bytes) else png_bytes(img))
     return path
 
 

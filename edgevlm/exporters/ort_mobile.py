@@ -27,6 +27,7 @@ from .vlm_onnx import (  # noqa: F401
     export_embed_tokens,
     export_part,
     part_parity,
+    part_reference,
     quantize_decoder,
 )
 

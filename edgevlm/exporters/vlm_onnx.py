@@ -257,19 +257,25 @@ def export_part(spec, folder, opset: int = 18) -> dict:
             "ops": op_counts(path)}
 
 
-def part_parity(spec, path, precision: str = "fp32") -> dict:
-    """The part's graph in ONNX Runtime against its eager module on the spec's example inputs
-    (validate.compare: FP32 within 1e-4 x max(1, scale), FP16 within 1e-2 relative, or ValidationError)."""
+def part_reference(spec) -> tuple[np.ndarray, ...]:
+    """The part's eager outputs on the spec's example inputs, float32 arrays in ``spec.outputs`` order."""
     import torch
-
-    from .validate import compare
 
     with torch.inference_mode():
         ref = spec.module(*spec.example)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    return tuple(r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,)))
+
+
+def part_parity(spec, path, precision: str = "fp32", reference: tuple | None = None) -> dict:
+    """The part's graph in ONNX Runtime against its eager module on the spec's example inputs
+    (validate.compare: FP32 within 1e-4 x max(1, scale), FP16 within 1e-2 relative, or ValidationError).
+    ``reference``: the eager outputs already computed (:func:`part_reference`), once the module's weights are gone."""
+    from .validate import compare
+
+    refs = part_reference(spec) if reference is None else reference
     feeds = {n: (t.float() if t.is_floating_point() else t).numpy() for n, t in zip(spec.inputs, spec.example)}
     got = ort_session(path).run(None, feeds)
-    recs = [compare(r.float().numpy(), g, precision, n) for r, g, n in zip(refs, got, spec.outputs)]
+    recs = [compare(r, g, precision, n) for r, g, n in zip(refs, got, spec.outputs)]
     rec = recs[0] if len(recs) == 1 else {**recs[0], "outputs": recs,
                                           "passed": None if recs[0]["passed"] is None else all(r["passed"] for r in recs)}
     rec["runtime"] = "onnxruntime CPUExecutionProvider"
@@ -459,5 +465,5 @@ def decoder_parity(language_model, path, prompt_embeds, n_new: int = 32, bidirec
 
 
 __all__ = ["MASK_MIN", "attention_mask", "decoder_io_names", "decoder_parity", "eager_reference", "export_decoder",
-           "export_embed_tokens", "export_part", "merge_crops_numpy", "part_parity", "quantize_decoder",
+           "export_embed_tokens", "export_part", "merge_crops_numpy", "part_parity", "part_reference", "quantize_decoder",
            "splice_llava_mini"]
