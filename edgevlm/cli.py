@@ -592,7 +592,8 @@ def _add_eval(sub) -> None:
                        "task for edgevlm_scenes")
     s.add_argument("model_or_bundle")
     s.add_argument("--weights", help="for an eager zoo model: its weights (default: shipped)")
-    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--split", default="test", choices=["train", "val", "test", "drawn"],
+                   help="the generator's splits, or drawn: scenes a person would draw (edgevlm/data/drawn.py)")
     s.add_argument("--limit", type=int)
     s.add_argument("--decoder-backend", choices=list(DECODERS), help="VLM bundles: which decoder")
     s.add_argument("--json", type=Path)

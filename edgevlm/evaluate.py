@@ -14,6 +14,9 @@ def _digits(pre: dict | object, split: str, limit: int | None):
     from .zoo import PreprocessSpec
 
     pre = PreprocessSpec.from_dict(pre) if isinstance(pre, dict) else pre
+    if split not in digits.SPLITS:
+        raise ConfigError(f"the {split} split is the scenes task's; the digits of an image classifier have "
+                          f"{', '.join(digits.SPLITS)}", "pass --split test")
     x, y = digits.arrays(split, pre)
     return (x[:limit], y[:limit]) if limit else (x, y)
 

@@ -3,6 +3,10 @@
 Every question of every scene in the split is asked (the question set of a scene is fixed by its seed),
 plus "describe the image." for the caption. The scorers are plain functions so that eager models and
 bundles (through the runtime) are measured by the same code.
+
+Splits (:data:`SPLITS`): the generator's ``train``/``val``/``test`` (:mod:`edgevlm.data.scenes`), and ``drawn``,
+scenes a person would draw, rendered and asked by independent code (:mod:`edgevlm.data.drawn`; question-answer
+kinds only).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .data import scenes
+from .data import drawn, scenes
 
 QA_KINDS = ("color", "shape", "count", "exists", "position")
 POINT_HIT = 0.05      # a point counts as a hit within this normalized distance of a target centre
@@ -112,16 +116,40 @@ METRIC = {**{k: "exact match" for k in QA_KINDS}, "detect": "mean IoU", "point":
           "caption": "token F1"}
 
 
+def _generator_case(split: str, index: int):
+    scene, qa = qa_pairs(split, index)
+    return scenes.render(scene), qa
+
+
+def _drawn_case(split: str, index: int):
+    scene = drawn.make(index)
+    return drawn.draw(scene), drawn.questions(scene)
+
+
+# split -> (scenes in it, index -> (image, [(kind, question, answer)]))
+SPLITS = {**{name: (size, _generator_case) for name, size in scenes.SPLIT_SIZES.items()},
+          drawn.SPLIT: (drawn.SIZE, _drawn_case)}
+
+
+def case(split: str, index: int):
+    """Scene ``index`` of ``split``: (image, [(kind, question, answer)])."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {tuple(SPLITS)}")
+    return SPLITS[split][1](split, index)
+
+
 def run(answer, split: str = "test", limit: int | None = None, progress=None) -> dict:
     """Ask ``answer(image, question, kind) -> str`` every question of the first ``limit`` scenes."""
-    n = min(limit or scenes.SPLIT_SIZES[split], scenes.SPLIT_SIZES[split])
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {tuple(SPLITS)}")
+    size = SPLITS[split][0]
+    n = min(limit or size, size)
     per_kind: dict[str, list[float]] = defaultdict(list)
     dists: list[float] = []
     examples = []
     t0 = time.time()
     for i in range(n):
-        scene, qa = qa_pairs(split, i)
-        image = scenes.render(scene)
+        image, qa = case(split, i)
         for kind, q, a in qa:
             pred = answer(image, q, kind)
             per_kind[kind].append(score(kind, pred, a))

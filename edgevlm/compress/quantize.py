@@ -139,9 +139,10 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
         kwargs = {}
         if op_types:
             kwargs["op_types_to_quantize"] = op_types
-        graph = onnx.load(str(pre))
+        graph = onnx.load(str(pre), load_external_data=False)       # names only: the weights stay on disk
         depthwise = _depthwise_convs(graph) if exclude_depthwise else []
         act_mm = _activation_matmuls(graph) if exclude_activation_matmuls else []
+        del graph
         if depthwise or act_mm:
             kwargs["nodes_to_exclude"] = depthwise + act_mm
         with _bounded_calibration_memory():
@@ -152,7 +153,7 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                 reduce_range=REDUCE_RANGE, extra_options=extra, **kwargs,
             )
-    model = onnx.load(str(dst))
+    model = onnx.load(str(dst), load_external_data=False)
     counts = {}
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):

@@ -28,10 +28,33 @@ def export_module(module, args: tuple, path: Path, opset: int, input_names, outp
             if data.exists():
                 data.unlink()
             program.save(str(path), external_data=bool(external_data))
+        del program
     except Exception as e:
         import re
 
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip() or type(e).__name__).splitlines()[0][:200]
         raise ExportError(f"torch.onnx could not export the {what}: {first}",
                           "report the model; try --opset 18") from None
+    finally:
+        _drop_rewriter_state()
     return bool(external_data)
+
+
+def _drop_rewriter_state() -> None:
+    """Forget the graph torch.onnx's last export left in onnxscript's rewrite rules.
+
+    Those rules are module globals, and each one's pattern matcher keeps the last graph it looked at
+    (``_graph``, ``_match``, ``_current_node``). That graph's initializers wrap the exported module's parameters,
+    so without this the weights stay in memory as long as the process runs, even once the module lets them go
+    (4 GiB for TinyGPT-V's vision tower). The matcher sets these again at its next match."""
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:                       # another onnxscript layout: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attr in ("_graph", "_match", "_current_node", "_tracer"):
+                obj.__dict__.pop(attr, None)
+    gc.collect()
