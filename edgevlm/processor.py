@@ -107,11 +107,23 @@ class PromptSpec:
         return {"template": self.template, "bos": self.bos, "stop": list(self.stop)}
 
 
-class TextTokenizer:
-    """A `tokenizers` tokenizer plus the special ids generation needs."""
+# transformers' fast tokenizer classes that rebuild tokenizer.json's post-processor from tokenizer_config.json's
+# ``add_bos_token`` when they load (their ``update_post_processor``), with the default each class assumes
+_BOS_FLAG_CLASSES = {"LlamaTokenizer": True, "LlamaTokenizerFast": True, "CodeLlamaTokenizer": True,
+                     "CodeLlamaTokenizerFast": True, "GemmaTokenizer": True, "GemmaTokenizerFast": True,
+                     "GPTNeoXTokenizerFast": False}
 
-    def __init__(self, tok, bos_id: int | None, eos_ids: tuple[int, ...], source: str):
+
+class TextTokenizer:
+    """A `tokenizers` tokenizer plus the special ids generation needs.
+
+    ``adds_bos``: whether transformers' tokenizer for this checkpoint puts BOS in front of a text it encodes with
+    its special tokens (as its processors do): the ``add_bos_token`` flag for the classes that read it, else what
+    tokenizer.json's post-processor does; None when that is not known (a tokenizer made without a checkpoint)."""
+
+    def __init__(self, tok, bos_id: int | None, eos_ids: tuple[int, ...], source: str, adds_bos: bool | None = None):
         self.tok, self.bos_id, self.eos_ids, self.source = tok, bos_id, tuple(eos_ids), source
+        self.adds_bos = adds_bos
 
     @property
     def vocab_size(self) -> int:
@@ -160,7 +172,15 @@ class TextTokenizer:
             for i in v if isinstance(v, list) else [v]:
                 if isinstance(i, int) and i not in eos:
                     eos.append(i)
-        return cls(tok, bos if isinstance(bos, int) else None, tuple(eos), str(path))
+        bos = bos if isinstance(bos, int) else None
+        if bos is None:
+            adds = False
+        elif cfg.get("tokenizer_class") in _BOS_FLAG_CLASSES:
+            adds = bool(cfg.get("add_bos_token", _BOS_FLAG_CLASSES[cfg["tokenizer_class"]]))
+        else:
+            first = tok.encode("a", add_special_tokens=True).ids[:1]
+            adds = first == [bos]
+        return cls(tok, bos, tuple(eos), str(path), adds_bos=adds)
 
     @classmethod
     def bytes_only(cls, vocab_size: int) -> "TextTokenizer":

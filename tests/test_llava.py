@@ -142,3 +142,81 @@ def test_bad_checkpoint_directories(tmp_path, hf_llava):
         (notok / name).write_bytes((d / name).read_bytes())
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_vlm("llava_tiny", weights=notok)
+
+
+# -- prompts tokenized as the checkpoint's own processor tokenizes them (issue 28) ----------------------------
+CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}{% if c['type'] == "
+        "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _processor_checkpoint(tmp_path, name: str, post_bos: bool, template: str | None, tokenizer_class=None,
+                          add_bos_token=None):
+    """A tiny LLaVA checkpoint whose LlavaProcessor (tokenizer, CLIP image processor, chat template) transformers
+    itself saves; ``post_bos``: its tokenizer.json post-processor puts BOS first."""
+    from tokenizers import Tokenizer, processors
+
+    d = tmp_path / name
+    hf_llava_checkpoint(d, sharpen=4.0)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = (processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                        special_tokens=[("<s>", bos)]) if post_bos else None)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=fast, patch_size=14,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=template)
+    proc.save_pretrained(d)
+    if tokenizer_class is not None:                  # a class that reads add_bos_token (Llama's)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["tokenizer_class"] = tokenizer_class
+        if add_bos_token is not None:
+            cfg["add_bos_token"] = add_bos_token
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d, transformers.AutoProcessor.from_pretrained(d)
+
+
+def _edgevlm_ids(vlm, image, prompt):
+    embeds, pieces, n_img = vlm.prepare(image, prompt)
+    image_id = vlm.tokenizer.token_id("<image>")
+    return pieces.before + [image_id] * n_img + pieces.after, embeds
+
+
+@pytest.mark.parametrize("case", ["template, tokenizer adds BOS", "template, tokenizer adds none",
+                                  "template starts with BOS", "no template, tokenizer adds BOS",
+                                  "no template, tokenizer adds none", "Llama class, add_bos_token false"])
+def test_prompt_ids_and_greedy_tokens_are_the_processors(tmp_path, case):
+    """Same prompt ids as the checkpoint's own processor, logits within 1e-5 and 32 greedy tokens equal to
+    transformers' generate on them. edgevlm used to put BOS first whenever the template text did not."""
+    template = {"template starts with BOS": "{{ bos_token }}" + CHAT}.get(case, None if "no template" in case else CHAT)
+    post_bos = "adds BOS" in case or "Llama" in case
+    cls, flag = ("LlamaTokenizerFast", False) if "Llama" in case else (None, None)
+    d, proc = _processor_checkpoint(tmp_path, "ckpt", post_bos, template, cls, flag)
+    vlm = load_vlm("llava_tiny", weights=d)
+    image, prompt = make_image(), "What is in the picture?"
+    if template is not None:
+        from PIL import Image
+
+        messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
+                                                 {"type": "text", "text": prompt}]}]
+        ref = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+    else:
+        text = vlm.prompt_spec.template.replace("{prompt}", prompt)      # the recipe's template, typed out
+        ref = proc(text=text, images=image, return_tensors="pt")
+    ids, embeds = _edgevlm_ids(vlm, image, prompt)
+    assert ids == ref["input_ids"][0].tolist()
+    bos_first = ids[0] == vlm.tokenizer.bos_id
+    assert bos_first == (case in ("template, tokenizer adds BOS", "template starts with BOS",
+                                  "no template, tokenizer adds BOS"))
+    assert ids.count(vlm.tokenizer.bos_id) <= 1
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"]).logits
+        assert torch.allclose(vlm(embeds), logits, atol=1e-5, rtol=0)
+        want = hf.generate(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], max_new_tokens=32,
+                           min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+    from edgevlm.modeling.vlm import GenerationConfig
+
+    assert list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32))) == want.tolist()

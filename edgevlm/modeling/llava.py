@@ -121,14 +121,20 @@ def _image_spec(path: Path, recipe: VLMRecipe) -> ImageSpec:
 
 
 def _prompt_spec(path: Path, recipe: VLMRecipe, tokenizer: TextTokenizer) -> PromptSpec:
-    """The checkpoint's chat template (rendered once for one user turn) or the recipe's template."""
+    """The checkpoint's chat template (rendered once for one user turn) or the recipe's template, with BOS as
+    transformers' processor puts it: the one the rendered template starts with, else the one its tokenizer adds
+    (:attr:`TextTokenizer.adds_bos`; the recipe decides only when that is unknown)."""
     tcfg = path / "tokenizer_config.json"
     chat = None
-    for f in (path / "chat_template.json", tcfg):
+    for f in (tcfg, path / "chat_template.json"):          # later files win, as transformers reads them
         if f.is_file():
             chat = json.loads(f.read_text()).get("chat_template") or chat
+    if (path / "chat_template.jinja").is_file():
+        chat = (path / "chat_template.jinja").read_text()
+    adds = recipe.prompt.get("bos", True) if tokenizer.adds_bos is None else tokenizer.adds_bos
+    plain = PromptSpec(**{**recipe.prompt, "bos": adds})
     if not chat:
-        return PromptSpec(**recipe.prompt)
+        return plain
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{prompt}"}]}]
@@ -137,11 +143,13 @@ def _prompt_spec(path: Path, recipe: VLMRecipe, tokenizer: TextTokenizer) -> Pro
         text = ImmutableSandboxedEnvironment().from_string(chat).render(
             messages=messages, add_generation_prompt=True, bos_token=bos or "")
     except Exception:  # a template written for other message shapes: the recipe's template still works
-        return PromptSpec(**recipe.prompt)
+        return plain
     if text.count("{prompt}") != 1 or text.count(IMAGE_MARKER) != 1:
-        return PromptSpec(**recipe.prompt)
+        return plain
+    # transformers' apply_chat_template adds no special tokens to a text that starts with BOS, else its
+    # tokenizer's own (processing_utils.ProcessorMixin.apply_chat_template)
     has_bos = bool(bos) and text.startswith(bos)
-    return PromptSpec(template=text[len(bos):] if has_bos else text, bos=has_bos or recipe.prompt.get("bos", True),
+    return PromptSpec(template=text[len(bos):] if has_bos else text, bos=has_bos or adds,
                       stop=tuple(recipe.prompt.get("stop", ())))
 
 
