@@ -28,9 +28,13 @@ def options_of(kind_config) -> set[str]:
 
 def config_for(model: str | None = None, target: str | None = None, precision: str | None = None, **options):
     """The typed config of ``model``'s kind from flat options; refuses an option that kind does not take."""
-    from .zoo import DEFAULT_MODEL, is_vlm
+    from .zoo import DEFAULT_MODEL, is_vlm, resolve_vlm
 
     name = model or DEFAULT_MODEL
+    ref = resolve_vlm(name, options.get("weights"), options.get("revision"))
+    if ref is not None:                    # a checkpoint directory or hub id named as the model
+        name = ref.name
+        options.update({k: v for k, v in (("weights", ref.weights), ("revision", ref.revision)) if v is not None})
     vlm = is_vlm(name)
     kind = VLMExportConfig if vlm else ExportConfig
     unknown = sorted(set(options) - options_of(kind))

@@ -110,9 +110,14 @@ def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
 def _cmd_export(args) -> int:
     from .api import export_config
     from .report import table
-    from .zoo import DEFAULT_MODEL, is_vlm
+    from .zoo import DEFAULT_MODEL, is_vlm, resolve_vlm
 
+    if args.model is None and args.weights and (Path(args.weights) / "config.json").is_file():
+        args.model, args.weights = args.weights, None      # `--weights CHECKPOINT_DIR` alone names the model
     args.model = args.model or DEFAULT_MODEL
+    ref = resolve_vlm(args.model, args.weights, args.revision)
+    if ref is not None:
+        args.model, args.weights, args.revision = ref.name, ref.weights, ref.revision
     vlm = is_vlm(args.model)
     _refuse_flags_of_the_other_kind(args, vlm)
     out, m = export_config(_export_config(args), quiet=args.quiet)
@@ -493,7 +498,8 @@ def _add_export(sub) -> None:
     from .targets import list_targets
 
     s = sub.add_parser("export", help="export a model to a validated bundle for a target device")
-    s.add_argument("--model", help="zoo name (default: the shipped default model; see `edgevlm list`)")
+    s.add_argument("--model", help="zoo name (default: the shipped default model; see `edgevlm list`), or a VLM "
+                   "checkpoint: a Hugging Face directory or hub id[@revision]")
     s.add_argument("--target", default="cpu", metavar=_alts(t.name for t in list_targets()),
                    help="the device profile, export/TARGET.yaml (default cpu)")
     s.add_argument("--quant", metavar=_alts(Precision), help="default: the target profile's")
@@ -603,7 +609,8 @@ def _add_eval(sub) -> None:
 def _add_generate(sub) -> None:
     """`edgevlm generate`: answer a prompt with an eager VLM."""
     s = sub.add_parser("generate", help="answer a prompt about an image with an eager VLM (PyTorch)")
-    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
+    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`), or a checkpoint: a Hugging "
+                   "Face directory or hub id[@revision]")
     s.add_argument("--weights", help="checkpoint directory or file in the family's released layout, a hub id, "
                    "or random (default: the model's hub id)")
     s.add_argument("--revision", help="checkpoint revision (e.g. 2025-01-09 for moondream2, stage4 for tinygpt_v)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -95,6 +96,8 @@ class VLMRecipe:
     source: Path | None = None
     task: str = "vlm"
     training: dict = field(default_factory=dict)   # how the shipped weights were trained (`edgevlm train`)
+    model_types: tuple[str, ...] = ()  # config.json model_type(s) of the checkpoints this recipe reads, when a
+    #                                    user names the checkpoint itself (a directory or hub id) as the model
 
     def shipped_weights(self, tag: str) -> Path:
         return zoo_dir() / self.weights[tag]
@@ -117,7 +120,8 @@ def _vlm_recipe(name: str, d: dict, path: Path) -> VLMRecipe:
                      published_params=float(d["published_params"]) if d.get("published_params") else None,
                      published_parts=tuple(d.get("published_parts", ())),
                      weights=dict(d.get("weights", {})), default_weights=d.get("default_weights"),
-                     card=d.get("card"), source=path, training=dict(d.get("training", {})))
+                     card=d.get("card"), source=path, training=dict(d.get("training", {})),
+                     model_types=tuple(d.get("model_types", ())))
 
 
 def _recipes_from(path: Path) -> list:
@@ -166,6 +170,84 @@ def get_vlm_recipe(name: str) -> VLMRecipe:
 def is_vlm(name: str) -> bool:
     _load()
     return name in VLMS
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A VLM named as a user named it, resolved: the zoo recipe that reads it, its weights and revision."""
+
+    name: str
+    weights: str | None
+    revision: str | None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.\-/]+)?$")
+
+
+def resolve_vlm(ref: str, weights: str | None = None, revision: str | None = None) -> ModelRef | None:
+    """A model reference as Hugging Face users write it: a zoo name, a local checkpoint directory (its
+    config.json's ``model_type`` picks the recipe), or a hub id with an optional ``@revision`` (a recipe's own hub
+    id, else the hub's config.json, read through huggingface_hub, which honours ``HF_HUB_OFFLINE`` and
+    ``HF_HOME``). None when ``ref`` names no VLM (a backbone's name, or nothing edgevlm knows)."""
+    _load()
+    ref = str(ref)
+    if ref in VLMS:
+        return ModelRef(ref, weights, revision)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            return None
+        _one_checkpoint(ref, weights)
+        return ModelRef(_recipe_for(_model_type(path / "config.json"), ref), str(path), revision)
+    if not _HUB_ID.match(ref):
+        return None
+    repo, _, rev = ref.partition("@")
+    if rev and revision and rev != revision:
+        raise ConfigError(f"{ref} names revision {rev} and --revision says {revision}", "give the revision once")
+    rev = rev or revision
+    _one_checkpoint(ref, weights)
+    for recipe in (VLMS.get(n) for n in VLMS.names()):
+        if recipe.hub_id == repo:
+            return ModelRef(recipe.name, repo, rev)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config = Path(hf_hub_download(repo, "config.json", revision=rev))
+    except Exception as e:               # offline, unreachable, unknown repo or revision: the library's own words
+        raise ConfigError(f"could not read {repo}'s config.json from the Hugging Face hub or its cache "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''})",
+                          f"download it on a connected machine (huggingface-cli download {repo}) and pass the "
+                          "directory") from None
+    return ModelRef(_recipe_for(_model_type(config), repo), repo, rev)
+
+
+def _one_checkpoint(ref: str, weights: str | None) -> None:
+    if weights is not None and str(weights) != ref:
+        raise ConfigError(f"the model {ref} is a checkpoint and --weights names another ({weights})",
+                          "name the checkpoint once: as the model, or as --weights with its zoo model")
+
+
+def _model_type(config: Path) -> str:
+    import json
+
+    try:
+        cfg = json.loads(config.read_text())
+    except (ValueError, OSError, RecursionError) as e:
+        raise ConfigError(f"{config} is not readable JSON ({str(e).splitlines()[0][:100] if str(e) else e})",
+                          "download config.json again") from None
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(mt, str):
+        raise ConfigError(f"{config} names no model_type", "pass a Hugging Face checkpoint directory (config.json "
+                          "with model_type)")
+    return mt
+
+
+def _recipe_for(model_type: str, where: str) -> str:
+    readers = {mt: r.name for r in (VLMS.get(n) for n in VLMS.names()) for mt in r.model_types}
+    if model_type not in readers:
+        raise ConfigError(f"{where} is a {model_type!r} checkpoint, which edgevlm does not read",
+                          f"supported model_type values: {', '.join(sorted(readers))}")
+    return readers[model_type]
 
 
 def list_vlms() -> list[VLMRecipe]:

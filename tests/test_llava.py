@@ -220,3 +220,63 @@ def test_prompt_ids_and_greedy_tokens_are_the_processors(tmp_path, case):
     from edgevlm.modeling.vlm import GenerationConfig
 
     assert list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32))) == want.tolist()
+
+
+def test_a_checkpoint_is_named_as_hugging_face_users_name_it(tmp_path, hf_llava):
+    """The checkpoint directory as the model (family from its config.json), `--weights DIR` alone, and a hub id
+    through huggingface_hub's own cache (HF_HOME, offline): each loads the LLaVA reader; an unknown
+    model_type is one line naming the supported ones (issue 28)."""
+    from edgevlm.errors import ConfigError
+    from edgevlm.zoo import resolve_vlm
+
+    _, d = hf_llava
+    ref = resolve_vlm(str(d))
+    assert (ref.name, ref.weights) == ("llava_1_5_7b", str(d))
+    vlm = load_vlm(str(d))
+    assert vlm.family == "llava" and vlm.weights_source == str(d)
+    assert vlm.generate(make_image(), "Describe.", max_new_tokens=4).token_ids
+
+    from edgevlm.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", "--weights", str(d), "--target", "cpu", "--quant", "fp32", "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["weights"]["source"] == str(d) and m["model"]["family"] == "llava"
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ConfigError, match="'qwen2_vl' checkpoint.*supported model_type values: llava"):
+        resolve_vlm(str(odd))
+    with pytest.raises(ConfigError, match="--weights names another"):
+        resolve_vlm(str(d), weights=str(odd))
+
+
+def test_a_hub_id_resolves_through_the_hugging_face_cache(tmp_path, monkeypatch, hf_llava):
+    """A hub id that is no zoo recipe's: its config.json comes from huggingface_hub (here its offline cache, laid
+    out as the library lays it out), and its model_type picks the reader; nothing cached offline is one line."""
+    from edgevlm.errors import ConfigError
+    from edgevlm.zoo import resolve_vlm
+
+    _, d = hf_llava
+    home = tmp_path / "hf"
+    snap = home / "hub" / "models--someone--tiny-llava" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((d / "config.json").read_text())
+    refs = home / "hub" / "models--someone--tiny-llava" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    import importlib
+
+    importlib.reload(c)
+    try:
+        ref = resolve_vlm("someone/tiny-llava@main")
+        assert (ref.name, ref.weights, ref.revision) == ("llava_1_5_7b", "someone/tiny-llava", "main")
+        with pytest.raises(ConfigError, match="could not read someone/absent's config.json"):
+            resolve_vlm("someone/absent")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(c)

@@ -78,7 +78,8 @@ def _fetch(recipe: VLMRecipe, hub_id: str, revision: str | None) -> Path:
 
 
 def load_vlm(name: str, weights: str | Path | None = None, revision: str | None = None, dtype=None):
-    """A VLM from the zoo with its weights.
+    """A VLM from the zoo with its weights. ``name``: a zoo name, or a checkpoint as Hugging Face users name
+    one (a local directory or a hub id with an optional ``@revision``; :func:`edgevlm.zoo.resolve_vlm`).
 
     ``weights``: a checkpoint directory or file in the family's released layout, a Hugging Face
     hub id (fetched when a hub is reachable), ``random`` (random weights, byte-level tokenizer;
@@ -86,6 +87,11 @@ def load_vlm(name: str, weights: str | Path | None = None, revision: str | None 
     """
     import torch
 
+    from ..zoo import resolve_vlm
+
+    ref = resolve_vlm(str(name), None if weights is None else str(weights), revision)
+    if ref is not None:                    # a checkpoint directory or hub id named as the model
+        name, weights, revision = ref.name, ref.weights, ref.revision
     recipe = get_vlm_recipe(name)
     fam = get_family(recipe.family)
     if revision in fam.refused_revisions:

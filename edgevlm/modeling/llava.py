@@ -105,10 +105,14 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def _image_spec(path: Path, recipe: VLMRecipe) -> ImageSpec:
-    """The checkpoint's own preprocessor_config.json wins over the recipe's defaults."""
+def _image_spec(path: Path, recipe: VLMRecipe, cfg: dict | None = None) -> ImageSpec:
+    """The checkpoint's own preprocessor_config.json wins over the recipe's defaults; without one, the size is
+    its vision tower's (config.json ``vision_config.image_size``)."""
     f = path / "preprocessor_config.json"
     spec = dict(recipe.image)
+    side = ((cfg or {}).get("vision_config") or {}).get("image_size")
+    if isinstance(side, int) and side > 0:
+        spec["size"] = side
     if f.is_file():
         p = json.loads(f.read_text())
         size = p.get("crop_size") or p.get("size") or {}
@@ -165,7 +169,7 @@ def load(recipe: VLMRecipe, path: Path, revision: str | None = None) -> LlavaMod
     fit_state_dict(model, sd, str(path), fix="pass a transformers LLaVA checkpoint (model_type llava) whose "
                    "config.json matches its weights")
     check_vocab(model.language_model, tokenizer, str(path))
-    model.image_spec = _image_spec(path, recipe)
+    model.image_spec = _image_spec(path, recipe, cfg)
     model.prompt_spec = _prompt_spec(path, recipe, tokenizer)
     return model
 
