@@ -151,13 +151,13 @@ CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m[
 
 
 def _processor_checkpoint(tmp_path, name: str, post_bos: bool, template: str | None, tokenizer_class=None,
-                          add_bos_token=None):
+                          add_bos_token=None, **overrides):
     """A tiny LLaVA checkpoint whose LlavaProcessor (tokenizer, CLIP image processor, chat template) transformers
     itself saves; ``post_bos``: its tokenizer.json post-processor puts BOS first."""
     from tokenizers import Tokenizer, processors
 
     d = tmp_path / name
-    hf_llava_checkpoint(d, sharpen=4.0)
+    hf_llava_checkpoint(d, sharpen=4.0, **overrides)
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     bos = tok.token_to_id("<s>")
     tok.post_processor = (processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -165,7 +165,8 @@ def _processor_checkpoint(tmp_path, name: str, post_bos: bool, template: str | N
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     ip = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=fast, patch_size=14,
-                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       vision_feature_select_strategy=overrides.get(
+                                           "vision_feature_select_strategy", "default"), num_additional_image_tokens=1,
                                        chat_template=template)
     proc.save_pretrained(d)
     if tokenizer_class is not None:                  # a class that reads add_bos_token (Llama's)
@@ -280,3 +281,31 @@ def test_a_hub_id_resolves_through_the_hugging_face_cache(tmp_path, monkeypatch,
     finally:
         monkeypatch.undo()
         importlib.reload(c)
+
+
+@pytest.mark.parametrize("features", [{"vision_feature_layer": [-2, -1]}, {"vision_feature_layer": -1},
+                                      {"vision_feature_select_strategy": "full"},
+                                      {"vision_feature_layer": [-3, -1], "vision_feature_select_strategy": "full"}])
+def test_vision_feature_options_match_transformers(tmp_path, features):
+    """The vision-feature options LLaVA configs use (one layer or a list, CLS dropped or kept): same prompt ids as
+    the processor (its image-token count follows the strategy), logits within 1e-5, 32 greedy tokens equal."""
+    d, proc = _processor_checkpoint(tmp_path, "ckpt", True, CHAT, **features)
+    vlm = load_vlm(str(d))
+    from PIL import Image
+
+    image, prompt = make_image(), "What is in the picture?"
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
+                                             {"type": "text", "text": prompt}]}]
+    ref = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt")
+    ids, embeds = _edgevlm_ids(vlm, image, prompt)
+    assert ids == ref["input_ids"][0].tolist()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"]).logits
+        assert torch.allclose(vlm(embeds), logits, atol=1e-5, rtol=0)
+        want = hf.generate(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], max_new_tokens=32,
+                           min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+    from edgevlm.modeling.vlm import GenerationConfig
+
+    assert list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32))) == want.tolist()

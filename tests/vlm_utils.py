@@ -28,10 +28,11 @@ def make_image(size: int = 96, seed: int = 0):
     return rng.integers(0, 256, (size, size + 13, 3), dtype=np.uint8)
 
 
-def hf_llava_checkpoint(folder: Path, sharpen: float = 1.0):
+def hf_llava_checkpoint(folder: Path, sharpen: float = 1.0, **overrides):
     """A tiny random LlavaForConditionalGeneration (llava_tiny's config) saved by transformers + tokenizer.
 
     ``sharpen`` scales every weight: random init is so flat that greedy tokens tie; 4 makes them distinct.
+    ``overrides``: LlavaConfig fields (e.g. ``vision_feature_layer=[-2, -1]``, ``vision_feature_select_strategy``).
     """
     import torch
     import transformers
@@ -41,8 +42,9 @@ def hf_llava_checkpoint(folder: Path, sharpen: float = 1.0):
     cfg = get_vlm_recipe("llava_tiny").config
     conf = transformers.LlavaConfig(
         vision_config=dict(cfg["vision_config"]), text_config=dict(cfg["text_config"]),
-        image_token_index=cfg["image_token_index"], projector_hidden_act="gelu", vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=16)
+        image_token_index=cfg["image_token_index"], projector_hidden_act="gelu",
+        **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", "image_seq_length": 16,
+           **overrides})
     torch.manual_seed(0)
     hf = transformers.LlavaForConditionalGeneration(conf).eval()
     if sharpen != 1.0:
