@@ -434,6 +434,12 @@ def test_dockerfile_base_healthcheck_entrypoint_and_installs():
     assert "cuda-python" in runs and "python3-libnvinfer" in runs    # native engines (edgevlm/runtime/tensorrt.py)
     # the CPU onnxruntime (edgevlm's `runtime` extra) would shadow onnxruntime-gpu's module
     assert ".[runtime]" not in runs and not re.search(r"pip install[^&]*\bonnxruntime(?![-\w])", runs)
+    assert '/opt/edgevlm/src[jetson]"' in runs
+    import tomllib
+
+    extras = tomllib.loads((APP_DIR.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    jetson = " ".join(extras["jetson"])
+    assert "tokenizers" in jetson and "onnx" in jetson and not re.search(r"\bonnxruntime\b", jetson)
     assert "torch" not in runs.replace("'torch' not in sys.modules", "")
 
 

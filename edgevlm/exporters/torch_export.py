@@ -54,7 +54,7 @@ def _drop_rewriter_state() -> None:
     except ImportError:                       # another onnxscript layout: nothing known to clear
         return
     for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
+        if PatternMatcher in type(obj).__mro__:      # (not isinstance: some objects warn when asked their __class__)
             for attr in ("_graph", "_match", "_current_node", "_tracer"):
                 obj.__dict__.pop(attr, None)
     gc.collect()
