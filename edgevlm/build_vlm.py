@@ -10,7 +10,6 @@ runtime itself) -> the VLM's manifest blocks.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -387,6 +386,7 @@ def _finish_image_parts(pending: list[dict], p: Precision, target, work: Path, s
     with the target profile's int8 rules, calibrated on ``--calib`` images (default: the family's calibration
     set); parts that read features stay FP32. Quantized parts are checked against the eager outputs kept."""
     from .compress import quantize
+    from .compress.onnx_io import move_model
     from .exporters import get_vlm_parts
 
     fx = get_vlm_parts(target.format)
@@ -404,13 +404,14 @@ def _finish_image_parts(pending: list[dict], p: Precision, target, work: Path, s
                 rec["details"]["quantization"] = quantize.to_int8(src, q, data, batch=1,
                                                                   progress=_calibration_progress(log),
                                                                   **target.int8_options())
-            src.unlink()
-            q.replace(src)
+            for f in (src, src.with_name(src.name + ".data")):
+                f.unlink(missing_ok=True)
+            move_model(q, src)                       # (with its <file>.data, when over protobuf's 2 GB)
             parity32 = rec["parity"]
             rec.update(precision=prec, parity=fx.part_parity(spec, src, prec, reference=item["reference"]),
                        parity_fp32=parity32)
             log(f"    parity {prec}: max rel {rec['parity']['max_rel_diff']:.2e} [recorded]")
-        shutil.move(str(src), work / spec.file)
+        move_model(src, work / spec.file)
         parts[spec.name] = rec
     return parts
 

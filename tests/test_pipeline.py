@@ -410,3 +410,26 @@ def test_an_owned_model_is_released_before_quantization_and_a_callers_is_not(tmp
     from edgevlm.build_vlm import eager_trace, parity_inputs
 
     assert eager_trace(vlm, *parity_inputs(vlm), 3)["ids"]              # still runs
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_image_parts_over_protobufs_limit_keep_their_weights_file(tmp_path, monkeypatch, precision):
+    """A vision tower over protobuf's 2 GB (TinyGPT-V's 1B EVA) is exported, calibrated and moved into the bundle
+    with its weights in ``<part>.onnx.data``: the threshold is lowered here so that a tiny tower crosses it. The
+    real-size export once failed in ONNX Runtime's calibrator ("Failed to serialize proto") and would have moved the
+    graph without its weights."""
+    import edgevlm.compress.onnx_io as oio
+    import edgevlm.compress.quantize as q
+    import edgevlm.exporters.torch_export as te
+    import edgevlm.runtime as rt
+
+    for mod in (oio, q, te):
+        monkeypatch.setattr(mod, "EXTERNAL_DATA_BYTES", 50_000)
+    out, m = _export(tmp_path, "edgevlm_scenes_tiny", "cpu", precision)
+    rec = m["parts"]["vision_encoder"]
+    assert (out / "vision_encoder.onnx.data").is_file() and "vision_encoder.onnx.data" in m["files"]
+    assert rec["precision"] == precision and rec.get("parity_fp32", rec["parity"])["passed"] is True
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".data") and not p.name.startswith(
+        ("vision_encoder.onnx", "decoder.onnx", "embed_tokens.onnx"))]            # no stray weights files
+    report = rt.load(out).verify()                 # checksums, then the golden cases on the moved files
+    assert report.passed, report

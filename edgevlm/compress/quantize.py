@@ -17,7 +17,7 @@ import numpy as np
 from ..config import CalibMethod
 from ..errors import ExportError
 from ..scratch import scratch as scratch_dir
-from .onnx_io import quiet, save_model
+from .onnx_io import EXTERNAL_DATA_BYTES, quiet, save_model
 
 
 # INT8 weights are kept to 7 bits: x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 x s8 with
@@ -145,6 +145,8 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
         del graph
         if depthwise or act_mm:
             kwargs["nodes_to_exclude"] = depthwise + act_mm
+        big = sum(f.stat().st_size for f in (Path(src), Path(src).with_name(Path(src).name + ".data"))
+                  if f.exists()) > EXTERNAL_DATA_BYTES
         with _bounded_calibration_memory():
             quantize_static(
                 str(pre), str(dst), _Reader(input_name, calibration, batch, progress),
@@ -152,6 +154,8 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
                 activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                 reduce_range=REDUCE_RANGE, extra_options=extra, **kwargs,
+                # over protobuf's 2 GB (a 1B tower): the augmented graph and the result keep weights in <file>.data
+                use_external_data_format=big,
             )
     model = onnx.load(str(dst), load_external_data=False)
     counts = {}
