@@ -184,6 +184,21 @@ def _edgevlm_ids(vlm, image, prompt):
     return pieces.before + [image_id] * n_img + pieces.after, embeds
 
 
+def _answers_as_transformers(d, ref, vlm, embeds) -> None:
+    """transformers' LLaVA on the processor's inputs against edgevlm's on its own: logits within 1e-5 and 32
+    greedy tokens equal."""
+    from edgevlm.modeling.vlm import GenerationConfig
+
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"]).logits
+        assert torch.allclose(vlm(embeds), logits, atol=1e-5, rtol=0)
+        want = hf.generate(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], max_new_tokens=32,
+                           min_new_tokens=32, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, ref["input_ids"].shape[1]:]
+    assert list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32))) == want.tolist()
+
+
 @pytest.mark.parametrize("case", ["template, tokenizer adds BOS", "template, tokenizer adds none",
                                   "template starts with BOS", "no template, tokenizer adds BOS",
                                   "no template, tokenizer adds none", "Llama class, add_bos_token false"])
@@ -212,15 +227,7 @@ def test_prompt_ids_and_greedy_tokens_are_the_processors(tmp_path, case):
     assert bos_first == (case in ("template, tokenizer adds BOS", "template starts with BOS",
                                   "no template, tokenizer adds BOS"))
     assert ids.count(vlm.tokenizer.bos_id) <= 1
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
-    with torch.no_grad():
-        logits = hf(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"]).logits
-        assert torch.allclose(vlm(embeds), logits, atol=1e-5, rtol=0)
-        want = hf.generate(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], max_new_tokens=32,
-                           min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
-    from edgevlm.modeling.vlm import GenerationConfig
-
-    assert list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32))) == want.tolist()
+    _answers_as_transformers(d, ref, vlm, embeds)
 
 
 def test_a_checkpoint_is_named_as_hugging_face_users_name_it(tmp_path, hf_llava):
@@ -300,12 +307,4 @@ def test_vision_feature_options_match_transformers(tmp_path, features):
                                    return_tensors="pt")
     ids, embeds = _edgevlm_ids(vlm, image, prompt)
     assert ids == ref["input_ids"][0].tolist()
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d).eval()
-    with torch.no_grad():
-        logits = hf(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"]).logits
-        assert torch.allclose(vlm(embeds), logits, atol=1e-5, rtol=0)
-        want = hf.generate(input_ids=ref["input_ids"], pixel_values=ref["pixel_values"], max_new_tokens=32,
-                           min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
-    from edgevlm.modeling.vlm import GenerationConfig
-
-    assert list(vlm.decode_tokens(embeds, GenerationConfig(max_new_tokens=32))) == want.tolist()
+    _answers_as_transformers(d, ref, vlm, embeds)
