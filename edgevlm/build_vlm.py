@@ -175,7 +175,7 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
                 release_weights(m, log)
             with stages(f"quantize and check parts at {p.value} ({target.name} rules)"):
                 parts.update(_finish_image_parts(pending, p, target, work, scratch, log))
-                facts = _finish_decoder(m, dec_fp32, rotary, p, cfg, target, work, scratch, log, parts,
+                facts = _finish_decoder(dec_fp32, rotary, p, cfg, target, work, scratch, log, parts,
                                         onnx_decoder="onnx" in formats)
         m.tokenizer.tok.save(str(work / "tokenizer.json"))
         # a format whose parts leave the ONNX files (ort): converted once every part is final, before parity
@@ -369,7 +369,8 @@ def _export_image_parts(model, image, p: Precision, cfg: VLMExportConfig, target
         if prec == "int8" and calib is None:
             calib = _calibration_pixels(model, cfg)
         pending.append({"spec": replace(spec, module=None), "facts": facts, "precision": prec,
-                        "reference": fx.part_reference(spec), "calib": calib if prec == "int8" else None})
+                        "reference": fx.part_reference(spec), "calib": calib if prec == "int8" else None,
+                        "calib_source": cfg.calib or "built-in images"})
     if release and pending:
         release_weights(model, log, keep=model.language_model, what="the image parts' eager weights")
     for item in pending:
@@ -400,7 +401,8 @@ def _finish_image_parts(pending: list[dict], p: Precision, target, work: Path, s
                 rec["details"]["quantization"] = quantize.to_fp16(src, q)
             else:
                 data = item["calib"]
-                log(f"  {spec.name}: calibrating INT8 on {len(data)} views ({target.name} rules)")
+                log(f"  {spec.name}: calibrating INT8 on {len(data)} views ({item['calib_source']}, "
+                    f"{target.name} rules)")
                 rec["details"]["quantization"] = quantize.to_int8(src, q, data, batch=1,
                                                                   progress=_calibration_progress(log),
                                                                   **target.int8_options())
@@ -432,7 +434,7 @@ def _export_text_parts(model, cfg: VLMExportConfig, target, work: Path, scratch:
     return {"path": dec_fp32, "facts": dfacts, "heads": getattr(lm.config, "num_attention_heads", None)}
 
 
-def _finish_decoder(model, dec: dict, rotary, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path,
+def _finish_decoder(dec: dict, rotary, p: Precision, cfg: VLMExportConfig, target, work: Path, scratch: Path,
                     log, parts: dict, onnx_decoder: bool) -> dict:
     """When an ONNX decoder is wanted: the FP32 graph, the target profile's rewrites (``vlm.rewrites``), then its
     quantization method for ``p`` (``vlm.decoder_int8/int4``). Returns the decoder's sizes for the ``generation``

@@ -131,18 +131,11 @@ SPLITS = {**{name: (size, _generator_case) for name, size in scenes.SPLIT_SIZES.
           drawn.SPLIT: (drawn.SIZE, _drawn_case)}
 
 
-def case(split: str, index: int):
-    """Scene ``index`` of ``split``: (image, [(kind, question, answer)])."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {tuple(SPLITS)}")
-    return SPLITS[split][1](split, index)
-
-
 def run(answer, split: str = "test", limit: int | None = None, progress=None) -> dict:
     """Ask ``answer(image, question, kind) -> str`` every question of the first ``limit`` scenes."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {tuple(SPLITS)}")
-    size = SPLITS[split][0]
+    size, case = SPLITS[split]
     n = min(limit or size, size)
     per_kind: dict[str, list[float]] = defaultdict(list)
     dists: list[float] = []
