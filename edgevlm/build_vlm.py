@@ -27,9 +27,18 @@ PACKAGES = ("torch", "transformers", "timm", "onnx", "onnxruntime", "tokenizers"
 
 
 def default_out(cfg: VLMExportConfig, precision: Precision) -> Path:
+    """bundles/NAME-TARGET-PRECISION[-DECODER]; NAME is the checkpoint's own (its directory's name, a hub id's repo
+    name) when the weights are a user's checkpoint, not the recipe that reads it: two LLaVA-format checkpoints
+    exported to one target must not share a default."""
+    import re
+
     default = get_target(cfg.target).require_vlm().default_decoder
     suffix = "" if cfg.decoder in (None, default) else f"-{cfg.decoder.value}"
-    return Path("bundles") / f"{cfg.model}-{cfg.target}-{precision.value}{suffix}"
+    name = cfg.model
+    w = str(cfg.weights) if cfg.weights is not None else ""
+    if w and w != "random" and (Path(w).is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", w)):
+        name = re.sub(r"[^\w.-]", "_", Path(w).resolve().name if Path(w).is_dir() else w.split("/")[1]) or name
+    return Path("bundles") / f"{name}-{cfg.target}-{precision.value}{suffix}"
 
 
 def parity_inputs(model) -> tuple[object, str]:
@@ -96,8 +105,11 @@ def vlm_job(cfg: VLMExportConfig, model=None) -> ExportJob:
     the token embedding and the decoder, each exported, quantized by the target profile's rules and validated."""
     from .exporters import get_vlm_parts
     from .modeling.families import load_vlm
-    from .zoo import get_vlm_recipe
+    from .zoo import get_vlm_recipe, resolve_vlm
 
+    ref = resolve_vlm(cfg.model, cfg.weights, cfg.revision)   # a checkpoint named as the model: its recipe
+    if ref is not None and ref.name != cfg.model:
+        cfg = replace(cfg, model=ref.name, weights=ref.weights, revision=ref.revision)
     recipe = get_vlm_recipe(cfg.model)
     target = get_target(cfg.target)
     prof = target.require_vlm()
@@ -328,19 +340,49 @@ def _reparameterize(model, log) -> dict:
     return rec
 
 
-def _calibration_pixels(model, cfg: VLMExportConfig) -> np.ndarray:
+def _calibration_pixels(model, cfg: VLMExportConfig, spec) -> tuple[np.ndarray, dict]:
+    """The views a pixel part is calibrated on (at most :func:`calibration_view_cap` of them) and the rule's facts
+    for the manifest."""
     from .data import calibration as calib
 
     imgs = calib.calibration_images(cfg.calib, model.calibration_dataset, cfg.calib_size, seed=0)
     views = np.concatenate([model.pixel_values(im).numpy() for im in imgs]).astype(np.float32)
-    if len(views) > MAX_CALIB_VIEWS:       # families with crops give several views per image: keep an even spread
-        views = views[np.linspace(0, len(views) - 1, MAX_CALIB_VIEWS).round().astype(int)]
-    return views
+    flops = view_flops(spec)
+    cap = calibration_view_cap(flops)
+    if len(views) > cap:       # families with crops give several views per image: keep an even spread
+        views = views[np.linspace(0, len(views) - 1, cap).round().astype(int)]
+    return views, {"view_gflops": round(flops / 1e9, 3), "views_at_most": cap,
+                   "rule": f"min({MAX_CALIB_VIEWS}, max({MIN_CALIB_VIEWS}, {CALIB_FLOP_BUDGET / 1e12:g} TFLOP / "
+                           "view FLOPs)) views, spread evenly over every image's views"}
 
 
-# At most this many views calibrate a VLM's vision tower: Moondream2's overlapping crops make 32 images about 336
-# views of 378 px, each a full pass of a 413M tower; 64 views spread over all images keep the ranges' coverage.
+# How many views calibrate a VLM's vision tower, each a full pass of it. Moondream2's overlapping crops make 32
+# images about 336 views of a 413M tower (0.6 TFLOP each); 64 views spread over all images keep the ranges'
+# coverage and took 9:50 on a 2-vCPU AMD EPYC (AVX2). A bigger tower gets the same compute, not the same count:
+# TinyGPT-V's 1B EVA tower at 448 px (2.2 TFLOP a view) gets 18 views, not 64 (over half an hour there
+# otherwise); never fewer than MIN_CALIB_VIEWS.
 MAX_CALIB_VIEWS = 64
+MIN_CALIB_VIEWS = 16
+CALIB_FLOP_BUDGET = 40e12
+
+
+def view_flops(spec) -> int:
+    """FLOPs of one view through a pixel part, counted on shapes only (FakeTensorMode: no compute, no memory)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        example = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in spec.example)
+        with FlopCounterMode(display=False) as counter:
+            spec.module(*example)
+    return int(counter.get_total_flops()) // max(1, int(spec.example[0].shape[0]))
+
+
+def calibration_view_cap(flops_per_view: int) -> int:
+    """The most views a tower of ``flops_per_view`` is calibrated on (see CALIB_FLOP_BUDGET)."""
+    fit = int(CALIB_FLOP_BUDGET // max(1, flops_per_view))
+    return max(MIN_CALIB_VIEWS, min(MAX_CALIB_VIEWS, fit))
 
 
 def _calibration_progress(log):
@@ -361,15 +403,14 @@ def _export_image_parts(model, image, p: Precision, cfg: VLMExportConfig, target
 
     fx = get_vlm_parts(target.format)             # the target format's part exporter
     pixel_prec = {Precision.FP32: "fp32", Precision.FP16: "fp16"}.get(p, "int8")
-    pending, calib = [], None
+    pending = []
     for spec in model.export_parts(image):
         log(f"  {spec.name} ({spec.what or spec.name}): fp32 export")
         facts = fx.export_part(spec, scratch, cfg.opset)
         prec = pixel_prec if spec.role is PartRole.PIXELS else "fp32"
-        if prec == "int8" and calib is None:
-            calib = _calibration_pixels(model, cfg)
+        calib, calib_rule = _calibration_pixels(model, cfg, spec) if prec == "int8" else (None, None)
         pending.append({"spec": replace(spec, module=None), "facts": facts, "precision": prec,
-                        "reference": fx.part_reference(spec), "calib": calib if prec == "int8" else None,
+                        "reference": fx.part_reference(spec), "calib": calib, "calib_rule": calib_rule,
                         "calib_source": cfg.calib or "built-in images"})
     if release and pending:
         release_weights(model, log, keep=model.language_model, what="the image parts' eager weights")
@@ -406,6 +447,7 @@ def _finish_image_parts(pending: list[dict], p: Precision, target, work: Path, s
                 rec["details"]["quantization"] = quantize.to_int8(src, q, data, batch=1,
                                                                   progress=_calibration_progress(log),
                                                                   **target.int8_options())
+                rec["details"]["quantization"]["calibration_views"] = item["calib_rule"]
             for f in (src, src.with_name(src.name + ".data")):
                 f.unlink(missing_ok=True)
             move_model(q, src)                       # (with its <file>.data, when over protobuf's 2 GB)

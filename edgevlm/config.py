@@ -142,7 +142,7 @@ class VLMExportConfig:
     overwrite: bool = False
     calib: str | None = None            # images for the vision encoder's INT8 calibration
     calib_size: int = 64                # images (families with crops give several views each, capped at
-                                        # build_vlm.MAX_CALIB_VIEWS views spread over all images)
+                                        # build_vlm.calibration_view_cap views spread over all images)
     block_size: int = 32                # INT4 block length along the reduction axis
     parity_tokens: int = 32             # greedy tokens compared with eager through the runtime
     opset: int = 18

@@ -69,6 +69,9 @@ def test_jetson_vlm_bundle_is_tensorrt_ready(tmp_path, name, precision):
     for r in pixels:
         assert r["details"]["quantization"]["symmetric_activations"] is True
         assert r["details"]["quantization"]["activations"] == "int8"
+        views = r["details"]["quantization"]["calibration_views"]   # the view cap's rule, recorded
+        assert views["views_at_most"] == 64 and views["view_gflops"] > 0
+        assert r["details"]["quantization"]["calibration_images"] <= views["views_at_most"]
     onnxrt = m["parity"]["results"][0]
     assert onnxrt["backend"] == "onnxruntime" and onnxrt["new_tokens"] == 32
     # the quantized decoder still follows eager as closely as the cpu bundle's (a broken dequantization scores near
@@ -310,6 +313,125 @@ def test_calibration_session_is_bounded_and_restored():
         onnxruntime.InferenceSession = real
     assert seen == {"arena": False, "pattern": False}
     assert calibrate.CalibraterBase.create_inference_session is original
+
+
+def _conv_net_onnx(path: Path, external: bool) -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8),
+                              torch.nn.Flatten(1), torch.nn.Linear(8 * 6 * 6, 5), torch.nn.Softmax(-1)).eval()
+    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(path), input_names=["pixel_values"],
+                      output_names=["probs"], dynamic_axes={"pixel_values": {0: "n"}}, dynamo=False)
+    if external:              # as a tower over protobuf's 2 GB is saved: the weights in <file>.data
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=0)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_streamed_minmax_calibration_is_onnxruntimes(tmp_path, external):
+    """The streamed MinMax calibrator (weights read once, ranges merged batch by batch) gives the ranges ONNX
+    Runtime's MinMaxCalibrater gives for the same views, and to_int8 writes the graph quantize_static writes with
+    ORT's own calibrator; the augmented graph it writes next to the model is gone afterwards."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from edgevlm.compress import quantize
+
+    src = tmp_path / "net.onnx"
+    _conv_net_onnx(src, external)
+    data = np.random.default_rng(0).normal(size=(7, 3, 8, 8)).astype(np.float32)
+    data[3] *= 5                                      # one view widens the ranges: the merge must keep it
+    calls = []
+    ours = quantize._calibrate_minmax(src, "pixel_values", data, 2, None, lambda d, t: calls.append((d, t)))
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["net.onnx"] + (["net.onnx.data"] if external else []))
+
+    (tmp_path / "aug").mkdir()
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))         # what quantize_static asks its calibrator for
+    cal = create_calibrator(src, ops, augmented_model_path=str(tmp_path / "aug" / "a.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
+    cal.collect_data(quantize._Reader("pixel_values", data, 2))
+    theirs = cal.compute_data()
+    del cal
+    assert set(theirs.keys()) == set(ours) and len(ours) >= 6
+    for name in theirs:
+        lo, hi = theirs[name].range_value
+        np.testing.assert_allclose(ours[name][0], np.ravel(lo), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ours[name][1], np.ravel(hi), rtol=1e-6, err_msg=name)
+
+    # the whole INT8 step against quantize_static calibrating by itself
+    dst, ref = tmp_path / "ours.onnx", tmp_path / "ref.onnx"
+    quantize.to_int8(src, dst, data, batch=2)
+    with quantize._bounded_calibration_memory():
+        quantize_static(str(src), str(ref), quantize._Reader("pixel_values", data, 2), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=quantize.REDUCE_RANGE,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": True},
+                        use_external_data_format=external)
+    a, b = onnx.load(str(dst)), onnx.load(str(ref))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert sum(n.op_type == "QuantizeLinear" for n in a.graph.node) >= 3
+    scales = lambda m: {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer  # noqa: E731
+                        if i.name.endswith("_scale")}
+    sa, sb = scales(a), scales(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-6, err_msg=k)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_streamed_calibration_frees_each_activation(tmp_path):
+    """The streamed calibrator's memory does not grow with the graph's depth: each activation is reduced and freed
+    where it is made. 40 MLP layers over 4096x512 activations calibrate about 120 tensors of 8 MiB (0.9 GiB if
+    all stayed alive, as under ONNX Runtime's default execution order); the run must add under 200 MiB."""
+    import subprocess
+    import sys
+
+    net = torch.nn.Sequential(*[m for _ in range(40) for m in (torch.nn.Linear(512, 512), torch.nn.GELU())]).eval()
+    torch.onnx.export(net, (torch.randn(1, 4096, 512),), str(tmp_path / "deep.onnx"), input_names=["x"],
+                      output_names=["y"], dynamo=False)
+    code = f"""
+import numpy as np, onnxruntime
+from pathlib import Path
+from edgevlm.compress import quantize
+# peak resident memory of this process (ru_maxrss would carry the parent's peak across exec)
+rss = lambda: next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                   if l.startswith("VmHWM:"))
+Real = onnxruntime.InferenceSession
+seen = {{}}
+class Spy(Real):
+    def run(self, *a, **k):
+        seen.setdefault("before", rss())
+        out = super().run(*a, **k)
+        seen["after"] = rss()
+        return out
+onnxruntime.InferenceSession = Spy
+data = np.random.default_rng(0).normal(size=(2, 4096, 512)).astype(np.float32)
+ranges = quantize._calibrate_minmax(Path({str(tmp_path / "deep.onnx")!r}), "x", data, 1, None, None)
+print(len(ranges), seen["after"] - seen["before"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, grown = map(int, r.stdout.split())
+    assert n >= 120
+    assert grown < 200 * 2**20, f"calibration added {grown / 2**20:.0f} MiB"
+
+
+def test_calibration_views_follow_the_towers_compute():
+    """A vision tower is calibrated on a fixed compute budget, not a fixed count: the per-view FLOPs are counted on
+    shapes alone (a Linear's 2·M·K·N, per view of a batched example) and a tower 3.6x Moondream2's gets fewer
+    views, never under the floor nor over the ceiling."""
+    from edgevlm import build_vlm as bv
+
+    lin = torch.nn.Linear(64, 32)
+    spec = PartSpec("p", lin, ("x",), ("y",), (torch.randn(4, 10, 64),))
+    assert bv.view_flops(spec) == 2 * 10 * 64 * 32
+    assert bv.calibration_view_cap(int(0.6e12)) == bv.MAX_CALIB_VIEWS          # Moondream2's 413M tower
+    assert bv.calibration_view_cap(int(2.2e12)) == 18                          # TinyGPT-V's 1B EVA tower
+    assert bv.calibration_view_cap(int(1e15)) == bv.MIN_CALIB_VIEWS
+    assert bv.calibration_view_cap(1) == bv.MAX_CALIB_VIEWS
 
 
 def test_context_sets_what_the_bundle_holds_and_is_checked(tmp_path):
