@@ -107,6 +107,15 @@ def _refuse_flags_of_the_other_kind(args, vlm: bool) -> None:
                           f"drop {flags} (see `edgevlm export --help`)")
 
 
+def _as_zoo(model, weights=None, revision=None) -> tuple:
+    """A VLM named as Hugging Face users name it (checkpoint directory, hub id[@revision]) -> (zoo recipe that reads
+    it, its weights, revision); a zoo name or anything else comes back as given."""
+    from .zoo import resolve_vlm
+
+    ref = resolve_vlm(model, weights, revision) if model else None
+    return (ref.name, ref.weights, ref.revision) if ref is not None else (model, weights, revision)
+
+
 def _cmd_export(args) -> int:
     from .api import export_config
     from .report import table
@@ -240,7 +249,10 @@ def _cmd_bench(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    evaluate(args.model_or_bundle, split=args.split, limit=args.limit, weights=args.weights, json_out=args.json,
+    model, weights = args.model_or_bundle, args.weights
+    if not (Path(model) / "manifest.json").is_file():        # a bundle, else a model as export names it
+        model, weights, _ = _as_zoo(model, weights)
+    evaluate(model, split=args.split, limit=args.limit, weights=weights, json_out=args.json,
              decoder=args.decoder_backend)
     return 0
 
@@ -272,7 +284,11 @@ def _cmd_info(args) -> int:
     from .modeling.info import describe
     from .report import table, write_json
 
-    d = describe(args.model, text_tokens=args.text_tokens)
+    from .zoo import checkpoint_config_dir, resolve_vlm
+
+    ref = resolve_vlm(args.model)
+    d = describe(ref.name if ref else args.model, text_tokens=args.text_tokens,
+                 checkpoint=checkpoint_config_dir(ref) if ref else None)
     print(table([{"part": n, "module": d["parts"][n], "params (M)": round(d["params"][n] / 1e6, 2)}
                  for n in d["parts"]] + [{"part": "total", "module": "", "params (M)": round(d["params_total"] / 1e6, 2)}],
                 title=f"{d['model']} ({d['family']})"))
@@ -404,6 +420,8 @@ def _cmd_distill(args) -> int:
     from .errors import ConfigError
     from .zoo import is_vlm
 
+    args.teacher, args.teacher_weights, _ = _as_zoo(args.teacher, args.teacher_weights)
+
     if args.attach_compressor:
         from .train.distill import AttachConfig, attach_and_distill
 
@@ -443,6 +461,7 @@ def _cmd_finetune(args) -> int:
 
     lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=tuple(args.lora_targets or ()),
                     quantize="nf4" if args.qlora else None)
+    args.model, args.weights, _ = _as_zoo(args.model, args.weights)
     cfg = FinetuneConfig(model=args.model, mode=args.mode, train=_train_config(args, 1), weights=args.weights,
                          data=args.data, limit=args.limit, val_limit=args.val_limit,
                          questions_per_image=args.questions_per_image, lora=lora)
@@ -596,7 +615,7 @@ def _add_eval(sub) -> None:
     """`edgevlm eval`: accuracy of a bundle or an eager zoo model."""
     s = sub.add_parser("eval", help="accuracy of a bundle or an eager zoo model: digits for backbones, the scenes "
                        "task for edgevlm_scenes")
-    s.add_argument("model_or_bundle")
+    s.add_argument("model_or_bundle", help="a bundle directory, a zoo name, or a checkpoint: a Hugging Face directory or hub id[@revision]")
     s.add_argument("--weights", help="for an eager zoo model: its weights (default: shipped)")
     s.add_argument("--split", default="test", choices=["train", "val", "test", "drawn"],
                    help="the generator's splits, or drawn: scenes a person would draw (edgevlm/data/drawn.py)")
@@ -656,7 +675,7 @@ def _add_doctor(sub) -> None:
 def _add_info(sub) -> None:
     """`edgevlm info`: parts, parameters, vision tokens and prefill FLOPs of a VLM."""
     s = sub.add_parser("info", help="parts, parameters, vision tokens and prefill FLOPs of a VLM")
-    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`)")
+    s.add_argument("--model", required=True, help="zoo VLM name (see `edgevlm list`), or a checkpoint: a Hugging Face directory or hub id[@revision]")
     s.add_argument("--text-tokens", type=int, default=64, help="prompt length for the FLOP count (default 64)")
     s.add_argument("--json", type=Path, help="also write the figures as JSON here")
     s.set_defaults(func=_cmd_info)
@@ -712,7 +731,8 @@ def _add_distill(sub) -> None:
     """`edgevlm distill`: train a small model from a large one, or attach a token compressor."""
     s = sub.add_parser("distill", help="train a small model from a large one: backbones (soft/hard KD, DeiT token, "
                        "stored sparse teacher logits), VLMs (answer-token KD), or attach a token compressor")
-    s.add_argument("--teacher", help="zoo name of the teacher (VLMs: also the model --attach-compressor works on)")
+    s.add_argument("--teacher", help="zoo name of the teacher (VLMs: also the model --attach-compressor works on; "
+                   "or a checkpoint: a Hugging Face directory or hub id[@revision])")
     s.add_argument("--teacher-weights", help="default: the teacher's shipped weights")
     s.add_argument("--student", help="zoo name of the student (a backbone or a VLM)")
     s.add_argument("--student-weights", default="random", help="backbones: initial weights (default random)")
@@ -739,7 +759,7 @@ def _add_distill(sub) -> None:
 def _add_finetune(sub) -> None:
     """`edgevlm finetune`: fine-tune one part of a VLM."""
     s = sub.add_parser("finetune", help="fine-tune one part of a VLM: vision | decoder | connector | lora")
-    s.add_argument("--model", required=True, help="zoo VLM name")
+    s.add_argument("--model", required=True, help="zoo VLM name, or a checkpoint: a Hugging Face directory or hub id[@revision]")
     s.add_argument("--weights", help="its weights (default: shipped or hub)")
     s.add_argument("--mode", required=True, choices=["vision", "decoder", "connector", "lora"])
     s.add_argument("--data", default="scenes", help="scenes | DIR with qa.jsonl")

@@ -192,7 +192,7 @@ PART = Dict({
 })
 IMAGE = Dict({
     "size": Int(min=1, required=True),
-    "mode": Str(choices=["crop", "squash", "overlap_crops"]),   # processor.ImageSpec: + data/crops.py's layouts
+    "mode": Str(choices=["crop", "squash", "pad", "overlap_crops", "idefics3_tiles"]),   # processor.ImageSpec: + data/crops.py's layouts
     "interpolation": Str(choices=list(INTERPOLATIONS)),
     "mean": MEAN_STD, "std": STD,
     "options": Dict({"patch_size": Int(min=1), "overlap_margin": Int(min=0), "max_crops": Int(min=1),

@@ -30,6 +30,8 @@ class ImageSpec:
 
     ``mode``: ``crop`` resizes the shorter side to ``size`` then centre-crops (CLIP, timm eval);
     ``squash`` resizes to ``size``x``size`` ignoring the aspect ratio (SigLIP, BLIP/EVA);
+    ``pad`` pads to a square first (the image centred, the border the mean colour), then crops as ``crop`` does
+    (LLaVA-1.5's "pad" aspect ratio; transformers' LlavaImageProcessor with ``do_pad``);
     any name in :data:`IMAGE_LAYOUTS` hands the image to that family's function.
     """
 
@@ -43,9 +45,9 @@ class ImageSpec:
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
             raise ConfigError(f"unknown interpolation {self.interpolation!r}", "use bilinear, bicubic or nearest")
-        if self.mode not in ("crop", "squash") and self.mode not in IMAGE_LAYOUTS:
+        if self.mode not in ("crop", "squash", "pad") and self.mode not in IMAGE_LAYOUTS:
             raise ConfigError(f"unknown image mode {self.mode!r}",
-                              f"use crop, squash or one of: {', '.join(sorted(IMAGE_LAYOUTS)) or 'none'}")
+                              f"use crop, squash, pad or one of: {', '.join(sorted(IMAGE_LAYOUTS)) or 'none'}")
 
     def to_dict(self) -> dict:
         return {"size": self.size, "mode": self.mode, "interpolation": self.interpolation,
@@ -77,10 +79,24 @@ def resize_crop(img: Image.Image, size: int, interpolation: str) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def pad_square(img: Image.Image, mean: tuple[float, float, float]) -> Image.Image:
+    """The image centred on a square of its longer side, the border ``int(mean * 255)`` per channel (offset
+    ``(long - short) // 2``, as transformers' LlavaImageProcessor.pad_to_square)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
 def preprocess_image(src: ImageLike, spec: ImageSpec) -> np.ndarray:
     """Decode (bomb guard on) and preprocess: returns (n_views, 3, H, W) float32."""
     img = load_image(src)
-    if spec.mode == "crop":
+    if spec.mode in ("crop", "pad"):
+        if spec.mode == "pad":
+            img = pad_square(img, spec.mean)
         return normalize(resize_crop(img, spec.size, spec.interpolation), spec)[None]
     if spec.mode == "squash":
         return normalize(img.resize((spec.size, spec.size), _RESAMPLE[spec.interpolation]), spec)[None]
@@ -165,7 +181,8 @@ class TextTokenizer:
             return tok.token_to_id(v) if isinstance(v, str) else None
 
         bos = tid(cfg.get("bos_token"))
-        if bos is None:
+        if bos is None and not ("bos_token" in cfg and cfg["bos_token"] is None):
+            # a tokenizer config saying bos_token null has none (Qwen2's), whatever the model config names
             bos = gen.get("bos_token_id", model_cfg.get("bos_token_id"))
         eos: list[int] = []
         for v in (gen.get("eos_token_id"), model_cfg.get("eos_token_id"), tid(cfg.get("eos_token"))):

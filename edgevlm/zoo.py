@@ -221,6 +221,27 @@ def resolve_vlm(ref: str, weights: str | None = None, revision: str | None = Non
     return ModelRef(_recipe_for(_model_type(config), repo), repo, rev)
 
 
+def checkpoint_config_dir(ref: ModelRef) -> Path | None:
+    """Where a resolved reference's config.json lies, when its weights are a user's checkpoint (a directory, or a
+    hub id other than the recipe's own, from the Hugging Face cache); None for a zoo name's own weights."""
+    w = ref.weights
+    if w is None or w == "random":
+        return None
+    if Path(w).expanduser().is_dir():
+        return Path(w).expanduser()
+    recipe = VLMS.get(ref.name)
+    if not _HUB_ID.match(w) or w == recipe.hub_id:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(w, "config.json", revision=ref.revision)).parent
+    except Exception as e:
+        raise ConfigError(f"could not read {w}'s config.json from the Hugging Face hub or its cache "
+                          f"({type(e).__name__})", f"download it on a connected machine (huggingface-cli download "
+                          f"{w}) and pass the directory") from None
+
+
 def _one_checkpoint(ref: str, weights: str | None) -> None:
     if weights is not None and str(weights) != ref:
         raise ConfigError(f"the model {ref} is a checkpoint and --weights names another ({weights})",

@@ -401,7 +401,7 @@ def test_kotlin_preprocessing_is_bit_exact(harness, cpu_bundle):
               rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)]
     path, manifest = cpu_bundle
     png = np.asarray(Image.open(path / "golden" / "case0.png").convert("RGB"))
-    specs = [ImageSpec(24, m, i, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)) for m in ("crop", "squash")
+    specs = [ImageSpec(24, m, i, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)) for m in ("crop", "squash", "pad")
              for i in ("bicubic", "bilinear", "nearest")]
     cases = [(a, s) for a in images for s in specs] + [(png, ImageSpec.from_dict(manifest["generation"]["image"])),
                                                          (images[1], ImageSpec(64, "crop", "bicubic"))]

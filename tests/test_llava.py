@@ -11,7 +11,7 @@ from edgevlm.errors import CheckpointError
 from edgevlm.modeling.families import load_vlm
 from edgevlm.zoo import get_vlm_recipe
 
-from vlm_utils import hf_llava_checkpoint, make_image
+from vlm_utils import CHAT, QWEN_CHAT, hf_llava_checkpoint, hf_llava_processor_checkpoint, make_image
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,39 +145,6 @@ def test_bad_checkpoint_directories(tmp_path, hf_llava):
 
 
 # -- prompts tokenized as the checkpoint's own processor tokenizes them (issue 28) ----------------------------
-CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}{% if c['type'] == "
-        "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-
-
-def _processor_checkpoint(tmp_path, name: str, post_bos: bool, template: str | None, tokenizer_class=None,
-                          add_bos_token=None, **overrides):
-    """A tiny LLaVA checkpoint whose LlavaProcessor (tokenizer, CLIP image processor, chat template) transformers
-    itself saves; ``post_bos``: its tokenizer.json post-processor puts BOS first."""
-    from tokenizers import Tokenizer, processors
-
-    d = tmp_path / name
-    hf_llava_checkpoint(d, sharpen=4.0, **overrides)
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = (processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                        special_tokens=[("<s>", bos)]) if post_bos else None)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=fast, patch_size=14,
-                                       vision_feature_select_strategy=overrides.get(
-                                           "vision_feature_select_strategy", "default"), num_additional_image_tokens=1,
-                                       chat_template=template)
-    proc.save_pretrained(d)
-    if tokenizer_class is not None:                  # a class that reads add_bos_token (Llama's)
-        cfg = json.loads((d / "tokenizer_config.json").read_text())
-        cfg["tokenizer_class"] = tokenizer_class
-        if add_bos_token is not None:
-            cfg["add_bos_token"] = add_bos_token
-        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return d, transformers.AutoProcessor.from_pretrained(d)
-
-
 def _edgevlm_ids(vlm, image, prompt):
     embeds, pieces, n_img = vlm.prepare(image, prompt)
     image_id = vlm.tokenizer.token_id("<image>")
@@ -208,7 +175,7 @@ def test_prompt_ids_and_greedy_tokens_are_the_processors(tmp_path, case):
     template = {"template starts with BOS": "{{ bos_token }}" + CHAT}.get(case, None if "no template" in case else CHAT)
     post_bos = "adds BOS" in case or "Llama" in case
     cls, flag = ("LlamaTokenizerFast", False) if "Llama" in case else (None, None)
-    d, proc = _processor_checkpoint(tmp_path, "ckpt", post_bos, template, cls, flag)
+    d, proc = hf_llava_processor_checkpoint(tmp_path, "ckpt", post_bos, template, cls, flag)
     vlm = load_vlm("llava_tiny", weights=d)
     image, prompt = make_image(), "What is in the picture?"
     if template is not None:
@@ -250,6 +217,16 @@ def test_a_checkpoint_is_named_as_hugging_face_users_name_it(tmp_path, hf_llava)
     assert main(["export", "--weights", str(d), "--target", "cpu", "--quant", "fp32", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["weights"]["source"] == str(d) and m["model"]["family"] == "llava"
+    # the default bundle name is the checkpoint's, not the recipe that reads it
+    from edgevlm.build_vlm import default_out
+    from edgevlm.config import Precision, VLMExportConfig
+
+    assert default_out(VLMExportConfig(model=ref.name, weights=str(d)), Precision.FP32).name == \
+        f"{d.name}-cpu-fp32"
+    assert default_out(VLMExportConfig(model="llava_1_5_7b", weights="someone/My-LLaVA"), Precision.INT4).name == \
+        "My-LLaVA-cpu-int4"
+    assert default_out(VLMExportConfig(model="llava_tiny", weights="random"), Precision.FP32).name == \
+        "llava_tiny-cpu-fp32"
 
     odd = tmp_path / "odd"
     odd.mkdir()
@@ -296,7 +273,7 @@ def test_a_hub_id_resolves_through_the_hugging_face_cache(tmp_path, monkeypatch,
 def test_vision_feature_options_match_transformers(tmp_path, features):
     """The vision-feature options LLaVA configs use (one layer or a list, CLS dropped or kept): same prompt ids as
     the processor (its image-token count follows the strategy), logits within 1e-5, 32 greedy tokens equal."""
-    d, proc = _processor_checkpoint(tmp_path, "ckpt", True, CHAT, **features)
+    d, proc = hf_llava_processor_checkpoint(tmp_path, "ckpt", True, CHAT, **features)
     vlm = load_vlm(str(d))
     from PIL import Image
 
@@ -308,3 +285,114 @@ def test_vision_feature_options_match_transformers(tmp_path, features):
     ids, embeds = _edgevlm_ids(vlm, image, prompt)
     assert ids == ref["input_ids"][0].tolist()
     _answers_as_transformers(d, ref, vlm, embeds)
+
+
+def test_a_qwen2_style_tokenizer_without_bos_matches_transformers(tmp_path):
+    """A tokenizer with no BOS token at all (Qwen2's: none in its config, none added by its class or
+    post-processor) and a ChatML template: same prompt ids as the processor (no BOS anywhere), logits within 1e-5,
+    32 greedy tokens equal."""
+    d, proc = hf_llava_processor_checkpoint(tmp_path, "qwen", False, QWEN_CHAT, "Qwen2TokenizerFast", bos_token=None)
+    assert json.loads((d / "tokenizer_config.json").read_text()).get("bos_token") is None
+    vlm = load_vlm(str(d))
+    assert vlm.tokenizer.bos_id is None and vlm.prompt_spec.bos is False
+    from PIL import Image
+
+    image, prompt = make_image(), "What is in the picture?"
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
+                                             {"type": "text", "text": prompt}]}]
+    ref = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt")
+    ids, embeds = _edgevlm_ids(vlm, image, prompt)
+    assert ids == ref["input_ids"][0].tolist()
+    assert ids[0] != vlm.tokenizer.token_id("<s>")
+    _answers_as_transformers(d, ref, vlm, embeds)
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["crop", "pad"])
+@pytest.mark.parametrize("shape", [(50, 90), (90, 50)], ids=["landscape", "portrait"])
+def test_non_square_images_are_preprocessed_as_the_image_processor(tmp_path, pad, shape):
+    """Non-square images through the checkpoint's own image processor, CLIP's crop and LlavaImageProcessor's pad to
+    a square: the same pixel values (within float rounding), then the same prompt ids, logits within 1e-5 and 32
+    greedy tokens equal."""
+    d, proc = hf_llava_processor_checkpoint(tmp_path, "ckpt", True, CHAT, pad=pad)
+    vlm = load_vlm(str(d))
+    assert vlm.image_spec.mode == ("pad" if pad else "crop")
+    image = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    from PIL import Image
+
+    from edgevlm.processor import preprocess_image
+
+    ref = proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image", "image": Image.fromarray(image)}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ours = preprocess_image(image, vlm.image_spec)
+    np.testing.assert_allclose(ours, ref["pixel_values"].numpy(), atol=1e-5)
+    if pad:     # the border is the mean colour: normalized, close to 0 (not the crop's image content)
+        border = ours[0, :, 0, :] if shape[0] < shape[1] else ours[0, :, :, 0]
+        assert np.abs(border).max() < 0.02
+    ids, embeds = _edgevlm_ids(vlm, image, "What is it?")
+    assert ids == ref["input_ids"][0].tolist()
+    _answers_as_transformers(d, ref, vlm, embeds)
+
+
+def test_a_pad_layout_other_than_llavas_is_refused(tmp_path):
+    """do_pad from an image processor whose padding edgevlm does not reproduce: one line, at load."""
+    d, _ = hf_llava_processor_checkpoint(tmp_path, "ckpt", True, CHAT)
+    cfg = json.loads((d / "preprocessor_config.json").read_text())
+    cfg.update(do_pad=True, image_processor_type="LlavaNextImageProcessor")
+    (d / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="LlavaNextImageProcessor with do_pad is not a layout"):
+        load_vlm(str(d))
+
+
+def test_every_command_takes_a_checkpoint_as_users_name_it(tmp_path, hf_llava, capsys):
+    """info, eval and finetune take the checkpoint directory as the model, as export and generate do: info counts
+    the checkpoint's own architecture (not the 7B recipe that reads it), eval reaches the scenes check, finetune
+    trains it."""
+    from edgevlm.cli import main
+    from edgevlm.modeling.info import describe
+
+    _, d = hf_llava
+    out = tmp_path / "info.json"
+    assert main(["info", "--model", str(d), "--json", str(out)]) == 0
+    info = json.loads(out.read_text())
+    tiny = describe("llava_tiny")
+    assert info["model"] == str(d) and info["family"] == "llava"
+    assert info["params_total"] == tiny["params_total"] == get_vlm_recipe("llava_tiny").params
+    assert info["image_size"] == 56 and info["paths"][0]["vision_tokens"] == tiny["paths"][0]["vision_tokens"]
+    assert describe("llava_1_5_7b")["params_total"] > 1000 * info["params_total"]
+    capsys.readouterr()
+    assert main(["eval", str(d), "--limit", "1"]) != 0           # one line: the checkpoint is not a scenes model
+    assert f"with weights {d} was not trained on the scenes task" in capsys.readouterr().err
+    run = tmp_path / "ft"
+    assert main(["finetune", "--model", str(d), "--mode", "connector", "--out", str(run), "--steps", "1",
+                 "--limit", "2", "--val-limit", "1", "--batch-size", "2", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 1, summary
+
+
+@pytest.mark.parametrize("case", ["Qwen2-style tokenizer, no BOS token", "non-square image, pad (LlavaImageProcessor)"])
+def test_fp32_bundles_answer_as_transformers(tmp_path, case):
+    """The conformance matrix (benchmarks/conformance.py) through a bundle: the FP32 bundle of a checkpoint saved by
+    transformers, run by the torch-free runtime with its ONNX decoder and its GGUF decoder (llama.cpp), gives the
+    processor's prompt ids, the last position's logits within 1e-5 of the largest logit, and transformers' 32
+    greedy tokens."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import conformance
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    engines = ("onnx", "gguf") if importlib.util.find_spec("llama_cpp") else ("onnx",)
+    rows = conformance.run_case(case, tmp_path, engines)
+    assert [r["engine"] for r in rows] == list(engines)
+    for r in rows:
+        assert r["prompt_ids_equal"], r
+        assert r["greedy_tokens_equal"] == r["greedy_tokens"] == 32, r
+        assert r["max_logit_diff_rel"] < 1e-5, r
+    if "gguf" not in engines:
+        pytest.skip("llama-cpp-python is not installed: the ONNX decoder passed, the GGUF decoder was not run")

@@ -56,6 +56,50 @@ def hf_llava_checkpoint(folder: Path, sharpen: float = 1.0, **overrides):
     return hf
 
 
+# -- LLaVA checkpoints with the processor transformers saves (issue 28's conformance matrix) ------------------
+CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}{% if c['type'] == "
+        "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def hf_llava_processor_checkpoint(tmp_path, name: str, post_bos: bool, template: str | None, tokenizer_class=None,
+                                  add_bos_token=None, pad: bool = False, bos_token: str | None = "<s>",
+                                  **overrides):
+    """A tiny LLaVA checkpoint whose LlavaProcessor (tokenizer, image processor, chat template) transformers
+    itself saves; ``post_bos``: its tokenizer.json post-processor puts BOS first; ``pad``: LlavaImageProcessor
+    padding to a square (mean-colour border) instead of CLIP's processor; ``bos_token=None``: a tokenizer with no
+    BOS token at all (Qwen2's)."""
+    import transformers
+    from tokenizers import Tokenizer, processors
+
+    d = tmp_path / name
+    hf_llava_checkpoint(d, sharpen=4.0, **overrides)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = (processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                        special_tokens=[("<s>", bos)]) if post_bos else None)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token="</s>")
+    kind = transformers.LlavaImageProcessor if pad else transformers.CLIPImageProcessor
+    ip = kind(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, **({"do_pad": True} if pad else {}))
+    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=fast, patch_size=14,
+                                       vision_feature_select_strategy=overrides.get(
+                                           "vision_feature_select_strategy", "default"), num_additional_image_tokens=1,
+                                       chat_template=template)
+    proc.save_pretrained(d)
+    if tokenizer_class is not None:                  # a class that reads add_bos_token (Llama's)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["tokenizer_class"] = tokenizer_class
+        if add_bos_token is not None:
+            cfg["add_bos_token"] = add_bos_token
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d, transformers.AutoProcessor.from_pretrained(d)
+
+
+QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == "
+             "'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def edgevlm_name(dotted: str):
     """The object ``edgevlm.<dotted>`` names: the longest prefix that is a module, then attributes (AttributeError
     names a Python name that is gone)."""

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError
 from ..registry import Registry
 from ..zoo import VLMRecipe, get_vlm_recipe
 
-FAMILY_MODULES = ("llava", "llava_mini", "tinygpt_v", "moondream2", "scenes_vlm")
+FAMILY_MODULES = ("llava", "llava_mini", "tinygpt_v", "moondream2", "scenes_vlm", "smolvlm")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class Family:
     checkpoint_help: str       # what a user's --weights must hold, named in errors
     refused_revisions: dict = field(default_factory=dict)   # revision -> why edgevlm cannot read it
     hub_revisions: bool = True  # False: revisions name checkpoint stages in one repo, not git revisions
+    # (recipe, checkpoint directory) -> the config ``build`` takes, for families whose checkpoints vary in
+    # architecture (LLaVA format): `edgevlm info` on a checkpoint counts its own architecture, not the recipe's
+    read_config: Callable | None = None
 
 
 FAMILIES: Registry[Family] = Registry("VLM family")

@@ -61,15 +61,21 @@ def part_params(model) -> dict[str, int]:
     return {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
 
 
-def describe(name_or_recipe, text_tokens: int = TEXT_TOKENS) -> dict:
-    """Parts, parameter counts and per-image prefill cost of a zoo VLM (and its uncompressed path)."""
+def describe(name_or_recipe, text_tokens: int = TEXT_TOKENS, checkpoint=None) -> dict:
+    """Parts, parameter counts and per-image prefill cost of a zoo VLM (and its uncompressed path).
+    ``checkpoint``: a checkpoint directory (its config.json at least) the recipe reads: families whose
+    checkpoints vary in architecture (``Family.read_config``) are counted as that checkpoint is built."""
+    from pathlib import Path
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .families import get_family
 
     recipe = name_or_recipe if isinstance(name_or_recipe, VLMRecipe) else get_vlm_recipe(name_or_recipe)
+    fam = get_family(recipe.family)
+    config = fam.read_config(recipe, Path(checkpoint)) if checkpoint is not None and fam.read_config else None
     with FakeTensorMode():
-        model = get_family(recipe.family).build(recipe, None).eval()
+        model = (fam.build(recipe, None) if config is None else fam.build(recipe, None, config)).eval()
         params = part_params(model)
         paths = [measure_path(model, "as built", text_tokens)]
         if hasattr(model, "uncompressed"):
@@ -77,8 +83,10 @@ def describe(name_or_recipe, text_tokens: int = TEXT_TOKENS) -> dict:
                 paths.append(measure_path(model, "uncompressed (LLaVA path)", text_tokens))
         parts = {n: type(p).__name__ for n, p in model.parts().items()}
         views = model.info_views() if hasattr(model, "info_views") else 1
-    return {"model": recipe.name, "family": recipe.family, "parts": parts, "params": params,
-            "params_total": sum(params.values()), "text_tokens": text_tokens, "image_size": recipe.image["size"],
+        size = model.image_spec.size
+    return {"model": recipe.name if checkpoint is None else str(checkpoint), "family": recipe.family,
+            "parts": parts, "params": params, "params_total": sum(params.values()), "text_tokens": text_tokens,
+            "image_size": size,
             "views": views,
             "paths": [{"label": p.label, "vision_tokens": p.vision_tokens, "llm_input_tokens": p.llm_input_tokens,
                        "flops": p.flops, "flops_total": p.total} for p in paths]}

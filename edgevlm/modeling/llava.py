@@ -89,7 +89,11 @@ def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None, config: dic
     connector = MLPProjector(vision.out_dim, text.hidden_size, cfg.get("projector_hidden_act", "gelu"),
                              bias=cfg.get("multimodal_projector_bias", True))
     lm = build_lm(text)
-    return LlavaModel(vision, connector, lm, image_spec=ImageSpec(**recipe.image),
+    image = dict(recipe.image)
+    side = cfg["vision_config"].get("image_size")
+    if config is not None and isinstance(side, int) and side > 0:
+        image["size"] = side              # the checkpoint's tower (load() then applies its preprocessor_config)
+    return LlavaModel(vision, connector, lm, image_spec=ImageSpec(**image),
                       prompt_spec=PromptSpec(**recipe.prompt), tokenizer=tokenizer, name=recipe.name)
 
 
@@ -103,6 +107,18 @@ def _read_config(path: Path) -> dict:
             sub.pop(k, None)
         cfg[part] = sub
     return cfg
+
+
+def _image_mode(p: dict) -> str:
+    """The processor's layout: LlavaImageProcessor's ``do_pad`` pads to a square (mean-colour border) before the
+    shortest-edge resize and centre crop (LLaVA-1.5's "pad"); CLIP's processor crops."""
+    if p.get("do_pad") and p.get("image_processor_type", "").startswith("LlavaImageProcessor"):
+        return "pad"
+    if p.get("do_pad"):
+        raise CheckpointError(f"{p.get('image_processor_type', 'this image processor')} with do_pad is not a "
+                              "layout edgevlm reproduces", "use a checkpoint whose processor is CLIPImageProcessor "
+                              "or LlavaImageProcessor")
+    return "crop" if p.get("do_center_crop", True) else "squash"
 
 
 def _image_spec(path: Path, recipe: VLMRecipe, cfg: dict | None = None) -> ImageSpec:
@@ -119,12 +135,12 @@ def _image_spec(path: Path, recipe: VLMRecipe, cfg: dict | None = None) -> Image
         side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
         spec.update(size=int(side or spec["size"]), mean=tuple(p.get("image_mean", CLIP_MEAN)),
                     std=tuple(p.get("image_std", CLIP_STD)),
-                    mode="crop" if p.get("do_center_crop", True) else "squash",
+                    mode=_image_mode(p),
                     interpolation={2: "bilinear", 3: "bicubic", 0: "nearest"}.get(p.get("resample", 3), "bicubic"))
     return ImageSpec(**spec)
 
 
-def _prompt_spec(path: Path, recipe: VLMRecipe, tokenizer: TextTokenizer) -> PromptSpec:
+def checkpoint_prompt_spec(path: Path, recipe: VLMRecipe, tokenizer: TextTokenizer) -> PromptSpec:
     """The checkpoint's chat template (rendered once for one user turn) or the recipe's template, with BOS as
     transformers' processor puts it: the one the rendered template starts with, else the one its tokenizer adds
     (:attr:`TextTokenizer.adds_bos`; the recipe decides only when that is unknown)."""
@@ -170,12 +186,12 @@ def load(recipe: VLMRecipe, path: Path, revision: str | None = None) -> LlavaMod
                    "config.json matches its weights")
     check_vocab(model.language_model, tokenizer, str(path))
     model.image_spec = _image_spec(path, recipe, cfg)
-    model.prompt_spec = _prompt_spec(path, recipe, tokenizer)
+    model.prompt_spec = checkpoint_prompt_spec(path, recipe, tokenizer)
     return model
 
 
 FAMILIES.add("llava", Family(
     name="llava", description="LLaVA format (transformers model_type llava): CLIP/SigLIP + MLP + causal LM",
-    build=build, load=load,
+    build=build, load=load, read_config=lambda recipe, path: _read_config(path),
     checkpoint_help="a Hugging Face LLaVA directory (config.json with model_type llava, *.safetensors, tokenizer.json)",
 ))

@@ -311,7 +311,7 @@ def load(recipe: VLMRecipe, path: Path, revision: str | None = None,
 FAMILIES.add("llava_mini", Family(
     name="llava_mini",
     description="LLaVA-Mini: CLIP + MLP + query compressor (N vision tokens) + pre-fusion layers + Llama",
-    build=build, load=load,
+    build=build, load=load, read_config=read_config,
     checkpoint_help="a LLaVA-Mini directory as released (config.json with model_type llava_mini_llama, "
                     "model-*.safetensors + model.safetensors.index.json, tokenizer.json; CLIP weights in the "
                     "shards or in DIR/vision_tower/)",

@@ -20,7 +20,7 @@ public let OVERLAP_MARGIN = 4
 public let OVERLAP_MAX_CROPS = 12
 public let OVERLAP_RESAMPLE = "lanczos"
 
-/// processor.ImageSpec: the manifest's generation.image block (mode crop, squash or overlap_crops).
+/// processor.ImageSpec: the manifest's generation.image block (mode crop, squash, pad or overlap_crops).
 public struct ImageSpec: Sendable {
     public let size: Int
     public let mode: String
@@ -35,8 +35,8 @@ public struct ImageSpec: Sendable {
         guard ["bilinear", "bicubic", "nearest"].contains(interpolation) else {
             throw ConfigError("unknown interpolation '\(interpolation)'", "use bilinear, bicubic or nearest")
         }
-        guard ["crop", "squash", "overlap_crops"].contains(mode) else {
-            throw ConfigError("unknown image mode '\(mode)'", "use crop, squash or overlap_crops")
+        guard ["crop", "squash", "pad", "overlap_crops"].contains(mode) else {
+            throw ConfigError("unknown image mode '\(mode)'", "use crop, squash, pad or overlap_crops")
         }
         guard mean.count == 3, std.count == 3 else { throw BundleError("image mean/std need 3 values", REEXPORT) }
         self.size = size; self.mode = mode; self.interpolation = interpolation
@@ -219,6 +219,23 @@ public func resizeCrop(_ img: RgbImage, _ size: Int, _ interpolation: String) th
     return crop(resized, (nw - size) / 2, (nh - size) / 2, size)          // both >= 0: Python's // is /
 }
 
+/// processor.pad_square: the image centred on a square of its longer side (offsets floor-halved), the border
+/// int(mean * 255) per channel.
+public func padSquare(_ img: RgbImage, _ mean: [Float]) -> RgbImage {
+    if img.width == img.height { return img }
+    let side = max(img.width, img.height)
+    let fill = (0..<3).map { UInt8(Int(Double(mean[$0]) * 255.0)) }
+    var out = [UInt8](repeating: 0, count: side * side * 3)
+    for i in 0..<(side * side) { for ch in 0..<3 { out[i * 3 + ch] = fill[ch] } }
+    let left = (side - img.width) / 2, top = (side - img.height) / 2
+    for y in 0..<img.height {
+        for x in 0..<img.width {
+            for ch in 0..<3 { out[((y + top) * side + x + left) * 3 + ch] = img.rgb[(y * img.width + x) * 3 + ch] }
+        }
+    }
+    return RgbImage(width: side, height: side, rgb: out)
+}
+
 /// processor.normalize: (H, W, 3) bytes -> (3, H, W) float32, / 255, minus mean, over std (float32 arithmetic).
 public func normalize(_ img: RgbImage, _ spec: ImageSpec) -> [Float] {
     let hw = img.width * img.height
@@ -229,11 +246,12 @@ public func normalize(_ img: RgbImage, _ spec: ImageSpec) -> [Float] {
     return out
 }
 
-/// processor.preprocess_image for crop and squash: (1, 3, size, size) float32, flattened.
+/// processor.preprocess_image for crop, squash and pad: (1, 3, size, size) float32, flattened.
 public func preprocessImage(_ img: RgbImage, _ spec: ImageSpec) throws -> [Float] {
     try checkSize(img.width, img.height, "the image")
     switch spec.mode {
     case "crop": return normalize(try resizeCrop(img, spec.size, spec.interpolation), spec)
+    case "pad": return normalize(try resizeCrop(padSquare(img, spec.mean), spec.size, spec.interpolation), spec)
     case "squash": return normalize(try resize(img, spec.size, spec.size, spec.interpolation), spec)
     default: return try overlapCropsWithGrid(img, spec).views
     }

@@ -16,15 +16,15 @@ const val MIN_SIDE = 8
 const val MAX_SIDE = 16_384
 const val MAX_PIXELS = 64_000_000L
 
-/** processor.ImageSpec: the manifest's generation.image block. Only crop and squash are ported (the Moondream
+/** processor.ImageSpec: the manifest's generation.image block. Crop, squash and pad are ported (the Moondream
  *  crop layout is refused: see the README's limits). */
 class ImageSpec(val size: Int, val mode: String = "crop", val interpolation: String = "bicubic",
                 val mean: FloatArray = CLIP_MEAN, val std: FloatArray = CLIP_STD) {
     init {
         if (interpolation !in FILTERS) throw BundleError("unknown interpolation '$interpolation'",
             "use bilinear, bicubic or nearest")
-        if (mode != "crop" && mode != "squash") throw BundleError(
-            "image mode '$mode' is an image layout edgevlm-android does not port (it runs crop and squash)",
+        if (mode != "crop" && mode != "squash" && mode != "pad") throw BundleError(
+            "image mode '$mode' is an image layout edgevlm-android does not port (it runs crop, squash and pad)",
             "use a bundle of a vision_encoder family")
         if (mean.size != 3 || std.size != 3) throw BundleError("image mean/std need 3 values", "re-export the bundle")
     }
@@ -181,6 +181,20 @@ fun resizeCrop(img: RgbImage, size: Int, interpolation: String): RgbImage {
     return crop(resized, Math.floorDiv(nw - size, 2), Math.floorDiv(nh - size, 2), size)
 }
 
+/** processor.pad_square: the image centred on a square of its longer side (offsets floor-halved), the border
+ *  int(mean * 255) per channel. */
+fun padSquare(img: RgbImage, mean: FloatArray): RgbImage {
+    if (img.width == img.height) return img
+    val side = maxOf(img.width, img.height)
+    val fill = IntArray(3) { (mean[it].toDouble() * 255.0).toInt() }
+    val out = IntArray(side * side * 3) { fill[it % 3] }
+    val left = (side - img.width) / 2
+    val top = (side - img.height) / 2
+    for (y in 0 until img.height) for (x in 0 until img.width) for (ch in 0 until 3)
+        out[((y + top) * side + x + left) * 3 + ch] = img.rgb[(y * img.width + x) * 3 + ch]
+    return RgbImage(side, side, out)
+}
+
 /** processor.normalize: (H, W, 3) bytes -> (3, H, W) float32, / 255, minus mean, over std (float32 arithmetic). */
 fun normalize(img: RgbImage, spec: ImageSpec): FloatArray {
     val hw = img.width * img.height
@@ -190,11 +204,12 @@ fun normalize(img: RgbImage, spec: ImageSpec): FloatArray {
     return out
 }
 
-/** processor.preprocess_image for crop and squash: (1, 3, size, size) float32, flattened. */
+/** processor.preprocess_image for crop, squash and pad: (1, 3, size, size) float32, flattened. */
 fun preprocessImage(img: RgbImage, spec: ImageSpec): FloatArray {
     checkSize(img.width, img.height, "the image")
     return when (spec.mode) {
         "crop" -> normalize(resizeCrop(img, spec.size, spec.interpolation), spec)
+        "pad" -> normalize(resizeCrop(padSquare(img, spec.mean), spec.size, spec.interpolation), spec)
         else -> normalize(resize(img, spec.size, spec.size, spec.interpolation), spec)
     }
 }
