@@ -101,3 +101,118 @@ def overlap_crops(img: Image.Image, spec) -> np.ndarray:
 
 
 IMAGE_LAYOUTS.setdefault("overlap_crops", overlap_crops)
+
+
+# -- Idefics3 / SmolVLM tiles ------------------------------------------------------------------------------
+# Reference: transformers' Idefics3ImageProcessor (the slow, PIL one) and Idefics3Processor. The image's longest
+# side is resized to ``longest_edge`` (up or down; the other side even), then either squashed to one ``size``x``size``
+# view, or (``splitting``) resized up to multiples of ``size`` and cut into a row-major grid of ``size`` tiles
+# followed by the whole image squashed to ``size`` (a grid of 0x0 when the image is one tile already). Every resize
+# is PIL's LANCZOS on 8-bit RGB; pixels are x * (1/255) in float64, cast to float32, then (x - mean) / std.
+IDEFICS3_DEFAULTS = {"longest_edge": 2048, "splitting": True, "resample": "lanczos"}
+IDEFICS3_MAX_SIDE = 4096                 # the processor's absolute cap on either side
+FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>", "<image>"
+
+
+def idefics3_params(spec) -> dict:
+    out = {**IDEFICS3_DEFAULTS, **dict(spec.options)}
+    out["size"] = int(spec.size)
+    return out
+
+
+def _fit_longest(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the longest side ``longest``, the other truncated then rounded up to even, then both
+    capped at IDEFICS3_MAX_SIDE (the processor's two-step rule)."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest, int(longest / aspect)
+        height += height % 2
+    else:
+        height, width = longest, int(longest * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > IDEFICS3_MAX_SIDE:
+        width, height = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+    elif height > width and height > IDEFICS3_MAX_SIDE:
+        height, width = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def _tile_multiple(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) rounded up to multiples of the tile ``size``, the shorter side following the aspect ratio."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / size) * size
+        height = math.ceil(int(width / aspect) / size) * size
+    else:
+        height = math.ceil(height / size) * size
+        width = math.ceil(int(height * aspect) / size) * size
+    return height, width
+
+
+def idefics3_grid(height: int, width: int, size: int, longest_edge: int = 2048, splitting: bool = True,
+                  **_) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image of (height, width) pixels; (0, 0): one global view only."""
+    if not splitting:
+        return 0, 0
+    h, w = _tile_multiple(*_fit_longest(height, width, longest_edge), size)
+    return (h // size, w // size) if h > size or w > size else (0, 0)
+
+
+def idefics3_tiles_with_grid(img: Image.Image, spec) -> tuple[np.ndarray, tuple[int, int]]:
+    """(V, 3, S, S) float32 views (tiles row-major, then the global view) and the (rows, cols) grid."""
+    p = idefics3_params(spec)
+    size, resample = p["size"], _RESAMPLE[p["resample"]]
+    img = img.convert("RGB")
+    h, w = _fit_longest(img.height, img.width, int(p["longest_edge"]))
+    img = img.resize((w, h), resample)
+    if p["splitting"]:
+        h, w = _tile_multiple(h, w, size)
+        img = img.resize((w, h), resample)
+    rows, cols = (h // size, w // size) if p["splitting"] and (h > size or w > size) else (0, 0)
+    arr = np.asarray(img)
+    views = [arr[r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+    views.append(np.asarray(img.resize((size, size), resample)) if (h, w) != (size, size) else arr)
+    x = (np.stack(views).astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), (rows, cols)                      # (V, 3, S, S)
+
+
+def idefics3_tiles(img: Image.Image, spec) -> np.ndarray:
+    """The registered layout: only the views (use :func:`idefics3_grid` for the grid)."""
+    return idefics3_tiles_with_grid(img, spec)[0]
+
+
+def idefics3_image_text(rows: int, cols: int) -> list:
+    """The processor's text for one image with its views' slots as None: text, None, text, ... (one None per
+    view, in the views' order). Each slot stands for the view's run of ``<image>`` tokens."""
+    out: list = []
+    for r in range(rows):
+        for c in range(cols):
+            out += [f"{FAKE_TOKEN}<row_{r + 1}_col_{c + 1}>", None]
+        out.append("\n")
+    out += [("\n" if rows else "") + FAKE_TOKEN + GLOBAL_TOKEN, None, FAKE_TOKEN]
+    return out
+
+
+def idefics3_text_runs(template: str, prompt: str, grid: tuple[int, int] | None, marker: str = IMAGE_TOKEN) -> list:
+    """The prompt text between the image's view slots: ``views + 1`` strings (text only, ``grid`` None: the template
+    without its marker, one string). Text next to a slot is encoded on its own, as a tokenizer splits text at the
+    special ``<image>`` tokens the processor writes there; adjacent pieces are joined first (``"\\n" + "\\n..."``)."""
+    if grid is None or marker not in template:
+        return [template.replace(marker, "").replace("{prompt}", prompt)]
+    head, tail = template.split(marker, 1)
+    head, tail = head.replace("{prompt}", prompt), tail.replace("{prompt}", prompt)
+    runs, cur = [], head
+    for piece in idefics3_image_text(*grid):
+        if piece is None:
+            runs.append(cur)
+            cur = ""
+        else:
+            cur += piece
+    runs.append(cur + tail)
+    return runs
+
+
+IMAGE_LAYOUTS.setdefault("idefics3_tiles", idefics3_tiles)

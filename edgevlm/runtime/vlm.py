@@ -511,6 +511,8 @@ class VLMPipeline:
 
     def prepare(self, image, prompt: str) -> tuple[np.ndarray, PromptPieces, int, int]:
         """(inputs_embeds (1, T, D), pieces, image tokens, bidirectional prefix length)."""
+        if self.image_spec.mode == "idefics3_tiles":
+            return self._prepare_tiles(image, prompt)
         pieces = self.prompt_pieces(prompt, image is not None)
         img = self.encode_image(image) if image is not None else None
         before, after = self.embed_ids(pieces.before), self.embed_ids(pieces.after)
@@ -521,6 +523,29 @@ class VLMPipeline:
             return self._prefuse(img, pieces, fuse)
         prefix = before.shape[1] + img.shape[1] if self.spec.get("bidirectional_image_prefix") else 0
         return np.concatenate([before, img, after], 1), pieces, int(img.shape[1]), prefix
+
+    def _prepare_tiles(self, image, prompt: str):
+        """SmolVLM / Idefics3 (``image.mode`` idefics3_tiles): each view's embeddings (tiles, then the global view) in
+        its own slot between the processor's text runs (data/crops.py, as the eager model assembles them)."""
+        from ..data.crops import idefics3_text_runs, idefics3_tiles_with_grid
+        from ..data.images import load_image
+        from ..generation import check_prompt
+
+        if prompt is None or not check_prompt(prompt).strip():
+            raise ConfigError("the prompt is empty", "pass a question or an instruction, e.g. 'Describe this image.'")
+        p, grid, img = self.spec["prompt"], None, None
+        if image is not None:
+            pixels, grid = idefics3_tiles_with_grid(load_image(image), self.image_spec)
+            img = self.vision(pixel_values=pixels.astype(np.float32))[0]                  # (1, V*T, D)
+        runs = [self.tokenizer.encode(t) if t else [] for t in idefics3_text_runs(p["template"], prompt, grid)]
+        if p.get("bos") and self.tokenizer.bos_id is not None:
+            runs[0] = [int(self.tokenizer.bos_id)] + runs[0]
+        per = img.shape[1] // (len(runs) - 1) if img is not None else 0
+        seq = [self.embed_ids(runs[0])]
+        for v, run in enumerate(runs[1:]):
+            seq += [img[:, v * per:(v + 1) * per], self.embed_ids(run)]
+        pieces = PromptPieces(runs[0], [i for run in runs[1:] for i in run], img is not None)
+        return np.concatenate(seq, 1), pieces, 0 if img is None else int(img.shape[1]), 0
 
     def _prefuse(self, img: np.ndarray, pieces: PromptPieces, fuse: dict):
         """LLaVA-Mini: pre-fusion over [M + N image tokens ; text], then [fused text | N tokens | fused text]."""
