@@ -1,13 +1,23 @@
 """VLM decoder speed on this CPU, in one run: transformers eager, edgevlm's ONNX Runtime and llama.cpp decoders,
 and llama.cpp's own high-level path as the anchor, against the machine's memory-bandwidth limit.
 
-    python benchmarks/vlm_decode.py [--size 1.3b|0.5b|tiny] [--runs 3] [--new-tokens 64] [--image-tokens 64]
-                                    [--compression] [--cache /work/bench_cache] [--out benchmarks/results]
+    python benchmarks/vlm_decode.py [--size 1.3b|0.5b|tiny|smolvlm-500m|smolvlm-tiny] [--runs 3] [--new-tokens 64]
+                                    [--image-tokens 64] [--compression] [--cache /work/bench_cache]
+                                    [--out benchmarks/results]
 
 Speed does not depend on weight values, so the decoder is a realistic shape with RANDOM weights (normal,
-std 0.02): ``1.3b`` is Moondream2's text model, a Phi-1.5-shaped transformers ``PhiForCausalLM`` (hidden 2048,
-24 layers, 32 heads, MLP 8192, partial rotary 0.5, vocab 51200, 1.42B parameters); ``0.5b`` the same family
-with smaller dims (hidden 1024, 32 layers, 16 heads, MLP 4096: 0.51B); ``tiny`` a seconds-long smoke run.
+std 0.02). The model family is a property of the size (``SIZE_FAMILY``): it picks the transformers classes the
+decoder is built from, its RoPE for the fused attention, and its llama.cpp architecture in the GGUF files.
+
+- ``1.3b``: Moondream2's text model, a Phi-1.5-shaped transformers ``PhiForCausalLM`` (hidden 2048, 24 layers,
+  32 heads, MLP 8192, partial rotary 0.5, vocab 51200, 1.42B parameters);
+- ``0.5b``: the same Phi family with smaller dims (hidden 1024, 32 layers, 16 heads, MLP 4096: 0.51B);
+- ``tiny``: Phi, a seconds-long smoke run;
+- ``smolvlm-500m``: SmolVLM-500M-Instruct's text model, SmolLM2-360M, a transformers ``LlamaForCausalLM``
+  (models/smolvlm.yaml, recipe ``smolvlm_500m``, ``text_config``: hidden 960, 32 layers, 15 heads, 5 KV heads,
+  head_dim 64, MLP 2560 (SiLU-gated), RMSNorm eps 1e-5, rope_theta 100000, vocab 49280, untied head: 0.41B);
+  llama.cpp runs it as its ``llama`` architecture;
+- ``smolvlm-tiny``: the same Llama family (grouped KV heads too) at tiny dims, a seconds-long smoke run.
 
 Every engine gets the same prompt: ``--image-tokens`` random "image" embedding rows followed by 32 text tokens,
 prefilled at once, then ``--new-tokens`` greedy tokens (stop tokens ignored; llama.cpp's own path gets token ids
@@ -69,9 +79,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as a script from anywhere: the repo's edgevlm, not an installed one
     sys.path.insert(0, str(ROOT))
 
+# Each family: the transformers config and causal-LM classes, its rotary embedding (the fused attention's RoPE
+# tables), and the config fields every size of it shares (the sizes below add the dimensions).
 _PHI = {"partial_rotary_factor": 0.5, "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
         "max_position_embeddings": 2048, "rope_theta": 10000.0, "initializer_range": 0.02, "bos_token_id": 256,
         "eos_token_id": 257, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}
+# SmolLM2 (SmolVLM's text model) as models/smolvlm.yaml's smolvlm_500m text_config has it; bos/eos are the
+# byte-level GGUF vocabulary's, as for Phi
+_LLAMA = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+          "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+          "bos_token_id": 256, "eos_token_id": 257, "attention_dropout": 0.0}
+FAMILIES = {
+    "phi": {"label": "Phi", "config": "PhiConfig", "model": "PhiForCausalLM",
+            "rotary": ("transformers.models.phi.modeling_phi", "PhiRotaryEmbedding"), "fields": _PHI},
+    "llama": {"label": "Llama", "config": "LlamaConfig", "model": "LlamaForCausalLM",
+              "rotary": ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding"), "fields": _LLAMA},
+}
 SIZES = {
     "1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32,
              "intermediate_size": 8192, "vocab_size": 51200},
@@ -80,7 +103,14 @@ SIZES = {
     # every dimension a multiple of 256 so Q4_K_M quantizes every matrix (no fallback types)
     "tiny": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
              "intermediate_size": 1024, "vocab_size": 512},
+    # models/smolvlm.yaml, smolvlm_500m's text_config (SmolLM2-360M)
+    "smolvlm-500m": {"hidden_size": 960, "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
+                     "head_dim": 64, "intermediate_size": 2560, "vocab_size": 49280},
+    # grouped KV heads as SmolLM2's; every dimension a multiple of 256 (Q4_K_M quantizes every matrix)
+    "smolvlm-tiny": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "head_dim": 64, "intermediate_size": 768, "vocab_size": 512},
 }
+SIZE_FAMILY = {"smolvlm-500m": "llama", "smolvlm-tiny": "llama"}      # every other size: phi
 TEXT_TOKENS = 32
 COMPRESSION_VISION = (576, 16, 1)          # uncompressed LLaVA-1.5 image, LLaVA-Mini 16 and 1 token(s)
 
@@ -129,22 +159,43 @@ def peak_mib() -> float:
 
 
 # -- the model ----------------------------------------------------------------------------------------------
+def family(size: str) -> dict:
+    """The size's model family (``FAMILIES``): Phi unless ``SIZE_FAMILY`` names another."""
+    return FAMILIES[SIZE_FAMILY.get(size, "phi")]
+
+
+def model_config(size: str) -> dict:
+    """The decoder's whole transformers config (the size's dimensions and its family's shared fields)."""
+    return {**SIZES[size], **family(size)["fields"]}
+
+
+def head_dim(size: str) -> int:
+    c = SIZES[size]
+    return c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+
+
 def build_lm(size: str):
-    """The random-weight Phi-shaped decoder (seeded: every process builds the same weights)."""
+    """The random-weight decoder of the size's family (seeded: every process builds the same weights)."""
     import torch
     import transformers
 
+    fam = family(size)
     torch.manual_seed(0)
-    cfg = transformers.PhiConfig(**SIZES[size], **_PHI)
-    lm = transformers.PhiForCausalLM(cfg).eval()
+    cfg = getattr(transformers, fam["config"])(**model_config(size))
+    lm = getattr(transformers, fam["model"])(cfg).eval()
     lm.requires_grad_(False)
     return lm
 
 
 def n_params(size: str) -> int:
     """Parameters of the decoder, from its shape (no torch)."""
-    c = SIZES[size]
+    c = model_config(size)
     d, f, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    if SIZE_FAMILY.get(size, "phi") == "llama":
+        q, kv = c["num_attention_heads"] * head_dim(size), c["num_key_value_heads"] * head_dim(size)
+        # q, k, v, o (no biases), gate + up + down, two RMSNorms; final RMSNorm; the head unless tied
+        layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
+        return v * d + n * layer + d + (0 if c["tie_word_embeddings"] else d * v)
     kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
     layer = (d * d + d) * 2 + (d * kv + kv) * 2 + (d * f + f) + (f * d + d) + 2 * d
     return v * d + n * layer + 2 * d + (d * v + v)
@@ -154,16 +205,18 @@ def n_params(size: str) -> int:
 def _fuse(size: str, path: Path, dst: Path | None = None) -> str:
     """The CPU bundles' attention (one ONNX Runtime op appending to a shared KV buffer, applying the model's
     RoPE), as edgevlm export writes it; returns what the graph got."""
+    import importlib
+
     import transformers
-    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
 
     from edgevlm.compress.attention import fuse_attention, rotary_tables
 
-    c = {**SIZES[size], **_PHI}
+    fam, c = family(size), model_config(size)
+    rotary = getattr(importlib.import_module(fam["rotary"][0]), fam["rotary"][1])
     say(f"  fusing attention in {(dst or path).name} (RoPE checked against the model's own ops)")
-    tables = rotary_tables(PhiRotaryEmbedding(config=transformers.PhiConfig(**c)), c["max_position_embeddings"])
-    f = fuse_attention(path, c["num_attention_heads"], c["num_key_value_heads"],
-                       c["hidden_size"] // c["num_attention_heads"], dst=dst, rotary=tables)
+    tables = rotary_tables(rotary(config=getattr(transformers, fam["config"])(**c)), c["max_position_embeddings"])
+    f = fuse_attention(path, c["num_attention_heads"], c["num_key_value_heads"], head_dim(size), dst=dst,
+                       rotary=tables)
     return (f["kv_cache"] + (f" ({f['why']})" if "why" in f else "")
             + (f"; RoPE {f['rope']}" if "rope" in f else "") + (f" ({f['rope_why']})" if "rope_why" in f else ""))
 
@@ -177,7 +230,7 @@ def prepare_stage(stage: str, size: str, cache: Path) -> dict:
         from edgevlm.errors import EdgeVLMError
         from edgevlm.exporters.vlm_onnx import export_decoder, export_embed_tokens
 
-        say(f"building the random {size} Phi decoder (torch)")
+        say(f"building the random {size} {family(size)['label']} decoder (torch)")
         lm = build_lm(size)
         say(f"  {sum(p.numel() for p in lm.parameters()) / 1e9:.3f}B parameters; exporting decoder.onnx "
             "(torch.onnx dynamo)")
@@ -194,7 +247,8 @@ def prepare_stage(stage: str, size: str, cache: Path) -> dict:
 
             say("  writing decoder.f16.gguf")
             tok = TextTokenizer.bytes_only(SIZES[size]["vocab_size"])
-            f = write_gguf(lm, tok, cache / ARTIFACTS["gguf_f16"][0], ftype="f16", name=f"edgevlm-bench-phi-{size}")
+            f = write_gguf(lm, tok, cache / ARTIFACTS["gguf_f16"][0], ftype="f16",
+                           name=f"edgevlm-bench-{SIZE_FAMILY.get(size, 'phi')}-{size}")
             out["gguf_f16"] = {"file_bytes": f["file_size"], "arch": f["arch"], "params": f["params"]}
         except (ImportError, EdgeVLMError) as e:     # no gguf package: the llama.cpp engines are skipped
             out["gguf_f16"] = {"error": f"{type(e).__name__}: {e}"}
@@ -248,7 +302,7 @@ def ensure_artifacts(size: str, cache: Path, wanted: set[str], threads: int) -> 
     cache.mkdir(parents=True, exist_ok=True)
     meta_path = cache / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    shape = {**SIZES[size], **_PHI}
+    shape = model_config(size)
     if meta.get("config") != shape or meta.get("export") != EXPORT_FORMAT:
         meta = {"config": shape, "export": EXPORT_FORMAT, "artifacts": {}}
     arts = meta["artifacts"]
@@ -314,11 +368,14 @@ def onnx_weight_bytes(path: Path) -> tuple[int, int]:
 
 
 def gguf_weight_bytes(path: Path) -> tuple[int, int]:
-    """(all tensor bytes, bytes of token_embd, which decoding reads one row of)."""
+    """(all tensor bytes, bytes of token_embd, which decoding reads one row of; 0 when the file has no output.weight:
+    llama.cpp's llama graph then reads token_embd whole as the head)."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
     total = sum(int(t.n_bytes) for t in r.tensors)
+    if not any(t.name == "output.weight" for t in r.tensors):
+        return total, 0
     embd = sum(int(t.n_bytes) for t in r.tensors if t.name == "token_embd.weight")
     return total, embd
 
@@ -399,7 +456,9 @@ class _Eager:
         self.lm = build_lm(size)
         w = self.lm.get_input_embeddings().weight
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.lm.parameters())
-        self.read_bytes = self.weight_bytes - w.numel() * w.element_size()
+        head = self.lm.get_output_embeddings()
+        tied = head is not None and head.weight is w           # a tied head reads the whole table per token
+        self.read_bytes = self.weight_bytes - (0 if tied else w.numel() * w.element_size())
         self.attn = getattr(self.lm.config, "_attn_implementation", None)
         self.past = None
 
@@ -430,8 +489,8 @@ class _Ort:
         # as a bundle's runtime opens it (runtime.vlm.open_ort_decoder: edgevlm's kernel for 4-bit decode steps
         # when built here), or with ONNX Runtime's kernels only (kernels=False)
         self.dec = open_ort_decoder(cache / ARTIFACTS[artifact][0], cpu, prec, threads, embed,
-                                    c["num_hidden_layers"], c["num_key_value_heads"],
-                                    c["hidden_size"] // c["num_attention_heads"], kernels=kernels)
+                                    c["num_hidden_layers"], c["num_key_value_heads"], head_dim(size),
+                                    kernels=kernels)
         self.reset, self.step = self.dec.reset, self.dec.step
         self.providers = self.dec.providers
 
@@ -751,9 +810,9 @@ def context_and_prompt(args, plan: Plan, fail) -> None:
     if plan.comp_engines:
         need = max(need, max(COMPRESSION_VISION) + TEXT_TOKENS + 1)
     plan.n_ctx = -(-need // 256) * 256
-    if plan.n_ctx > SIZES[args.size].get("max_position_embeddings", _PHI["max_position_embeddings"]):
-        fail(f"the prompt and new tokens need {need} positions; the decoder holds "
-             f"{_PHI['max_position_embeddings']}")
+    max_pos = model_config(args.size)["max_position_embeddings"]
+    if plan.n_ctx > max_pos:
+        fail(f"the prompt and new tokens need {need} positions; the decoder holds {max_pos}")
     plan.prompt = make_prompt(plan.cache, args.size, args.image_tokens)
 
 
@@ -827,8 +886,8 @@ def engine_rows(args, plan: Plan, results: dict, bw: dict) -> list[dict]:
             if r:
                 wb, rb = r["weight_bytes"], r["read_bytes"]
             else:
-                p = n_params(args.size)
-                wb, rb = 4 * p, 4 * (p - SIZES[args.size]["vocab_size"] * SIZES[args.size]["hidden_size"])
+                p, c = n_params(args.size), model_config(args.size)
+                wb, rb = 4 * p, 4 * (p - (0 if c.get("tie_word_embeddings") else c["vocab_size"] * c["hidden_size"]))
         elif kind == "ort":
             total, gathered = onnx_weight_bytes(cache / ARTIFACTS[art][0])
             emb_total, _ = onnx_weight_bytes(cache / ARTIFACTS["embed_tokens"][0])
@@ -936,7 +995,8 @@ def print_report(args, plan: Plan, busy, bw: dict, rows: list[dict], ratios: dic
     from edgevlm.report import table
 
     cpu = platform.processor() or platform.machine()
-    title = (f"VLM decoder {args.size} (Phi-shaped, {n_params(args.size) / 1e9:.2f}B params, random weights), "
+    title = (f"VLM decoder {args.size} ({family(args.size)['label']}-shaped, {n_params(args.size) / 1e9:.2f}B params, "
+             "random weights), "
              f"{cpu}, {args.threads} threads; prompt {args.image_tokens} image rows + {TEXT_TOKENS} text tokens, "
              f"{args.new_tokens} new tokens, median of {args.runs}; bandwidth {bw['bandwidth_gbs']:.1f} GB/s")
     cols = ["engine", "weights_mb", "read_mb_per_tok", "ttft_ms", "decode_tok_s", "limit_tok_s", "pct_of_limit",
@@ -986,8 +1046,8 @@ def write_results(args, plan: Plan, busy, bw: dict, rows: list[dict], ratios: di
     # a --compression run without engines gets its own file (it does not overwrite the engines' results)
     out = args.out / f"vlm_decode-{args.size}{'' if args.engines else '-compression'}.json"
     write_json(out, {
-        "size": args.size, "model": "transformers PhiForCausalLM, random weights (normal std 0.02)",
-        "config": {**SIZES[args.size], **_PHI}, "params": n_params(args.size),
+        "size": args.size, "model": f"transformers {family(args.size)['model']}, random weights (normal std 0.02)",
+        "config": model_config(args.size), "params": n_params(args.size),
         "prompt": {"image_tokens": args.image_tokens, "text_tokens": TEXT_TOKENS, "new_tokens": args.new_tokens,
                    "stop_tokens": "ignored", "greedy": True},
         "settings": {"runs": args.runs, "warmup_runs": 1, "threads": args.threads, "n_ctx_llama_cpp": plan.n_ctx,

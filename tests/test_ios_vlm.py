@@ -148,7 +148,7 @@ def test_moondream_bundle_has_every_part_and_its_skills_run(tmp_path):
     assert isinstance(boxes, list)
 
 
-@pytest.mark.parametrize("name", ["llava_tiny", "llava_mini_tiny", "tinygpt_v_tiny"])
+@pytest.mark.parametrize("name", ["llava_tiny", "llava_mini_tiny", "tinygpt_v_tiny", "smolvlm_tiny"])
 def test_other_families_export_int4_and_verify(tmp_path, name):
     from edgevlm import runtime
 

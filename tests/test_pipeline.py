@@ -44,7 +44,7 @@ def _ops(path: Path) -> set[str]:
 # -- the profile's rules reach every part -------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["edgevlm_scenes_tiny", "moondream2_tiny", "llava_tiny", "llava_mini_tiny",
-                                  "tinygpt_v_tiny"])          # every VLM family
+                                  "tinygpt_v_tiny", "smolvlm_tiny"])          # every VLM family
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_jetson_vlm_bundle_is_tensorrt_ready(tmp_path, name, precision):
     """jetson's profile: symmetric INT8 on the parts that read pixels, weight-only DequantizeLinear decoders, no
@@ -73,7 +73,8 @@ def test_jetson_vlm_bundle_is_tensorrt_ready(tmp_path, name, precision):
         assert views["views_at_most"] == 64 and views["view_gflops"] > 0
         assert r["details"]["quantization"]["calibration_images"] <= views["views_at_most"]
     onnxrt = m["parity"]["results"][0]
-    assert onnxrt["backend"] == "onnxruntime" and onnxrt["new_tokens"] == 32
+    n = len(m["parity"]["eager_tokens"])      # smolvlm_tiny's random weights reach the stop token after 7 (eager too)
+    assert onnxrt["backend"] == "onnxruntime" and onnxrt["new_tokens"] == n == (n if name == "smolvlm_tiny" else 32)
     # the quantized decoder still follows eager as closely as the cpu bundle's (a broken dequantization scores near
     # chance on this vocabulary); INT4 of these sharpened random weights is coarse on any target
     if precision == "int8":

@@ -18,7 +18,7 @@ from edgevlm.modeling.families import load_vlm
 
 from vlm_utils import make_image
 
-FAMILIES = ["edgevlm_scenes_tiny", "llava_tiny", "moondream2_tiny", "tinygpt_v_tiny", "llava_mini_tiny"]
+FAMILIES = ["edgevlm_scenes_tiny", "llava_tiny", "moondream2_tiny", "tinygpt_v_tiny", "llava_mini_tiny", "smolvlm_tiny"]
 SHARPEN = 4.0   # random init is so flat that greedy decoding repeats one token; scaled weights vary it
 
 
@@ -50,6 +50,7 @@ try:
 except ImportError:
     HAVE_LLAMA = False
 NO_GGUF = {"tinygpt_v_tiny"}      # TinyGPT-V's q/k LayerNorm + attention RMSNorm: no llama.cpp architecture
+STOPS_EARLY = {"smolvlm_tiny"}    # its random weights reach the stop token after 7 of the 32 tokens (eager too)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -61,7 +62,9 @@ def test_fp32_bundle_gives_eager_greedy_tokens(tmp_path, name):
     assert set(results) == ({"onnxruntime", "llama.cpp"} if decoder == "both" else {"onnxruntime"})
     assert len(set(m["parity"]["eager_tokens"])) > 3, "the parity prompt should decode varied tokens"
     for backend, res in results.items():
-        assert res["passed"] and res["same_greedy_tokens"] and res["new_tokens"] == 32, backend
+        assert res["passed"] and res["same_greedy_tokens"], backend
+        n = len(m["parity"]["eager_tokens"])
+        assert res["new_tokens"] == n == (n if name in STOPS_EARLY else 32), backend
         # llama.cpp computes GELU through an F16 table (Phi: ~2e-3 of the logits); ONNX Runtime ~1e-5
         assert res["logits_max_abs_diff"] < (1e-2 if backend == "llama.cpp" else 1e-3), backend
         assert res["kl_mean"] < 1e-4, backend
