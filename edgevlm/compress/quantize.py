@@ -223,12 +223,17 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
     if calibration is None or len(calibration) == 0:
         raise ExportError("INT8 needs calibration images and none were given", "pass --calib DIR")
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    big = sum(f.stat().st_size for f in (Path(src), Path(src).with_name(Path(src).name + ".data"))
+              if f.exists()) > EXTERNAL_DATA_BYTES
     with scratch_dir("quantize") as tmp, quiet(stdout=False):      # prints pass: ``progress`` may log
-        pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        except Exception:
-            pre = Path(src)  # pre-processing is an optimization; quantization works without it
+        # Pre-processing is an optimization; quantization works without it. Over 2 GB it is skipped: its sessions
+        # held TinyGPT-V's 4.1 GB tower about three times over (13 GB more), then it could not save the result.
+        pre = Path(src) if big else Path(tmp) / "pre.onnx"
+        if not big:
+            try:
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            except Exception:
+                pre = Path(src)
         extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
                  "QuantizeBias": quantize_bias}
         if method == CalibMethod.PERCENTILE:
@@ -242,8 +247,6 @@ def to_int8(src: Path, dst: Path, calibration: np.ndarray, method: CalibMethod =
         del graph
         if depthwise or act_mm:
             kwargs["nodes_to_exclude"] = depthwise + act_mm
-        big = sum(f.stat().st_size for f in (Path(src), Path(src).with_name(Path(src).name + ".data"))
-                  if f.exists()) > EXTERNAL_DATA_BYTES
         if method == CalibMethod.MINMAX:     # streamed, weights read once; ranges handed over as ORT's cache
             from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
