@@ -145,6 +145,16 @@ def test_bad_checkpoint_directories(tmp_path, hf_llava):
 
 
 # -- prompts tokenized as the checkpoint's own processor tokenizes them (issue 28) ----------------------------
+def _chat_inputs(proc, image, prompt: str):
+    """The processor's inputs for one user turn (the image, then the text) through its chat template."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
+                                             {"type": "text", "text": prompt}]}]
+    return proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                    return_tensors="pt")
+
+
 def _edgevlm_ids(vlm, image, prompt):
     embeds, pieces, n_img = vlm.prepare(image, prompt)
     image_id = vlm.tokenizer.token_id("<image>")
@@ -179,12 +189,7 @@ def test_prompt_ids_and_greedy_tokens_are_the_processors(tmp_path, case):
     vlm = load_vlm("llava_tiny", weights=d)
     image, prompt = make_image(), "What is in the picture?"
     if template is not None:
-        from PIL import Image
-
-        messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
-                                                 {"type": "text", "text": prompt}]}]
-        ref = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                       return_tensors="pt")
+        ref = _chat_inputs(proc, image, prompt)
     else:
         text = vlm.prompt_spec.template.replace("{prompt}", prompt)      # the recipe's template, typed out
         ref = proc(text=text, images=image, return_tensors="pt")
@@ -231,7 +236,7 @@ def test_a_checkpoint_is_named_as_hugging_face_users_name_it(tmp_path, hf_llava)
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(ConfigError, match="'qwen2_vl' checkpoint.*supported model_type values: llava"):
+    with pytest.raises(ConfigError, match="'qwen2_vl' checkpoint.*supported model_type values: idefics3, llava, "):
         resolve_vlm(str(odd))
     with pytest.raises(ConfigError, match="--weights names another"):
         resolve_vlm(str(d), weights=str(odd))
@@ -275,13 +280,8 @@ def test_vision_feature_options_match_transformers(tmp_path, features):
     the processor (its image-token count follows the strategy), logits within 1e-5, 32 greedy tokens equal."""
     d, proc = hf_llava_processor_checkpoint(tmp_path, "ckpt", True, CHAT, **features)
     vlm = load_vlm(str(d))
-    from PIL import Image
-
     image, prompt = make_image(), "What is in the picture?"
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
-                                             {"type": "text", "text": prompt}]}]
-    ref = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                   return_tensors="pt")
+    ref = _chat_inputs(proc, image, prompt)
     ids, embeds = _edgevlm_ids(vlm, image, prompt)
     assert ids == ref["input_ids"][0].tolist()
     _answers_as_transformers(d, ref, vlm, embeds)
@@ -295,13 +295,8 @@ def test_a_qwen2_style_tokenizer_without_bos_matches_transformers(tmp_path):
     assert json.loads((d / "tokenizer_config.json").read_text()).get("bos_token") is None
     vlm = load_vlm(str(d))
     assert vlm.tokenizer.bos_id is None and vlm.prompt_spec.bos is False
-    from PIL import Image
-
     image, prompt = make_image(), "What is in the picture?"
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(image)},
-                                             {"type": "text", "text": prompt}]}]
-    ref = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                   return_tensors="pt")
+    ref = _chat_inputs(proc, image, prompt)
     ids, embeds = _edgevlm_ids(vlm, image, prompt)
     assert ids == ref["input_ids"][0].tolist()
     assert ids[0] != vlm.tokenizer.token_id("<s>")
@@ -318,13 +313,9 @@ def test_non_square_images_are_preprocessed_as_the_image_processor(tmp_path, pad
     vlm = load_vlm(str(d))
     assert vlm.image_spec.mode == ("pad" if pad else "crop")
     image = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    from PIL import Image
-
     from edgevlm.processor import preprocess_image
 
-    ref = proc.apply_chat_template([{"role": "user", "content": [
-        {"type": "image", "image": Image.fromarray(image)}, {"type": "text", "text": "What is it?"}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    ref = _chat_inputs(proc, image, "What is it?")
     ours = preprocess_image(image, vlm.image_spec)
     np.testing.assert_allclose(ours, ref["pixel_values"].numpy(), atol=1e-5)
     if pad:     # the border is the mean colour: normalized, close to 0 (not the crop's image content)

@@ -57,6 +57,20 @@ def _apply(rules: tuple[Rule, ...], key: str) -> str:
     return key
 
 
+def rename_first(sd: dict, rules: tuple[Rule, ...]) -> dict:
+    """Each key renamed by the first rule that changes it (the later rules are not tried); a key no rule matches
+    stays as it is. The Hugging Face VLM layouts (LLaVA, SmolVLM) map this way."""
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl, _source in rules:
+            new = re.sub(pattern, repl, key, count=1)
+            if new != key:
+                key = new
+                break
+        out[key] = value
+    return out
+
+
 def is_cream_tinyvit(sd: dict) -> bool:
     """True for a state dict in microsoft/Cream's TinyViT layout (as opposed to timm's)."""
     return any(k.startswith(("patch_embed.seq.", "layers.", "norm_head.")) for k in sd)

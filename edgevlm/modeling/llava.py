@@ -7,7 +7,6 @@ a transformers causal LM. Paper: https://arxiv.org/abs/2310.03744.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from ..zoo import VLMRecipe
 from .checkpoint import fit_state_dict, load_checkpoint_dir, read_model_config
 from .connectors import MLPProjector
 from .families import FAMILIES, Family
+from .keymaps import rename_first
 from .language import build_lm, check_vocab, lm_config, tie_missing_lm_head
 from .vlm import VisionLanguageModel
 
@@ -70,15 +70,7 @@ KEY_RULES: tuple[tuple[str, str, str], ...] = (
 
 
 def map_keys(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl, _src in KEY_RULES:
-            new = re.sub(pattern, repl, k, count=1)
-            if new != k:
-                k = new
-                break
-        out[k] = v
-    return out
+    return rename_first(sd, KEY_RULES)
 
 
 def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None, config: dict | None = None) -> LlavaModel:

@@ -10,7 +10,6 @@ Paper: https://arxiv.org/abs/2504.05299; reference: transformers' Idefics3ForCon
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from ..processor import IMAGE_MARKER, ImageSpec, PromptPieces, PromptSpec, TextT
 from ..zoo import VLMRecipe
 from .checkpoint import fit_state_dict, load_checkpoint_dir, read_model_config
 from .families import FAMILIES, Family
+from .keymaps import rename_first
 from .language import build_lm, check_vocab, lm_config, tie_missing_lm_head
 from .llava import checkpoint_prompt_spec
 from .vlm import VisionLanguageModel
@@ -203,15 +203,7 @@ KEY_RULES: tuple[tuple[str, str, str], ...] = (
 
 
 def map_keys(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl, _src in KEY_RULES:
-            new = re.sub(pattern, repl, k, count=1)
-            if new != k:
-                k = new
-                break
-        out[k] = v
-    return out
+    return rename_first(sd, KEY_RULES)
 
 
 # -- build / load -------------------------------------------------------------------------------------------
