@@ -142,7 +142,7 @@ def _calibrate_minmax(model_path: Path, input_name: str, data: np.ndarray, batch
         # no arena, no memory patterns: each run's activations are freed as it goes (the arena kept them and grew
         # with every batch), and no graph optimization (pre-packing copies weights). Priority-based order runs
         # each reduction where it was placed: ONNX Runtime's default order ran them after everything else, every
-        # calibrated activation alive at once (40 MLP layers over 8192x512 activations: 1.85 GB against none)
+        # calibrated activation alive at once (40 MLP layers over 8192x512 activations: 1.8 GiB against none)
         opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
