@@ -359,7 +359,7 @@ def _calibration_pixels(model, cfg: VLMExportConfig, spec) -> tuple[np.ndarray, 
 # How many views calibrate a VLM's vision tower, each a full pass of it. Moondream2's overlapping crops make 32
 # images about 336 views of a 413M tower (0.6 TFLOP each); 64 views spread over all images keep the ranges'
 # coverage and took 9:50 on a 2-vCPU AMD EPYC (AVX2). A bigger tower gets the same compute, not the same count:
-# TinyGPT-V's 1B EVA tower at 448 px (2.2 TFLOP a view) gets 18 views, not 64 (over half an hour there
+# TinyGPT-V's 1B EVA tower at 448 px (2.1 TFLOP a view) gets 19 views, not 64 (over half an hour there
 # otherwise); never fewer than MIN_CALIB_VIEWS.
 MAX_CALIB_VIEWS = 64
 MIN_CALIB_VIEWS = 16

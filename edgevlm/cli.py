@@ -119,14 +119,11 @@ def _as_zoo(model, weights=None, revision=None) -> tuple:
 def _cmd_export(args) -> int:
     from .api import export_config
     from .report import table
-    from .zoo import DEFAULT_MODEL, is_vlm, resolve_vlm
+    from .zoo import DEFAULT_MODEL, is_vlm
 
     if args.model is None and args.weights and (Path(args.weights) / "config.json").is_file():
         args.model, args.weights = args.weights, None      # `--weights CHECKPOINT_DIR` alone names the model
-    args.model = args.model or DEFAULT_MODEL
-    ref = resolve_vlm(args.model, args.weights, args.revision)
-    if ref is not None:
-        args.model, args.weights, args.revision = ref.name, ref.weights, ref.revision
+    args.model, args.weights, args.revision = _as_zoo(args.model or DEFAULT_MODEL, args.weights, args.revision)
     vlm = is_vlm(args.model)
     _refuse_flags_of_the_other_kind(args, vlm)
     out, m = export_config(_export_config(args), quiet=args.quiet)

@@ -92,23 +92,22 @@ def _calibrate_minmax(model_path: Path, input_name: str, data: np.ndarray, batch
     vis = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
     inits = {i.name for i in model.graph.initializer}
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
-    tensors: list[str] = []
+    wanted: set[str] = set()
     for node in model.graph.node:
         if node.op_type not in op_types:
             continue
         for name in list(node.input) + list(node.output):
             vi = vis.get(name)
-            if (vi is not None and name not in inits and name not in tensors and vi.type.HasField("tensor_type")
+            if (vi is not None and name not in inits and vi.type.HasField("tensor_type")
                     and vi.type.tensor_type.elem_type in floats):
-                tensors.append(name)
-    if not tensors:
+                wanted.add(name)
+    if not wanted:
         raise ExportError(f"{model_path.name}: no float tensor to calibrate", "check the graph's ops (shape "
                           "inference found no float tensors)")
     # Each ReduceMin/ReduceMax pair goes right after the node that makes its tensor (graph inputs: first), and the
     # session runs them there (priority-based order, below): each activation is freed once reduced. Run at the end,
     # as ONNX Runtime's default order ran them, every activation stayed alive (TinyGPT-V's tower: 19.4 GB at the
     # first view).
-    wanted = set(tensors)
     outputs, nodes, order = [], [], []          # order: the tensors in the order their reductions run
 
     def reduce(name: str) -> list:
