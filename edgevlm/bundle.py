@@ -65,10 +65,10 @@ def file_table(root: Path) -> dict:
 
 # -- writing ---------------------------------------------------------------------------------------------------
 def listed_size(files: dict, rel: str) -> int:
-    """Bytes of one artifact from a manifest's ``files`` table: a file, or a directory (a Core ML package) as the sum
-    of the files listed under it."""
+    """Bytes of one artifact from a manifest's ``files`` table: a file (an ONNX graph with its ``<file>.data``), or a
+    directory (a Core ML package) as the sum of the files listed under it."""
     if rel in files:
-        return int(files[rel]["size"])
+        return int(files[rel]["size"]) + int(files.get(rel + ".data", {}).get("size", 0))
     prefix = rel.rstrip("/") + "/"
     return sum(int(v["size"]) for k, v in files.items() if k.startswith(prefix))
 

@@ -183,3 +183,15 @@ def test_missing_converter_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=r"edgevlm\[coreml\]"):
         export_bundle(ExportConfig(model="fastvit_t8", target="ios", out=tmp_path / "o"), quiet=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_listed_size_counts_external_data_and_package_contents():
+    """The part table's size: an ONNX graph with its ``<file>.data`` (a 1.1 GB INT8 tower whose graph file is 7 MB
+    was listed as 7.1 MB), a Core ML package as the files under it, a lone file as itself."""
+    from edgevlm.bundle import listed_size
+
+    files = {"vision_encoder.onnx": {"size": 7_000_000}, "vision_encoder.onnx.data": {"size": 1_100_000_000},
+             "decoder.onnx": {"size": 5}, "v.mlpackage/Manifest.json": {"size": 3},
+             "v.mlpackage/Data/weight.bin": {"size": 40}}
+    assert listed_size(files, "vision_encoder.onnx") == 1_107_000_000
+    assert listed_size(files, "decoder.onnx") == 5 and listed_size(files, "v.mlpackage") == 43

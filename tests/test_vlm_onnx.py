@@ -401,3 +401,83 @@ def test_decoder_chunked_prefill_and_external_data(tmp_path_factory, tmp_path):
 
     with pytest.raises(ConfigError, match="precision"):
         vlm_onnx.quantize_decoder(big, tmp_path / "x.onnx", "int3")
+
+
+def test_decoder_rewrites_stream_external_weights(tmp_path_factory, tmp_path, monkeypatch):
+    """What a 10 GB decoder goes through, on a tiny one stored as external data: the attention rewrite and INT4 read
+    the graph without its weights and one weight at a time (onnx_io.load_graph/read_initializer/save_streamed,
+    quantize.matmulnbits_streamed), and moving a graph renames its data file. Results equal the in-memory tools':
+    the same packed INT4 bytes and logits as ONNX Runtime's MatMulNBitsQuantizer, the same logits as the fusion of
+    the inline graph; the written data file holds the live weights only (no bytes of the dropped q/k/v parts)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from edgevlm.compress import quantize
+
+    e = _exported("llava_tiny", tmp_path_factory)
+    lm, f = e.vlm.language_model, e.decoder
+    src = tmp_path / "decoder.onnx"
+    assert onnx_io.save_model(onnx.load(str(e.dir / "decoder.onnx")), src, external_data=True)
+    x = np.random.default_rng(0).standard_normal((1, 6, f["hidden_size"])).astype(np.float32)
+
+    def logits(path):
+        dec = attention.runtime_decoder(path)
+        try:
+            return np.stack([dec.prefill(x[:, :5]), dec.step_embeds(x[:, 5])])
+        finally:
+            dec.close()
+
+    def live_bytes(path):
+        g = onnx.load(str(path), load_external_data=False)
+        spans = [dict((k.key, k.value) for k in t.external_data) for t in g.graph.initializer if t.external_data]
+        assert spans and all(s["location"] == path.name + ".data" for s in spans)
+        return sum(int(s["length"]) for s in spans), len(spans)
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)         # keep the tiny results as external data too
+    # INT4: byte-for-byte ONNX Runtime's quantizer
+    n = quantize.matmulnbits_streamed(src, tmp_path / "s4.onnx", 32)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    onnx_io.save_model(q.model.model, tmp_path / "r4.onnx", external_data=False)
+    ref = {t.name: t for t in q.model.model.graph.initializer if t.name.endswith(("_Q4", "_scales"))}
+    mine = onnx.load(str(tmp_path / "s4.onnx")).graph
+    got = {t.name: t for t in mine.initializer if t.name.endswith(("_Q4", "_scales"))}
+    assert n == sum(o.op_type == "MatMulNBits" for o in mine.node) == len(ref) // 2 > 0
+    assert sorted(got) == sorted(ref) and all(
+        onnx.numpy_helper.to_array(got[k]).tobytes() == onnx.numpy_helper.to_array(ref[k]).tobytes() for k in ref)
+    assert not [o for o in mine.node if o.op_type == "MatMul" and o.input[1] in {t.name for t in mine.initializer}]
+    assert np.array_equal(logits(tmp_path / "s4.onnx"), logits(tmp_path / "r4.onnx"))
+    used, count = live_bytes(tmp_path / "s4.onnx")
+    assert used <= (tmp_path / "s4.onnx.data").stat().st_size < used + 4096 * count
+
+    # the attention rewrite from disk equals the rewrite of the inline graph
+    heads, tables = lm.config.num_attention_heads, attention.rotary_tables(lm, e.vlm.max_context)
+    a = attention.fuse_attention(src, heads, f["num_kv_heads"], f["head_dim"], dst=tmp_path / "fused.onnx",
+                                 rotary=tables)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1 << 40)
+    (tmp_path / "inline").mkdir()
+    b = attention.fuse_attention(e.dir / "decoder.onnx", heads, f["num_kv_heads"], f["head_dim"],
+                                 dst=tmp_path / "inline" / "fused.onnx", rotary=tables)
+    assert a["ops"] == b["ops"] and a.get("rope") == b.get("rope") and a["kv_cache"].startswith("shared"), (a, b)
+    assert not (tmp_path / "inline" / "fused.onnx.data").exists()
+    assert np.array_equal(logits(tmp_path / "fused.onnx"), logits(tmp_path / "inline" / "fused.onnx"))
+    used, count = live_bytes(tmp_path / "fused.onnx")
+    assert used <= (tmp_path / "fused.onnx.data").stat().st_size < used + 4096 * count
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fuse-")]       # its staging folder is gone
+
+    # moving renames the data file and rewrites the references; nothing is read back
+    before = logits(tmp_path / "fused.onnx")
+    (tmp_path / "fused.onnx.data").chmod(0o600)                    # as ONNX Runtime's quantizer leaves its output
+    onnx_io.move_model(tmp_path / "fused.onnx", tmp_path / "moved.onnx")
+    assert not (tmp_path / "fused.onnx").exists() and not (tmp_path / "fused.onnx.data").exists()
+    live_bytes(tmp_path / "moved.onnx")
+    mode = (tmp_path / "moved.onnx").stat().st_mode
+    assert (tmp_path / "moved.onnx.data").stat().st_mode == mode and mode & 0o044   # readable as the graph is
+    assert np.array_equal(logits(tmp_path / "moved.onnx"), before)
+
+    # a weight that points outside its folder is refused
+    g = onnx.load(str(tmp_path / "moved.onnx"), load_external_data=False)
+    t = next(t for t in g.graph.initializer if t.external_data)
+    next(k for k in t.external_data if k.key == "location").value = "../elsewhere.data"
+    with pytest.raises(ValueError, match="outside its folder"):
+        onnx_io.read_initializer(t, tmp_path)

@@ -25,19 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_io import file_bytes, op_counts, save_model
+from .onnx_io import file_bytes, load_graph, op_counts, read_initializer, save_streamed
 
 
 # -- the eager trace's attention cores ----------------------------------------------------------------
 _KV_PASSTHROUGH = ("Unsqueeze", "Expand", "Reshape", "Identity")     # transformers' repeat_kv for GQA
 
 
-def _const(graph, name: str, producers: dict):
+def _const(graph, name: str, producers: dict, base_dir: Path | None = None):
+    """A constant's value: an initializer (read from ``base_dir``'s data file when external) or a Constant node's."""
     from onnx import numpy_helper
 
     for init in graph.initializer:
         if init.name == name:
-            return numpy_helper.to_array(init)
+            return read_initializer(init, base_dir)
     node = producers.get(name)
     if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
         return numpy_helper.to_array(node.attribute[0].t)
@@ -151,7 +152,7 @@ def rotary_tables(module, positions: int) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 def _rewrite_attention(model, cores: list[dict], num_heads: int, kv_heads: int, head_dim: int,
-                       rotary: tuple[np.ndarray, np.ndarray] | None) -> int:
+                       rotary: tuple[np.ndarray, np.ndarray] | None, base_dir: Path | None = None) -> int:
     """Replace each core by one GroupQueryAttention (see :func:`fuse_attention`), in place. With ``rotary``
     the op also applies RoPE (``do_rotary``, cos/sin caches, the graph's ``position_ids``) and reads q, k, v
     as they come out of their projections, packed into one where they are three of the same input; the
@@ -184,7 +185,7 @@ def _rewrite_attention(model, cores: list[dict], num_heads: int, kv_heads: int, 
                 ins.append(t)
         else:
             ins = [c["rope_in"][name] for name in ("q", "k", "v")]
-            packed = _pack_qkv(g, ins, prod, f"gqa.{i}.qkv")
+            packed = _pack_qkv(g, ins, prod, f"gqa.{i}.qkv", base_dir)
             if packed is not None:                       # one projection for q, k and v: the op's packed input
                 new.extend(packed[0])
                 ins = [packed[1], "", ""]
@@ -220,7 +221,7 @@ def _rewrite_attention(model, cores: list[dict], num_heads: int, kv_heads: int, 
     return n_packed
 
 
-def _pack_qkv(graph, outs: list[str], prod: dict, stem: str):
+def _pack_qkv(graph, outs: list[str], prod: dict, stem: str, base_dir: Path | None = None):
     """([MatMul, Add], packed output) computing the three projections ``outs`` (q, k, v) as one, when each is
     MatMul(x, W) or MatMul(x, W) + b of the same x with constant W and b; else None."""
     from onnx import helper, numpy_helper
@@ -231,12 +232,12 @@ def _pack_qkv(graph, outs: list[str], prod: dict, stem: str):
         if n is not None and n.op_type == "Add":
             a, b = n.input
             mm, b_name = (a, b) if getattr(prod.get(a), "op_type", None) == "MatMul" else (b, a)
-            bias, n = _const(graph, b_name, prod), prod.get(mm)
+            bias, n = _const(graph, b_name, prod, base_dir), prod.get(mm)
             if bias is None:
                 return None
         if n is None or n.op_type != "MatMul":
             return None
-        w = _const(graph, n.input[1], prod)
+        w = _const(graph, n.input[1], prod, base_dir)
         if w is None or w.ndim != 2 or (bias is not None and bias.shape != (w.shape[1],)):
             return None
         parts.append((n.input[0], w, bias))
@@ -328,13 +329,12 @@ def fuse_attention(path, num_heads: int, kv_heads: int, head_dim: int, dst=None,
 
     path = Path(path)
     out = Path(dst) if dst is not None else path
-    model = onnx.load(str(path))
+    model = load_graph(path)                 # the weights stay on disk: those the rewrite reads are read one by one
     g = model.graph
     layers = sum(1 for i in g.input if i.name.startswith("past_key_values.")) // 2
     found = _attention_cores(g, layers) if layers else "no KV-cache inputs"
     if isinstance(found, str):
         return {"kv_cache": "concat", "why": found}
-    external = path.with_name(path.name + ".data").exists()
     hidden = next((int(i.type.tensor_type.shape.dim[2].dim_value) for i in g.input if i.name == "inputs_embeds"), 0)
     quantized = sorted({n.op_type for n in g.node} & _RUNTIME_ROUNDED)
     if rotary is None:
@@ -345,27 +345,26 @@ def fuse_attention(path, num_heads: int, kv_heads: int, head_dim: int, dst=None,
     else:
         why = _rotary_problem(found, rotary, head_dim)
     packed = 0
-    if why is None:
-        packed = _rewrite_attention(model, found, num_heads, kv_heads, head_dim, rotary)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fuse-") as tmp:
-            cand = Path(tmp) / out.name                  # same name: its external data file keeps its name
-            save_model(model, cand, external_data=external)
-            del model, g, found                          # the weights leave memory before two sessions load
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".fuse-") as tmp:
+        cand = Path(tmp) / out.name                  # same name: its external data file keeps its name
+        if why is None:
+            packed = _rewrite_attention(model, found, num_heads, kv_heads, head_dim, rotary, path.parent)
+            save_streamed(model, cand, path.parent)
+            del model, g, found                          # the graph leaves memory before two sessions load
             gc.collect()
             why = _decoders_agree(path, cand, hidden) if hidden else "inputs_embeds has no static width"
-            if why is None:
-                stale = out.with_name(out.name + ".data")
-                if not external and stale.exists():
-                    stale.unlink()
-                for f in (cand, cand.with_name(cand.name + ".data")):
-                    if f.exists():
-                        os.replace(f, out.with_name(f.name))
-        if why is not None:                              # RoPE stays the model's: start again from the file
-            model = onnx.load(str(path))
-            found = _attention_cores(model.graph, layers)
-    if why is not None:
-        _rewrite_attention(model, found, num_heads, kv_heads, head_dim, None)
-        save_model(model, out, external_data=external)
+            if why is not None:                          # RoPE stays the model's: start again from the file
+                model = load_graph(path)
+                found = _attention_cores(model.graph, layers)
+        if why is not None:
+            _rewrite_attention(model, found, num_heads, kv_heads, head_dim, None)
+            save_streamed(model, cand, path.parent)
+        stale = out.with_name(out.name + ".data")
+        if stale.exists() and not cand.with_name(cand.name + ".data").exists():
+            stale.unlink()
+        for f in (cand, cand.with_name(cand.name + ".data")):
+            if f.exists():
+                os.replace(f, out.with_name(f.name))
     onnx.checker.check_model(str(out))
     facts = {"kv_cache": "shared buffer (com.microsoft.GroupQueryAttention, ONNX Runtime CPU)", "fused_layers": layers,
              "num_heads": num_heads, "file_bytes": file_bytes(out), "ops": op_counts(out)}

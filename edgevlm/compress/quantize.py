@@ -402,6 +402,68 @@ def int8_weights_qdq(model, op_types: tuple[str, ...] = ("MatMul",)) -> dict[str
     return _weights_to_dequantize_linear(model, op_types, lambda rank: rank == 2, quantize_one)
 
 
+def matmulnbits_streamed(src: Path, dst: Path, block_size: int = 32, accuracy_level: int = 4) -> int:
+    """Every MatMul with a constant 2-D FP32 weight of ``src`` becomes ONNX Runtime's ``MatMulNBits`` (4-bit,
+    symmetric, blocks of ``block_size`` along K), one weight at a time: the graph is read without its weights, each
+    weight read from disk, packed by ONNX Runtime's own kernel (``quantize_matmul_4bits``, as its
+    ``MatMulNBitsQuantizer`` packs) and written out at once; the other weights are copied file to file. Memory holds
+    the graph and one weight, where the quantizer holds the whole FP32 model and its result (a 10 GB Phi-2 decoder
+    was OOM-killed there). Returns how many MatMuls were replaced."""
+    from onnx import TensorProto, helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from .onnx_io import _DataFile, finish_streamed, load_graph, read_initializer, stream_tensors
+
+    src, dst = Path(src), Path(dst)
+    model = load_graph(src)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    data = _DataFile(dst.with_name(dst.name + ".data"))
+    packed: dict[str, tuple[str, str, int, int]] = {}
+    nodes, replaced = [], 0
+    try:
+        for node in g.node:
+            w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+            if w is None or w.data_type != TensorProto.FLOAT or len(w.dims) != 2:
+                nodes.append(node)
+                continue
+            if w.name not in packed:
+                k, n = (int(d) for d in w.dims)
+                blocks = -(-k // block_size)
+                weight = read_initializer(w, src.parent)
+                if blocks * block_size != k:
+                    weight = np.pad(weight, ((0, blocks * block_size - k), (0, 0)))
+                q = np.zeros((n, blocks, block_size // 2), np.uint8)
+                scales = np.zeros((n, blocks), np.float32)
+                zero = np.zeros((n, (blocks + 1) // 2), np.uint8)
+                quantize_matmul_4bits(q, np.ascontiguousarray(weight), scales, zero, block_size, n, k, True)
+                del weight
+                qt = TensorProto(name=w.name + "_Q4", data_type=TensorProto.UINT8, dims=q.shape)
+                st = TensorProto(name=w.name + "_scales", data_type=TensorProto.FLOAT, dims=scales.shape)
+                data.put_bytes(qt, q.tobytes())
+                data.put_bytes(st, scales.tobytes())
+                g.initializer.extend([qt, st])
+                packed[w.name] = (qt.name, st.name, k, n)
+            qname, sname, k, n = packed[w.name]
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], qname, sname], list(node.output),
+                                          name=(node.name + "_Q4") if node.name else "", domain="com.microsoft",
+                                          K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level))
+            replaced += 1
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {i for n in g.node for i in n.input}
+        keep = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        stream_tensors(model, data, src.parent)           # the other weights: copied file to file
+    finally:
+        data.close()
+    finish_streamed(model, dst, data.end)
+    return replaced
+
+
 INT4_FORMATS = ("mixed", "qdq", "matmulnbits")
 
 

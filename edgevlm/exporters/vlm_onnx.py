@@ -311,22 +311,23 @@ def quantize_decoder(src, dst, precision: str, block_size: int = 32, method: str
     if precision not in ("int8", "int4", "fp16"):
         raise ConfigError(f"{precision!r} is not a decoder precision here", "use fp16, int8 or int4 (fp32 is "
                           "the exported graph itself)")
+    from ..compress.onnx_io import load_graph
+
     src, dst = Path(src), Path(dst)
-    base = onnx.load(str(src))
-    total = _fp32_weights(base)
+    total = _fp32_weights(load_graph(src))        # counted from the graph: the weights stay on disk
     src_bytes = file_bytes(src)
     if (precision, method) == ("int8", "weights_qdq"):
         from ..compress.quantize import int8_weights_qdq
 
-        done = int8_weights_qdq(base, ("MatMul", "Gemm"))
-        model = base
+        model = onnx.load(str(src))
+        done = int8_weights_qdq(model, ("MatMul", "Gemm"))
         save_model(model, dst)
         facts = {"method": "weight-only INT8: per-channel symmetric DequantizeLinear on MatMul/Gemm weights, "
                            "computed in float", "weight_bits": 8, "dequantize_linear": len(done)}
     elif (precision, method) == ("int4", "qdq"):
         from ..compress.quantize import _to_opset, int4_qdq
 
-        model = _to_opset(base, 21)
+        model = _to_opset(onnx.load(str(src)), 21)
         done = int4_qdq(model, block_size, ("MatMul", "Gemm"))
         save_model(model, dst)
         facts = {"method": f"block-wise symmetric weight-only INT4 (block {block_size}) as DequantizeLinear "
@@ -348,28 +349,25 @@ def quantize_decoder(src, dst, precision: str, block_size: int = 32, method: str
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
                              weight_type=QuantType.QInt8, use_external_data_format=big, reduce_range=REDUCE_RANGE,
                              extra_options={"MatMulConstBOnly": True})
-        model = onnx.load(str(dst))
+        model = load_graph(dst)
         facts = {"method": "dynamic quantization: INT8 per-channel MatMul weights, activations quantized "
                            "per tensor at run time (onnxruntime quantize_dynamic)", "weight_bits": 7 if REDUCE_RANGE else 8,
                  "matmul_integer": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
                                        for n in model.graph.node)}
     elif precision == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from ..compress.quantize import matmulnbits_streamed
 
-        with quiet():
-            q = MatMulNBitsQuantizer(base, block_size=block_size, is_symmetric=True, accuracy_level=4)
-            q.process()
-        model = q.model.model
-        save_model(model, dst)
+        n = matmulnbits_streamed(src, dst, block_size)           # one weight in memory at a time
+        model = load_graph(dst)
         facts = {"method": f"block-wise symmetric weight-only INT4 (block {block_size}) as MatMulNBits",
-                 "matmulnbits": sum(n.op_type == "MatMulNBits" for n in model.graph.node)}
+                 "matmulnbits": n}
     elif precision == "fp16":
         # ONNX Runtime's converter, not onnxconverter_common's: that one leaves the exporter's Cast(to=float)
         # nodes in place and the session then refuses the graph (float16 value declared float).
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         with quiet():
-            model = convert_float_to_float16(base, keep_io_types=True)
+            model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
         save_model(model, dst)
         facts = {"method": "float16 weights and compute, float32 inputs/outputs (KV cache I/O float32)"}
     left = _fp32_weights(model)
