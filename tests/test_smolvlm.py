@@ -168,6 +168,12 @@ def test_checkpoint_named_as_the_model_or_as_weights(ckpt):
     assert out.token_ids == b.generate(image, "Describe.", max_new_tokens=8).token_ids
     assert out.stats.image_tokens == a.image_seq_len * a.pixel_values(image).shape[0]
     assert "".join(a.generate(image, "Describe.", max_new_tokens=8, stream=True)) == out.text
+    # `edgevlm info` counts the checkpoint's own architecture, not the 256M recipe that reads it
+    from edgevlm.modeling.info import describe
+
+    info = describe(ref.name, checkpoint=d)
+    assert info["params_total"] == sum(p.numel() for p in a.parameters()) < 50e6
+    assert info["image_size"] == a.image_spec.size and info["views"] >= 1
 
 
 def _copy(src, dst):

@@ -221,6 +221,8 @@ def build(recipe: VLMRecipe, tokenizer: TextTokenizer | None = None, config: dic
     vision = SigLIPTower(cfg["vision_config"])
     connector = PixelShuffleConnector(vision.out_dim, text.hidden_size, int(cfg.get("scale_factor", 2)))
     spec = image_spec or _image_spec(recipe)
+    if image_spec is None and config is not None:     # a checkpoint's config: tiles of its tower's size
+        spec = ImageSpec(**{**spec.to_dict(), "size": int(cfg["vision_config"]["image_size"])})
     if spec.size != int(cfg["vision_config"]["image_size"]):
         raise ConfigError(f"{recipe.name}: tiles of {spec.size} px but a vision tower of "
                           f"{cfg['vision_config']['image_size']} px", "make image.size the vision image_size")
@@ -328,5 +330,5 @@ def load(recipe: VLMRecipe, path: Path, revision: str | None = None) -> SmolVLMM
 FAMILIES.add("smolvlm", Family(
     name="smolvlm", description="SmolVLM (transformers idefics3 / smolvlm): SigLIP over 512-px tiles + pixel "
     "shuffle + Linear + SmolLM2",
-    build=build, load=load, checkpoint_help=CHECKPOINT_HELP,
+    build=build, load=load, checkpoint_help=CHECKPOINT_HELP, read_config=lambda recipe, path: _read_config(path),
 ))
