@@ -24,19 +24,20 @@ _WORD = re.compile(r"[a-z0-9]+")
 CAPTION_PROMPT = "describe the image."
 
 
-def qa_pairs(split: str, index: int, draws: int = 1, color_lookups: bool = False
-             ) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
+def qa_pairs(split: str, index: int, draws: int = 1, color_lookups: bool = False,
+             config: scenes.SceneConfig = scenes.SceneConfig()) -> tuple[scenes.Scene, list[tuple[str, str, str]]]:
     """Every (kind, question, answer) of a scene, the caption included (kind "caption").
 
     ``draws`` > 1 adds the questions of further seeded draws of the generator (duplicates dropped): the
     evaluation asks draw 0's questions; training on several draws shows each image with more of the
     questions one can ask about it (one "is there ...?" per draw, and so on). ``color_lookups`` adds every
-    question that finds objects by their colour (:func:`scenes.color_lookups`); training only, off in the recipe."""
-    scene = scenes.make_scene(split, index)
+    question that finds objects by their colour (:func:`scenes.color_lookups`); training only, off in the recipe.
+    ``config``: how the scene is drawn (training draws some with ``varied=True``: other looks, typed questions)."""
+    scene = scenes.make_scene(split, index, config)
     rng = np.random.default_rng([scenes.SPLIT_SEED[split], index, 7])
-    qa = scenes.questions(scene, rng)
+    qa = scenes.questions(scene, rng, config)
     seen = {q for _, q, _ in qa}
-    more = [scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d]))
+    more = [scenes.questions(scene, np.random.default_rng([scenes.SPLIT_SEED[split], index, 1000 + d]), config)
             for d in range(1, draws)]
     for extra in more + ([scenes.color_lookups(scene)] if color_lookups else []):
         for kind, q, a in extra:

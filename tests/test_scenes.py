@@ -310,3 +310,214 @@ def test_shipped_sample_scenes_are_test_split_renders():
         i = int(f.stem.split("_")[1])
         shipped = np.asarray(Image.open(f).convert("RGB"))
         assert np.array_equal(shipped, np.asarray(S.render(S.make_scene("test", i)).convert("RGB"))), f.name
+
+
+# --- the default path is pinned; varied looks (SceneConfig(varied=True)) --------------------------
+
+VARIED = S.SceneConfig(varied=True)
+
+# sha256 of sample(split, i).image.tobytes() and its (kind, question, answer), computed from the generator
+# before varied looks existed: the shipped model's recorded scores stay reproducible.
+PINNED = [
+    ("test", 0, "801bf5bfd26bec91507c9bfed05a14f38d7e1c5240570952e5c6a1a5f655a1f8", "color",
+     "what color is the star?", "orange"),
+    ("test", 1, "e403b2df22ceccce9ca66d184b3584ed8c39f4010e352efd6d6aeb573c9a257f", "shape", "what shape is blue?",
+     "cross"),
+    ("test", 17, "8df4c6425d76aa94515c99ec470f867fa2d7501a5060c54c0b3f94025ce5010c", "exists",
+     "is there a green cross?", "no"),
+    ("val", 3, "22b8c8462f5523c1c2235522014971731ce5da40666ac1c58c215ea143eafa59", "exists",
+     "is there a red circle?", "no"),
+    ("train", 0, "671643b09dac6d4580e605106e72c0d1987f5e6c82782fa456b777322d06709f", "color",
+     "what color is the circle?", "white"),
+    ("train", 12345, "410bcd93948bf8883370e4db594915d391204c45a98c24718915e4f549cd01f9", "position",
+     "which shape is above the blue star?", "diamond"),
+]
+
+
+@pytest.mark.parametrize("split,index,digest,kind,question,answer", PINNED)
+def test_default_scenes_are_bit_identical_to_before_varied_looks(split, index, digest, kind, question, answer):
+    import hashlib
+
+    s = S.sample(split, index)
+    assert (s.kind, s.question, s.answer) == (kind, question, answer)
+    assert hashlib.sha256(s.image.tobytes()).hexdigest() == digest
+    assert s.scene.look is None and (s.scene.width, s.scene.height) == (CFG.image_size,) * 2
+    assert S.sample(split, index, S.SceneConfig(varied=False)).image.tobytes() == s.image.tobytes()
+    small = S.SceneConfig(image_size=64)
+    assert hashlib.sha256(S.render(S.make_scene("test", 3, small), small).tobytes()).hexdigest() == \
+        "e6e122343228d77edf721d447b48b0d08999722a33ed6b388fd4e7171032449f"
+
+
+def test_varied_scenes_are_deterministic_and_keep_the_base_draws():
+    for split, i in [("train", 0), ("train", 19_999), ("val", 7), ("test", 999)]:
+        a, b = S.make_scene(split, i, VARIED), S.make_scene(split, i, VARIED)
+        assert a == b and a.look is not None
+        sa, sb = S.sample(split, i, VARIED), S.sample(split, i, VARIED)
+        assert (sa.question, sa.answer) == (sb.question, sb.answer)
+        assert np.array_equal(_pixels(sa.image), _pixels(sb.image))
+        assert sa.image.size == (a.width, a.height)
+    # the base stream is the default one: as many objects (none dropped here) of the same shapes
+    same = sum(sorted(o.shape for o in S.make_scene("train", i, VARIED).objects) ==
+               sorted(o.shape for o in S.make_scene("train", i).objects) for i in range(100))
+    assert same >= 90
+    assert len({_pixels(S.render(S.make_scene("train", i, VARIED))).tobytes() for i in range(30)}) == 30
+
+
+def _varied_box_px(sc: S.Scene, o: S.SceneObject) -> tuple[int, int, int, int]:
+    w, h = sc.width, sc.height
+    return tuple(int(round(v * d)) for v, d in zip(o.bbox, (w, h, w, h)))
+
+
+def test_varied_pixels_show_each_object_in_its_colour_inside_its_tight_box():
+    rotated = outlined = smooth = photo = 0
+    for i in range(150):
+        sc = S.make_scene("val", i, VARIED)
+        w, h = sc.width, sc.height
+        clean, bg = S.compose(sc), S.background(sc)
+        assert clean.shape == bg.shape == (h, w, 3)
+        changed = np.abs(clean - bg).max(-1) > 1e-3
+        inside = np.zeros((h, w), bool)
+        boxes = []
+        for o in sc.objects:
+            x0, y0, x1, y1 = _varied_box_px(sc, o)
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, (i, o)
+            assert x0 / w == pytest.approx(o.bbox[0]) and x1 / w == pytest.approx(o.bbox[2])
+            inside[y0:y1, x0:x1] = True
+            boxes.append((x0, y0, x1, y1))
+            # the box is the tight box of what the object changed (rotated or not, anti-aliased or not)
+            ys, xs = np.nonzero(changed[y0:y1, x0:x1])
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (0, 0, x1 - x0, y1 - y0), (i, o)
+            px = clean[y0:y1, x0:x1][changed[y0:y1, x0:x1]]
+            # the object's own colour is there, exactly (an outline is at least 2 px wide)
+            assert (np.abs(px - np.asarray(o.rgb)).max(-1) < 0.5).any(), (i, o)
+            if not sc.look.antialias and not o.outlined:       # hard-edged and filled: nothing but its colour
+                assert (np.abs(px - np.asarray(o.rgb)) < 1e-3).all(), (i, o)
+            rotated += o.angle != 0
+            outlined += o.outlined
+        smooth += sc.look.antialias
+        photo += sc.background.kind == "photo"
+        # nothing changed outside the boxes, and the boxes keep a gap
+        assert not changed[~inside].any(), i
+        for a in boxes:
+            for b in boxes:
+                if a is not b:
+                    assert a[2] + VARIED.gap <= b[0] or b[2] + VARIED.gap <= a[0] or \
+                        a[3] + VARIED.gap <= b[1] or b[3] + VARIED.gap <= a[1], (i, a, b)
+        # the finished image (blur, noise, JPEG) still shows each object's colour in its box
+        img = _pixels(S.render(sc)).astype(float)
+        for o, (x0, y0, x1, y1) in zip(sc.objects, boxes):
+            near = np.linalg.norm(img[y0:y1, x0:x1] - np.asarray(o.rgb), axis=-1).min()
+            assert near <= (75 if o.outlined else 45), (i, o, near)
+    assert rotated > 40 and outlined > 15 and smooth > 40 and photo > 10
+
+
+def test_rotations_keep_each_shapes_name():
+    angles = {s: [] for s in S.SHAPES}
+    for i in range(200):
+        for o in S.make_scene("train", i, VARIED).objects:
+            angles[o.shape].append(o.angle)
+    assert set(angles["circle"]) == {0.0}
+    for s in ("square", "diamond", "cross"):
+        assert max(map(abs, angles[s])) <= 15 and any(angles[s])
+    for s in ("triangle", "star"):
+        assert max(map(abs, angles[s])) > 60
+
+
+def test_varied_backgrounds_keep_the_contrast_rule():
+    kinds = Counter()
+    for i in range(200):
+        sc = S.make_scene("train", i, VARIED)
+        bg = sc.background
+        for o in sc.objects:
+            assert np.linalg.norm(np.subtract(bg.rgb, o.rgb)) >= S.BG_MIN_CONTRAST, (i, bg, o)
+        layer = S.background(sc)
+        if bg.kind == "photo":
+            kinds["photo"] += 1
+            assert bg.photo in S.PHOTOS and np.ptp(layer) > 3            # a photo, not a plain colour
+            assert np.allclose(layer.reshape(-1, 3).mean(0), bg.rgb, atol=0.51)
+            assert np.linalg.norm(layer - np.asarray(bg.rgb), axis=-1).max() <= S.PHOTO_SPREAD + 1
+        elif bg.kind == "solid":
+            kinds[{(255, 255, 255): "white", (0, 0, 0): "black"}.get(bg.rgb, "other")] += 1
+            assert (layer == np.asarray(bg.rgb, np.float32)).all()
+    assert kinds["white"] >= 15 and kinds["black"] >= 10 and kinds["photo"] >= 10 and kinds["other"] >= 20, kinds
+
+
+def test_bundled_photos_load_without_network():
+    for name in S.PHOTOS:
+        im = S._photo(name)
+        assert im.mode == "RGB" and min(im.size) >= 256
+
+
+def test_each_varied_look_occurs():
+    seen = Counter()
+    for i in range(200):
+        sc = S.make_scene("test", i, VARIED)
+        lk = sc.look
+        seen["non-square"] += lk.width != lk.height
+        seen["square"] += lk.width == lk.height
+        seen["jpeg"] += lk.jpeg > 0
+        seen["blur"] += lk.blur > 0
+        seen["noise"] += lk.noise > 0
+        seen["antialias"] += lk.antialias
+        seen["gradient"] += sc.background.kind == "gradient"
+        seen["texture"] += sc.background.kind == "texture"
+        assert 0.6 - 0.02 <= lk.width / lk.height <= 1.7 + 0.02
+        assert S.VARIED_MIN_SIDE <= min(lk.width, lk.height) and max(lk.width, lk.height) <= S.VARIED_MAX_SIDE
+        assert 0 <= lk.jpeg <= 90 and (lk.jpeg == 0 or lk.jpeg >= 30)
+        for o in sc.objects:
+            frac = o.cell[2] / min(lk.width, lk.height)
+            seen["tiny"] += frac < 0.12
+            seen["huge"] += frac > 0.34
+            seen["outlined"] += o.outlined
+            seen["rotated"] += o.angle != 0
+    for look in ("non-square", "square", "jpeg", "blur", "noise", "antialias", "gradient", "texture", "tiny", "huge",
+                 "outlined", "rotated"):
+        assert seen[look] >= 5, (look, seen)
+    big = next(i for i in range(50) if S.make_scene("test", i, VARIED).look.width != 96)
+    sc = S.make_scene("test", big, VARIED)
+    assert S.render(sc, VARIED).size == (sc.width, sc.height) and S.caption(sc).endswith(sc.background.describe())
+
+
+def _untyped(kind: str, q: str) -> str:
+    """A typed question in the generator's own form (for the independent checks above)."""
+    q = q[0].lower() + q[1:]
+    q = q.replace("what colour is", "what color is")
+    return q if kind in ("detect", "point") or q.endswith("?") else q + "?"
+
+
+def test_varied_answers_are_true_of_their_scene_and_questions_are_typed_forms():
+    forms = Counter()
+    for i in range(200):
+        sc = S.make_scene("train", i, VARIED)
+        for kind, q, a in S.questions(sc, np.random.default_rng([i, 1]), VARIED):
+            _check(sc, kind, _untyped(kind, q), a)
+            forms["capital"] += q[0].isupper()
+            forms["no mark"] += kind not in ("detect", "point") and not q.endswith("?")
+            forms["colour"] += "colour" in q
+            forms["color"] += "what color" in q.lower()
+            forms["plain"] += q == _untyped(kind, q) and kind not in ("detect", "point")
+            assert a == a.lower()
+    for s in S.samples("val", 40, VARIED):
+        _check(s.scene, s.kind, _untyped(s.kind, s.question), s.answer)
+        assert s.image.size == (s.scene.width, s.scene.height)
+    assert min(forms.values()) >= 20, forms
+    # the default generator asks none of them
+    for i in range(200):
+        sc = S.make_scene("train", i)
+        for kind, q, _ in S.questions(sc, np.random.default_rng([i, 1])):
+            assert q == q.lower() and "colour" not in q
+            assert kind in ("detect", "point") or q.endswith("?")
+
+
+def test_varied_content_is_the_default_draw_typed():
+    """The typing draws come after every other draw: the same question, up to its form, as the default."""
+    for i in range(40):
+        plain = S.questions(S.make_scene("val", i), np.random.default_rng(i))
+        sc = S.make_scene("val", i, VARIED)
+        typed = S.questions(sc, np.random.default_rng(i), VARIED)
+        kinds = [k for k, _, _ in typed]
+        assert {"count", "exists", "detect", "point"} <= set(kinds)
+        if [o.shape for o in sc.objects] == [o.shape for o in S.make_scene("val", i).objects] and \
+                [o.color for o in sc.objects] == [o.color for o in S.make_scene("val", i).objects]:
+            same = [(k, _untyped(k, q)) for k, q, _ in typed if k in ("color", "shape")]
+            assert same == [(k, q) for k, q, _ in plain if k in ("color", "shape")]

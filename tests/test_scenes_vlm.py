@@ -461,3 +461,98 @@ def test_shipped_weights_were_made_by_the_recipes_training_block():
     assert path.stat().st_size <= 30e6
     vlm = load_vlm("edgevlm_scenes")                       # no --weights: the shipped file
     assert vlm.connector.n_tokens == 36 and sum(p.numel() for p in vlm.parameters()) == recipe.params
+
+
+# --- varied looks in training (recipe key `varied`) -----------------------------------------------
+
+def test_named_and_look_cells_read_questions_as_people_type_them():
+    from edgevlm.data import scenes
+    from edgevlm.train.scenes_vlm import look_cells, named, qa_pairs
+
+    assert named("color", "What colour is the Star") == (None, "star", ["star"])
+    assert named("color", "what colour is the star?") == named("color", "what color is the star?")
+    assert named("shape", "What shape is red") == ("red", None, ["red"])
+    assert named("count", "How many Stars are there") == (None, "star", ["stars"])
+    assert named("count", "How many shapes are there") == (None, None, ["shapes"])
+    assert named("exists", "Is there a Red star") == ("red", "star", ["red", "star"])
+    typed = 0
+    for i in range(60):
+        scene, qa = qa_pairs("train", i, 2, config=scenes.SceneConfig(varied=True))
+        for kind, q, _ in qa:
+            plain = q[0].lower() + q[1:].replace("colour", "color")
+            typed += plain != q
+            assert look_cells(scene, kind, q, 6) == look_cells(scene, kind, plain, 6), q
+    assert typed > 30
+
+
+def test_word_tokens_find_capitalised_words():
+    from edgevlm.processor import TextTokenizer
+    from edgevlm.train.scenes_vlm import named, train_tokenizer, word_tokens
+
+    hf = train_tokenizer(["What colour is the star How many Stars are there? what shape is red"] * 5, 300)
+    tok = TextTokenizer(hf, hf.token_to_id("<s>"), (hf.token_to_id("</s>"),), "t")
+    for kind, q, want in (("color", "What colour is the star", ["star"]), ("count", "How many Stars are there?",
+                                                                            ["Stars"])):
+        ids = tok.encode(q + "\n")
+        got = word_tokens(tok, ids, named(kind, q)[2])
+        assert "".join(tok.decode([ids[j]]) for j in got).split() == want
+
+
+def test_pre_tokenizer_keeps_capitalised_words_whole_and_splits_lower_case_as_before():
+    import re
+
+    from edgevlm.train.scenes_vlm import PRE_TOKEN, qa_pairs
+
+    before = r" ?[01]\.\d\d| ?[a-z]+| ?\d+| ?[^\sa-z\d]+|\s+"        # the pre-tokenizer of the shipped model
+    texts = [f"{q} {a}" for i in range(100) for _, q, a in qa_pairs("train", i, draws=2)[1]]
+    assert all(re.findall(PRE_TOKEN, t) == re.findall(before, t) for t in texts)
+    assert re.findall(PRE_TOKEN, "What colour is the Star?") == ["What", " colour", " is", " the", " Star", "?"]
+
+
+def test_qa_pairs_of_varied_scenes_are_typed():
+    from edgevlm.data import scenes
+    from edgevlm.train.scenes_vlm import qa_pairs
+
+    varied = scenes.SceneConfig(varied=True)
+    capital = 0
+    for i in range(30):
+        assert qa_pairs("train", i, 3, True, scenes.SceneConfig()) == qa_pairs("train", i, 3, True)
+        scene, qa = qa_pairs("train", i, 3, config=varied)
+        assert scene == scenes.make_scene("train", i, varied) and qa[-1][0] == "caption"
+        assert len({q for _, q, _ in qa}) == len(qa)
+        capital += sum(q[0].isupper() for _, q, _ in qa)
+    assert capital > 20
+
+
+def test_build_split_renders_varied_train_scenes_at_the_models_size():
+    from edgevlm.processor import ImageSpec
+    from edgevlm.train.scenes_vlm import build_split, cell_targets, is_varied
+
+    spec = ImageSpec(**get_vlm_recipe("edgevlm_scenes_tiny").image)
+    kept: list = []
+    imgs, qas, cells = build_split("train", 12, spec, log=lambda m: None, grid=6, draws=2, varied=1.0, keep=kept)
+    assert imgs.shape == (12, spec.size, spec.size, 3) and len(qas) == len(kept) == 12
+    assert any((s.width, s.height) != (spec.size, spec.size) for s in kept)           # squashed to the model's size
+    assert all(s.look is not None for s in kept)
+    assert all(np.array_equal(cells[i], cell_targets(s, 6)) for i, s in enumerate(kept))
+    plain, _, _ = build_split("train", 12, spec, log=lambda m: None)
+    assert not np.array_equal(plain, imgs)
+    # a share: those scenes is_varied picks are the varied ones, the others the benchmark's own, pixel for pixel
+    half: list = []
+    mixed, _, _ = build_split("train", 12, spec, log=lambda m: None, varied=0.5, keep=half)
+    picked = [is_varied(i, 0.5) for i in range(12)]
+    assert 4 <= sum(picked) <= 8 and [s.look is not None for s in half] == picked
+    assert all(np.array_equal(mixed[i], (imgs if p else plain)[i]) for i, p in enumerate(picked))
+    assert abs(sum(is_varied(i, 0.3) for i in range(1000)) - 300) <= 2      # an even spread
+
+
+def test_varied_training_runs_and_is_recorded(tmp_path):
+    from edgevlm.train.scenes_vlm import train_scenes_vlm
+
+    lines: list = []
+    facts = train_scenes_vlm("edgevlm_scenes_tiny", tmp_path / "v.safetensors", epochs=1, images_per_step=4,
+                             train_images=12, val_images=2, tower_steps=2, look_weight=1.0, look_words=1.0,
+                             varied=True, log=lines.append)
+    assert facts["trained_with"]["varied"] == 1.0
+    assert any("(100% varied looks)" in m for m in lines)
+    assert load_vlm("edgevlm_scenes_tiny", weights=tmp_path / "v.safetensors") is not None

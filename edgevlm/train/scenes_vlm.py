@@ -4,6 +4,12 @@
 byte-level BPE tokenizer is trained on the train split's text, then tower, compressor, projector and
 decoder train together on (image, question, answer) triples with the loss on the answer tokens.
 Seeded; the validation split picks the best epoch; the test split is never looked at.
+
+``varied: 0.5`` in the recipe's ``training:`` block renders half the train split with varied looks
+(``scenes.SceneConfig(varied=True)``: other backgrounds, sizes, anti-aliasing, outlines, rotations, JPEG,
+typed question forms; ``true`` renders all of it so), so the model learns the task rather than the generator's
+one look. Validation
+stays on the original scenes, so its exact match (which picks the best epoch) is comparable across runs.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ from ..evaluate_scenes import CAPTION_PROMPT, qa_pairs  # noqa: F401  (the bench
 
 SPECIAL = ["<s>", "</s>", "<pad>", "<image>"]
 MARKUP = ["<box>", "</box>", "<point>", "</point>"]
-# Units the tokenizer keeps whole: a 2-decimal coordinate, a word, digits, punctuation, whitespace.
-PRE_TOKEN = r" ?[01]\.\d\d| ?[a-z]+| ?\d+| ?[^\sa-z\d]+|\s+"
+# Units the tokenizer keeps whole: a 2-decimal coordinate, a word (capitalised or not), digits, punctuation,
+# whitespace. On lower-case text (all the default training text) it splits exactly as " ?[a-z]+" did.
+PRE_TOKEN = r" ?[01]\.\d\d| ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]+|\s+"
 
 
 def kind_weight_table(kind_weights: dict | None) -> dict:
@@ -94,7 +101,7 @@ def named(kind: str, question: str) -> tuple[str | None, str | None, list[str]] 
     (position questions name the reference, not the object to look at; captions name nothing)."""
     if kind not in LOOK_KINDS:
         return None
-    words = re.findall(r"[a-z]+", question)
+    words = re.findall(r"[a-z]+", question.lower())           # "What colour is the Star" as typed
     singular = {v: k for k, v in scenes.PLURALS.items()}
     color = next((w for w in words if w in scenes.COLORS), None)
     shape_word = next((w for w in words if w in scenes.SHAPES or w in singular), None)
@@ -123,22 +130,39 @@ def word_tokens(tokenizer, ids: list[int], words: list[str]) -> list[int]:
     for i in ids:
         text += tokenizer.decode([i])
         ends.append(len(text))
-    spans = [m.span() for w in words for m in re.finditer(rf"\b{w}\b", text)]
+    spans = [m.span() for w in words for m in re.finditer(rf"\b{w}\b", text, re.IGNORECASE)]
     starts = [0] + ends[:-1]
     return [j for j, (a, b) in enumerate(zip(starts, ends)) if any(a < e and s < b for s, e in spans)]
 
 
-def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1, color_lookups: bool = False):
+VARIED_STRIDE = 0.6180339887498949      # golden-ratio steps: which scenes are varied spreads evenly over the split
+
+
+def is_varied(index: int, share: float) -> bool:
+    """Whether training scene ``index`` is drawn with varied looks when a ``share`` (0..1) of them are: an even,
+    seeded spread (scene i when frac(i * golden ratio) < share), so every stretch of the split has its share."""
+    return share >= 1.0 or (index * VARIED_STRIDE) % 1.0 < share
+
+
+def build_split(split: str, n: int, spec, log=print, grid: int = 0, draws: int = 1, color_lookups: bool = False,
+                varied: float = 0.0, keep: list | None = None):
     """Images (n, H, W, 3) uint8, per image its (kind, question, answer) list, and (with ``grid``) the
-    per-cell targets of the auxiliary dense loss, (n, grid*grid, 6)."""
+    per-cell targets of the auxiliary dense loss, (n, grid*grid, 6). A ``varied`` share of the scenes
+    (:func:`is_varied`) is drawn with ``SceneConfig(varied=True)`` (other sizes and looks, squashed to the model's
+    size as the processor does, typed question forms), the rest as the benchmark draws them; ``keep``, a list,
+    gets each scene appended."""
+    looks = (scenes.SceneConfig(), scenes.SceneConfig(varied=True))
     imgs = np.empty((n, spec.size, spec.size, 3), np.uint8)
     cells = np.zeros((n, grid * grid, 6), np.float32)
     qas = []
     t0 = time.time()
     for i in range(n):
-        scene, qa = qa_pairs(split, i, draws, color_lookups)
-        imgs[i] = _pixels(scenes.render(scene), spec)
+        config = looks[bool(varied) and is_varied(i, varied)]
+        scene, qa = qa_pairs(split, i, draws, color_lookups, config)
+        imgs[i] = _pixels(scenes.render(scene, config), spec)
         qas.append(qa)
+        if keep is not None:
+            keep.append(scene)
         if grid:
             cells[i] = cell_targets(scene, grid)
         if (i + 1) % 5000 == 0:
@@ -369,6 +393,7 @@ class _Plan:
     look_weight: float
     look_layer: int
     look_words: float
+    varied: float = 0.0
 
     def trained_with(self) -> dict:
         """The settings as the saved weights' ``trained_with`` facts record them (before the best epoch's)."""
@@ -379,7 +404,7 @@ class _Plan:
                 "lr": self.lr, "tower_steps": self.tower_steps, "dense_weight": self.dense_weight,
                 "kind_weights": self.weights, "freeze_tower": self.freeze_tower, "tower_batch": self.tower_batch,
                 "color_lookups": self.color_lookups, "look_weight": self.look_weight, "look_layer": self.look_layer,
-                "look_words": self.look_words}
+                "look_words": self.look_words, "varied": self.varied}
 
 
 @dataclass
@@ -400,18 +425,19 @@ def _render(plan: _Plan, recipe, ispec, log) -> _Data:
     """Render the train and validation scenes (with cell targets when a dense loss or stage 1 needs the grid)."""
     from ..modeling.scenes_vlm import grid_side
 
-    log(f"rendering {plan.n_train} train and {plan.n_val} validation scenes at {ispec.size} px")
+    log(f"rendering {plan.n_train} train{f' ({plan.varied:.0%} varied looks)' if plan.varied else ''} and {plan.n_val} validation "
+        f"scenes at {ispec.size} px")
     grid = grid_side(recipe) if (plan.dense_weight or plan.tower_steps) else 0
+    train_scenes: list = []
     tr_imgs, tr_qa, tr_cells = build_split("train", plan.n_train, ispec, log, grid, plan.question_draws,
-                                           plan.color_lookups)
-    va_imgs, va_qa, va_cells = build_split("val", plan.n_val, ispec, log, grid)
+                                           plan.color_lookups, plan.varied, train_scenes)
+    va_imgs, va_qa, va_cells = build_split("val", plan.n_val, ispec, log, grid)      # the original look
     tr_look = None
     if plan.look_weight or plan.look_words:
         if not grid:
             raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
         tr_look = []
-        for i in range(plan.n_train):
-            scene = scenes.make_scene("train", i)
+        for i, scene in enumerate(train_scenes):
             tr_look.append({q: look_cells(scene, kind, q, grid) for kind, q, _ in tr_qa[i]})
     return _Data(grid, tr_imgs, tr_qa, tr_cells, va_imgs, va_qa, va_cells, tr_look)
 
@@ -633,7 +659,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                      tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1,
                      kind_weights: dict | None = None, freeze_tower: bool = False,
                      tower_batch: int = 64, color_lookups: bool = False, look_weight: float = 0.0,
-                     look_layer: int = 1, look_words: float = 0.0) -> dict:
+                     look_layer: int = 1, look_words: float = 0.0, varied: float = 0.0) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (``tower_batch`` images
     a step; a step's time is proportional to its images, and the shapes are learned per update, not per image),
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
@@ -649,6 +675,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     of the objects the question names (:func:`look_cells`): -log of that attention mass, times the weight.
     ``look_words`` > 0 does the same one layer earlier on the question's own words that name them
     (:func:`named`: " red" in "what shape is red?"), so the answer position holds what it must look for.
+    ``varied``: the share (0..1; ``true`` = all) of training scenes drawn with varied looks and typed question forms
+    (``scenes.SceneConfig(varied=True)``, :func:`is_varied`); validation stays on the original scenes.
     The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
 
@@ -666,7 +694,7 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                  n_train=train_images or scenes.SPLIT_SIZES["train"], n_val=min(val_images, scenes.SPLIT_SIZES["val"]),
                  seed=seed, tower_steps=tower_steps, dense_weight=dense_weight, question_draws=question_draws,
                  weights=weights, freeze_tower=freeze_tower, tower_batch=tower_batch, color_lookups=color_lookups,
-                 look_weight=look_weight, look_layer=look_layer, look_words=look_words)
+                 look_weight=look_weight, look_layer=look_layer, look_words=look_words, varied=float(varied))
     ispec = ImageSpec(**recipe.image)
     if not (1 if look_words else 0) <= look_layer < recipe.config["text"]["num_hidden_layers"]:
         raise ValueError(f"look_layer {look_layer} is not a layer of the decoder"
