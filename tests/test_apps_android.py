@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "android"
 LIB = APP / "edgevlm-android" / "src" / "main" / "kotlin" / "io" / "edgevlm" / "android"
 KT = sorted(APP.rglob("*.kt"))
-PURE = ["Errors.kt", "Preprocess.kt", "Generation.kt", "Golden.kt"]
+PURE = ["Errors.kt", "Preprocess.kt", "Crops.kt", "Generation.kt", "Golden.kt"]
 README = APP / "README.md"
 
 # The bundle contract's processing block (manifest["processing"]), as the brief that introduced it states it.
@@ -330,6 +330,17 @@ def test_golden_constants_equal_the_python_reference():
 
     assert (pre["MIN_SIDE"], pre["MAX_SIDE"]) == (images.MIN_SIDE, images.MAX_SIDE)
     assert int(kotlin("Preprocess.kt").split("MAX_PIXELS = ")[1].split("L")[0].replace("_", "")) == images.MAX_PIXELS
+    from edgevlm.data import crops
+    from edgevlm.processor import _RESAMPLE
+
+    c = kt_consts(kotlin("Crops.kt"))
+    assert (c["IDEFICS3_LONGEST_EDGE"], c["IDEFICS3_RESAMPLE"], c["IDEFICS3_MAX_SIDE"]) == (
+        crops.IDEFICS3_DEFAULTS["longest_edge"], crops.IDEFICS3_DEFAULTS["resample"], crops.IDEFICS3_MAX_SIDE)
+    assert "const val IDEFICS3_SPLITTING = true" in kotlin("Crops.kt") and crops.IDEFICS3_DEFAULTS["splitting"] is True
+    assert set(crops.IDEFICS3_DEFAULTS) == {"longest_edge", "splitting", "resample"}     # the keys idefics3Params reads
+    assert all(f'o["{k}"]' in kotlin("Crops.kt") for k in crops.IDEFICS3_DEFAULTS)
+    assert (c["FAKE_TOKEN"], c["GLOBAL_TOKEN"], c["IMAGE_TOKEN"]) == (crops.FAKE_TOKEN, crops.GLOBAL_TOKEN, crops.IMAGE_TOKEN)
+    assert c["LAYOUT_RESAMPLE"] == list(crops._RESAMPLE) and pre["INTERPOLATIONS"] == list(_RESAMPLE)
 
 
 def test_gradle_files_name_the_onnxruntime_packages():
@@ -413,6 +424,139 @@ def test_kotlin_preprocessing_is_bit_exact(harness, cpu_bundle):
     for (a, s), got in zip(cases, out):
         want = preprocess_image(Image.fromarray(a), s).reshape(-1)
         assert np.array_equal(_floats(got), want), (a.shape, s)
+
+
+# SmolVLM / Idefics3 tiles: (height, width) of random RGB images, and the spec (size, longest_edge, splitting, resample)
+TILE_CASES = [((53, 37), (32, 96, True, "lanczos")),        # smolvlm_tiny's spec: 3x3 tiles after the fit
+              ((40, 90), (32, 96, True, "lanczos")),        # wide: 2x3 (the shorter side follows the aspect)
+              ((90, 30), (32, 96, True, "lanczos")),        # tall: 3x1
+              ((20, 70), (32, 96, True, "lanczos")),        # 1x3
+              ((96, 96), (32, 96, True, "lanczos")),        # square, no resize to fit
+              ((9, 12), (32, 96, True, "lanczos")),         # upscaled 8x (LANCZOS enlarging)
+              ((40, 25), (32, 32, True, "lanczos")),        # needs no split: grid (0, 0), the fitted image is the view
+              ((30, 90), (24, 64, False, "lanczos")),       # splitting off: one global view squashed to the size
+              ((61, 47), (16, 40, True, "bicubic")),        # the other filters the options may name
+              ((33, 80), (16, 40, True, "bilinear")),
+              ((200, 300), (64, 256, True, "lanczos"))]     # a larger SmolVLM-like spec: 3x4 tiles of 64 px
+
+
+def test_kotlin_tiles_preprocessing_is_bit_exact(harness):
+    """Crops.kt's idefics3TilesWithGrid against crops.idefics3_tiles_with_grid on load_image's RGB (what
+    VLMPipeline._prepare_tiles runs): every view's pixels bit for bit, the grid, and idefics3Grid from the size alone."""
+    from edgevlm.data.crops import idefics3_grid, idefics3_params, idefics3_tiles_with_grid
+    from edgevlm.data.images import load_image
+    from edgevlm.processor import ImageSpec
+
+    rng = np.random.default_rng(3)
+    mean, std = (0.5, 0.45, 0.4), (0.5, 0.25, 0.3)
+    cases, lines = [], []
+    for (h, w), (size, longest, split, resample) in TILE_CASES:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        spec = ImageSpec(size, "idefics3_tiles", mean=mean, std=std,
+                         options={"longest_edge": longest, "splitting": split, "resample": resample})
+        cases.append((a, spec))
+        lines.append(" ".join(map(str, ["tiles", w, h, size, longest, int(split), resample, *mean, *std, *a.reshape(-1)])))
+    out = harness(lines)
+    grids = set()
+    for (a, spec), got in zip(cases, out):
+        want, grid = idefics3_tiles_with_grid(load_image(a), spec)
+        head, values = got.split(" | ")
+        rows, cols, count, grows, gcols, same = head.split()
+        assert (int(rows), int(cols)) == grid and int(count) == want.shape[0] == grid[0] * grid[1] + 1, (a.shape, spec)
+        assert (int(grows), int(gcols)) == idefics3_grid(*a.shape[:2], **idefics3_params(spec)) == grid
+        assert same == "true"                               # preprocessImage dispatches to the same views
+        assert np.array_equal(_floats(values), want.reshape(-1)), (a.shape, spec)
+        grids.add(grid)
+    assert {(0, 0), (3, 1), (1, 3), (2, 3), (3, 4)} <= grids   # the cases cover no split and both orientations
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def test_kotlin_tiles_prompt_ids_equal_the_python_runtimes(harness, tmp_path):
+    """The sequence VLMPipeline._prepare_tiles assembles (the real Python method, on a stub pipeline whose embeddings
+    are the token ids and whose vision encoder marks each view's T slots with -(view + 1)) equals Crops.kt's
+    idefics3TextRuns -> idefics3RunIds -> spliceViews with the grid idefics3Grid computes, on smolvlm's byte-level test
+    tokenizer (its special tokens: <fake_token_around_image>, <row_i_col_j>, <global-img>, ...), which the harness
+    re-implements from the tokenizer's own tables (checked here against tokenizers first)."""
+    from types import SimpleNamespace
+
+    from vlm_utils import write_tokenizer
+
+    from edgevlm.processor import ImageSpec
+    from edgevlm.runtime.vlm import VLMPipeline
+
+    # tests/test_smolvlm.py's SPECIAL (the SmolVLM processor's added tokens), without importing its torch/transformers
+    special_tokens = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<|im_start|>",
+                      *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+    tok = write_tokenizer(tmp_path / "tok", extra_special=special_tokens, bos="<|im_start|>", eos="<end_of_utterance>")
+    assert tok.bos_id is not None
+    vocab = tok.tok.get_vocab()
+    byte_ids = [vocab[c] for _, c in sorted(_bytes_to_unicode().items())]
+    special = {t.content: i for i, t in tok.tok.get_added_tokens_decoder().items()}
+    assert {"<fake_token_around_image>", "<global-img>", "<row_2_col_3>", "<image>"} <= set(special)
+
+    def hexs(text: str) -> str:
+        return text.encode("utf-8").hex() or "-"
+
+    def sim(text: str) -> list[int]:                   # what the harness's encode does
+        ids, k = [], 0
+        while k < len(text):
+            sp = max((t for t in special if text.startswith(t, k)), key=len, default=None)
+            if sp:
+                ids.append(special[sp])
+                k += len(sp)
+            else:
+                ids += [byte_ids[b] for b in text[k].encode("utf-8")]
+                k += 1
+        return ids
+
+    smol = "User:<image>{prompt}<end_of_utterance>\nAssistant:"
+    templates = [(smol, True), ("<|im_start|>User: {prompt}\n<image><end_of_utterance>\nAssistant:", False)]
+    prompts = ["How many tiles?", "Décris l'image ✓\nen détail", "<row_1_col_1> {prompt} literal"]
+    images = [(53, 37, 32, 96, True), (40, 90, 32, 96, True), (40, 25, 32, 32, True), (30, 90, 24, 64, False), None]
+    per_view = 3
+    rng = np.random.default_rng(4)
+    cases, lines = [], []
+    for template, bos in templates:
+        for prompt in prompts:
+            assert sim(template + prompt) == tok.encode(template + prompt)
+            for im in images:
+                cases.append((template, bos, prompt, im))
+                h, w, size, longest, split = im or (-1, -1, 32, 96, True)
+                lines.append(" ".join(map(str, ["runs", hexs(template), hexs(prompt), h, w, size, longest, int(split),
+                                                tok.bos_id if bos else -1, per_view, *byte_ids, len(special),
+                                                *(f"{hexs(t)} {i}" for t, i in special.items())])))
+    out = harness(lines)
+
+    def vision(pixel_values):
+        v = pixel_values.shape[0]
+        return [np.repeat(-np.arange(1, v + 1, dtype=np.float32), per_view).reshape(1, -1, 1)]
+
+    seen_views = set()
+    for (template, bos, prompt, im), got in zip(cases, out):
+        image, spec = None, ImageSpec(32, "idefics3_tiles", options={"longest_edge": 96})
+        if im is not None:
+            h, w, size, longest, split = im
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            spec = ImageSpec(size, "idefics3_tiles", options={"longest_edge": longest, "splitting": split})
+        stub = SimpleNamespace(spec={"prompt": {"template": template, "bos": bos}}, image_spec=spec, tokenizer=tok,
+                               vision=vision, embed_ids=lambda ids: np.asarray(ids, np.float32).reshape(1, -1, 1))
+        embeds, pieces, n_img, prefix = VLMPipeline._prepare_tiles(stub, image, prompt)
+        want = [int(x) for x in embeds.reshape(-1)]
+        assert [int(x) for x in got.split()] == want, (template, prompt, im)
+        assert n_img == sum(x < 0 for x in want) and prefix == 0
+        seen_views.add(-min(want + [0]))
+    assert {0, 1, 7, 10} <= seen_views                   # text only, one global view, 2x3 and 3x3 tiles + global
 
 
 def test_kotlin_mask_pick_loop_and_stream_match_python(harness):
@@ -539,6 +683,9 @@ import io.edgevlm.android.*
 import java.io.File
 import java.util.SplittableRandom
 
+fun unhex(s: String): String =
+    if (s == "-") "" else String(ByteArray(s.length / 2) { s.substring(2 * it, 2 * it + 2).toInt(16).toByte() }, Charsets.UTF_8)
+
 // Reads commands (one per line, whitespace-separated) and prints one result line per command.
 fun main(args: Array<String>) {
     val out = StringBuilder()
@@ -556,6 +703,48 @@ fun main(args: Array<String>) {
                 val rgb = IntArray(w * h * 3) { int() }
                 val x = preprocessImage(RgbImage(w, h, rgb), ImageSpec(size, mode, interp, mean, std))
                 out.append(x.joinToString(" ")).append('\n')
+            }
+            "tiles" -> {
+                val w = int(); val h = int(); val size = int(); val longest = int(); val splitting = int() != 0
+                val resample = str()
+                val mean = FloatArray(3) { dbl().toFloat() }; val std = FloatArray(3) { dbl().toFloat() }
+                val rgb = IntArray(w * h * 3) { int() }
+                val spec = ImageSpec(size, "idefics3_tiles", "bicubic", mean, std,
+                    mapOf("longest_edge" to longest, "splitting" to splitting, "resample" to resample))
+                val img = RgbImage(w, h, rgb)
+                val x = idefics3TilesWithGrid(img, spec)
+                val grid = idefics3Grid(h, w, idefics3Params(spec))
+                val same = preprocessImage(img, spec).contentEquals(x.views)
+                out.append("${x.grid.first} ${x.grid.second} ${x.count} ${grid.first} ${grid.second} $same | ")
+                out.append(x.views.joinToString(" ")).append('\n')
+            }
+            "runs" -> {
+                // a byte-level tokenizer (one id per UTF-8 byte) with special tokens matched longest-first
+                val template = unhex(str()); val prompt = unhex(str())
+                val h = int(); val w = int(); val size = int(); val longest = int(); val splitting = int() != 0
+                val bos = int(); val perView = int()
+                val byteIds = IntArray(256) { int() }
+                val special = List(int()) { Pair(unhex(str()), int()) }.sortedByDescending { it.first.length }
+                fun encode(text: String): List<Int> {
+                    val ids = ArrayList<Int>()
+                    var k = 0
+                    while (k < text.length) {
+                        val sp = special.firstOrNull { text.startsWith(it.first, k) }
+                        if (sp != null) { ids.add(sp.second); k += sp.first.length; continue }
+                        val n = if (Character.isHighSurrogate(text[k]) && k + 1 < text.length) 2 else 1
+                        for (b in text.substring(k, k + n).toByteArray(Charsets.UTF_8)) ids.add(byteIds[b.toInt() and 0xff])
+                        k += n
+                    }
+                    return ids
+                }
+                val p = idefics3Params(ImageSpec(size, "idefics3_tiles", "bicubic", CLIP_MEAN, CLIP_STD,
+                    mapOf("longest_edge" to longest, "splitting" to splitting)))
+                val grid = if (h < 0) null else idefics3Grid(h, w, p)
+                val runs = idefics3RunIds(idefics3TextRuns(template, prompt, grid), if (bos < 0) null else bos) { encode(it) }
+                val views = if (grid == null) emptyList<FloatArray>()
+                    else List(grid.first * grid.second + 1) { v -> FloatArray(perView) { -(v + 1).toFloat() } }
+                val seq = spliceViews(runs.map { r -> FloatArray(r.size) { r[it].toFloat() } }, views)
+                out.append(seq.joinToString(" ") { it.toInt().toString() }).append('\n')
             }
             "mask" -> out.append(attentionMask(int(), int(), int()).joinToString(" ")).append('\n')
             "pick" -> {

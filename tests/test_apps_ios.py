@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "ios"
 LIB = APP / "Sources" / "EdgeVLM"
 SWIFT = sorted(APP.rglob("*.swift"))
-PURE = ["Errors.swift", "Generation.swift", "Golden.swift", "Preprocess.swift"]     # Foundation only
+PURE = ["Errors.swift", "Generation.swift", "Golden.swift", "Preprocess.swift", "Crops.swift"]     # Foundation only
 README = APP / "README.md"
 
 # -- the ios VLM bundle contract (the spec the exporter is written to; see the README) -------------------------------
@@ -222,6 +222,36 @@ def test_sampling_mask_image_and_crop_constants_equal_python():
     text = swift("Preprocess.swift")
     assert "PRECISION_BITS = 32 - 8 - 2" in text and "let a = -0.5" in text
     assert '"lanczos": Filter(support: 3)' in text and '"bicubic": Filter(support: 2)' in text
+
+
+def test_the_swift_tiles_port_follows_crops_py_and_the_kotlin_port():
+    """Crops.swift (SmolVLM's idefics3_tiles): crops.py's constants and tokens, the functions of apps/android's Crops.kt
+    (which tests/test_apps_android.py checks bit for bit against Python where kotlinc is installed), and the steps that
+    carry numbers, compared as text (no Swift toolchain here)."""
+    from edgevlm.data import crops
+
+    text = swift("Crops.swift")
+    c = swift_consts(text)
+    assert (c["IDEFICS3_LONGEST_EDGE"], c["IDEFICS3_RESAMPLE"], c["IDEFICS3_MAX_SIDE"]) == (
+        crops.IDEFICS3_DEFAULTS["longest_edge"], crops.IDEFICS3_DEFAULTS["resample"], crops.IDEFICS3_MAX_SIDE)
+    assert "public let IDEFICS3_SPLITTING = true" in text and crops.IDEFICS3_DEFAULTS["splitting"] is True
+    assert set(crops.IDEFICS3_DEFAULTS) == {"longest_edge", "splitting", "resample"}
+    assert (c["FAKE_TOKEN"], c["GLOBAL_TOKEN"], c["IMAGE_TOKEN"]) == (crops.FAKE_TOKEN, crops.GLOBAL_TOKEN, crops.IMAGE_TOKEN)
+    assert c["LAYOUT_RESAMPLE"] == list(crops._RESAMPLE)
+    kt = (ROOT / "apps" / "android" / "edgevlm-android" / "src" / "main" / "kotlin" / "io" / "edgevlm" / "android"
+          / "Crops.kt").read_text()
+    names = re.findall(r"^(?:private )?fun (\w+)\(", kt, re.MULTILINE)
+    assert {"idefics3TilesWithGrid", "idefics3TextRuns", "idefics3RunIds", "spliceViews", "fitLongest"} <= set(names)
+    for name in names:
+        assert re.search(rf"\bfunc {name}\(", text), name
+    for step in ("h += h % 2", "w += w % 2", "let scale = 1.0 / 255.0", "Float(Double(img.rgb[i * 3 + ch]) * scale)",
+                 'out.append((rows > 0 ? "\\n" : "") + FAKE_TOKEN + GLOBAL_TOKEN)', "(h, w) = tileMultiple(h, w, size)",
+                 "let split = p.splitting && (h > size || w > size)"):
+        assert step in text, step
+    assert '"idefics3_tiles"' in swift("Preprocess.swift")
+    pipeline = swift("VLMPipeline.swift")
+    assert 'if imageSpec.mode == "idefics3_tiles" { return try prepareTiles(image, prompt) }' in pipeline
+    assert '"pixel_values": try multiArray(px, [1, 3, s, s])' in pipeline
 
 
 # -- Package.swift, app, README -----------------------------------------------------------------------------------------

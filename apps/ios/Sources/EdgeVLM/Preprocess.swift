@@ -1,5 +1,5 @@
 // Image preprocessing, step for step as edgevlm/processor.py (ImageSpec, resize_crop, normalize, preprocess_image),
-// edgevlm/data/crops.py (Moondream2's overlap crops) and Pillow's resampling (libImaging/Resample.c:
+// edgevlm/data/crops.py (Moondream2's overlap crops; SmolVLM's idefics3_tiles in Crops.swift) and Pillow's resampling (libImaging/Resample.c:
 // precompute_coeffs, normalize_coeffs_8bpc, 8-bit horizontal then vertical passes; Geometry.c for NEAREST), which
 // Image.resize runs for the Python runtime. Pure Swift (no Apple frameworks): the same arithmetic as
 // apps/android's Preprocess.kt. tests/test_apps_ios.py checks its constants against the Python ones.
@@ -20,7 +20,8 @@ public let OVERLAP_MARGIN = 4
 public let OVERLAP_MAX_CROPS = 12
 public let OVERLAP_RESAMPLE = "lanczos"
 
-/// processor.ImageSpec: the manifest's generation.image block (mode crop, squash, pad or overlap_crops).
+/// processor.ImageSpec: the manifest's generation.image block (mode crop, squash, pad, overlap_crops or
+/// idefics3_tiles). `options` holds the block's integer options, `resample` and `splitting` its other two.
 public struct ImageSpec: Sendable {
     public let size: Int
     public let mode: String
@@ -28,19 +29,21 @@ public struct ImageSpec: Sendable {
     public let mean: [Float]
     public let std: [Float]
     public let options: [String: Int]
-    public var resample: String = OVERLAP_RESAMPLE      // overlap_crops: options.resample
+    public var resample: String = OVERLAP_RESAMPLE      // overlap_crops, idefics3_tiles: options.resample
+    public var splitting: Bool = IDEFICS3_SPLITTING     // idefics3_tiles: options.splitting
 
     public init(size: Int, mode: String = "crop", interpolation: String = "bicubic", mean: [Float] = CLIP_MEAN,
-                std: [Float] = CLIP_STD, options: [String: Int] = [:], resample: String = OVERLAP_RESAMPLE) throws {
+                std: [Float] = CLIP_STD, options: [String: Int] = [:], resample: String = OVERLAP_RESAMPLE,
+                splitting: Bool = IDEFICS3_SPLITTING) throws {
         guard ["bilinear", "bicubic", "nearest"].contains(interpolation) else {
             throw ConfigError("unknown interpolation '\(interpolation)'", "use bilinear, bicubic or nearest")
         }
-        guard ["crop", "squash", "pad", "overlap_crops"].contains(mode) else {
-            throw ConfigError("unknown image mode '\(mode)'", "use crop, squash, pad or overlap_crops")
+        guard ["crop", "squash", "pad", "overlap_crops", "idefics3_tiles"].contains(mode) else {
+            throw ConfigError("unknown image mode '\(mode)'", "use crop, squash, pad, overlap_crops or idefics3_tiles")
         }
         guard mean.count == 3, std.count == 3 else { throw BundleError("image mean/std need 3 values", REEXPORT) }
         self.size = size; self.mode = mode; self.interpolation = interpolation
-        self.mean = mean; self.std = std; self.options = options; self.resample = resample
+        self.mean = mean; self.std = std; self.options = options; self.resample = resample; self.splitting = splitting
     }
 
     /// ImageSpec.from_dict
@@ -55,7 +58,8 @@ public struct ImageSpec: Sendable {
         if jhas(d, "std") { std = try jdoubles(d, "std", w).map(Float.init) }
         return try ImageSpec(size: size, mode: (d["mode"] as? String) ?? "crop",
                              interpolation: (d["interpolation"] as? String) ?? "bicubic", mean: mean, std: std,
-                             options: ints, resample: (opts["resample"] as? String) ?? OVERLAP_RESAMPLE)
+                             options: ints, resample: (opts["resample"] as? String) ?? OVERLAP_RESAMPLE,
+                             splitting: (opts["splitting"] as? NSNumber)?.boolValue ?? IDEFICS3_SPLITTING)
     }
 }
 
@@ -246,13 +250,14 @@ public func normalize(_ img: RgbImage, _ spec: ImageSpec) -> [Float] {
     return out
 }
 
-/// processor.preprocess_image for crop, squash and pad: (1, 3, size, size) float32, flattened.
+/// processor.preprocess_image: (views, 3, size, size) float32, flattened (one view for crop, squash and pad).
 public func preprocessImage(_ img: RgbImage, _ spec: ImageSpec) throws -> [Float] {
     try checkSize(img.width, img.height, "the image")
     switch spec.mode {
     case "crop": return normalize(try resizeCrop(img, spec.size, spec.interpolation), spec)
     case "pad": return normalize(try resizeCrop(padSquare(img, spec.mean), spec.size, spec.interpolation), spec)
     case "squash": return normalize(try resize(img, spec.size, spec.size, spec.interpolation), spec)
+    case "idefics3_tiles": return try idefics3TilesWithGrid(img, spec).views
     default: return try overlapCropsWithGrid(img, spec).views
     }
 }

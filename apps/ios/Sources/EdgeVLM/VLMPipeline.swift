@@ -435,8 +435,10 @@ public actor VLMPipeline {
         return PromptPieces(before: before, after: after, hasImage: template.contains(IMAGE_MARKER) && withImage)
     }
 
-    /// VLMPipeline.prepare: [before | image | after] embeddings, image tokens, bidirectional prefix length.
+    /// VLMPipeline.prepare: [before | image | after] embeddings, image tokens, bidirectional prefix length
+    /// (SmolVLM's idefics3_tiles: prepareTiles).
     public func prepare(_ image: RgbImage?, _ prompt: String) throws -> Prepared {
+        if imageSpec.mode == "idefics3_tiles" { return try prepareTiles(image, prompt) }
         let pieces = try promptPieces(prompt, withImage: image != nil)
         let img = try image.map { try encodeImage($0) }
         let before = try embedIds(pieces.before), after = try embedIds(pieces.after)
@@ -445,6 +447,37 @@ public actor VLMPipeline {
         let prefix = jbool(bundle.generation, "bidirectional_image_prefix", false) ? pieces.before.count + img.tokens : 0
         let all = before + img.embeds + after
         return Prepared(embeds: all, length: all.count / d, pieces: pieces, imageTokens: img.tokens, prefix: prefix)
+    }
+
+    /// The vision encoder once per view of idefics3TilesWithGrid: (1, 3, S, S) -> (1, T, D), flattened. (Python feeds
+    /// all V views in one call and cuts the (1, V*T, D) result into V slots of T; the graph encodes each view on its
+    /// own, so one view at a time gives the same slots with one view's activations in memory.)
+    public func encodeTiles(_ tiles: TilesWithGrid) throws -> [[Float]] {
+        guard let vision else { throw BundleError("\(bundle.root.path) has no vision_encoder part", REEXPORT) }
+        let s = imageSpec.size, per = 3 * s * s
+        return try (0..<tiles.count).map { v in
+            let px = Array(tiles.views[(v * per)..<((v + 1) * per)])
+            return try vision.run(["pixel_values": try multiArray(px, [1, 3, s, s])], output: PART_OUTPUTS["vision_encoder"]!).values
+        }
+    }
+
+    /// VLMPipeline._prepare_tiles (SmolVLM / Idefics3, image.mode idefics3_tiles): each view's embeddings (tiles
+    /// row-major, then the global view) in its own slot between the processor's text runs (Crops.swift:
+    /// idefics3TextRuns with the row/col and global-image markers, each run tokenized on its own, BOS first).
+    public func prepareTiles(_ image: RgbImage?, _ prompt: String) throws -> Prepared {
+        if try checkPrompt(prompt).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
+            throw ConfigError("the prompt is empty", "pass a question or an instruction, e.g. 'Describe this image.'")
+        }
+        let p = try jobj(bundle.generation, "prompt", "generation")
+        let tiles = try image.map { try idefics3TilesWithGrid($0, imageSpec) }
+        let views = try tiles.map { try encodeTiles($0) } ?? []
+        let bos = jbool(p, "bos", false) ? tokenizer.bosId : nil
+        let texts = idefics3TextRuns(try jstr(p, "template", "generation.prompt"), prompt, tiles?.grid)
+        let runs = try idefics3RunIds(texts, bosId: bos) { try tokenizer.encode($0) }
+        let all = try spliceViews(try runs.map { try embedIds($0) }, views)
+        let pieces = PromptPieces(before: runs[0], after: Array(runs.dropFirst().joined()), hasImage: tiles != nil)
+        return Prepared(embeds: all, length: all.count / hiddenSize, pieces: pieces,
+                        imageTokens: views.reduce(0) { $0 + $1.count } / hiddenSize, prefix: 0)
     }
 
     // -- generation -------------------------------------------------------------------------------------------------

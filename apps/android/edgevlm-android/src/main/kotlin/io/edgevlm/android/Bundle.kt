@@ -51,8 +51,11 @@ class Bundle private constructor(val root: File, val manifest: JSONObject) {
 
     val imageSpec: ImageSpec by lazy {
         val d = generation.getJSONObject("image")
+        val o = d.optJSONObject("options")          // layout options (idefics3_tiles: longest_edge, splitting, resample)
+        val options = o?.keys()?.asSequence()?.associateWith { o.get(it) } ?: emptyMap()
         ImageSpec(d.getInt("size"), d.optString("mode", "crop"), d.optString("interpolation", "bicubic"),
-            d.optJSONArray("mean")?.let { floats(it) } ?: CLIP_MEAN, d.optJSONArray("std")?.let { floats(it) } ?: CLIP_STD)
+            d.optJSONArray("mean")?.let { floats(it) } ?: CLIP_MEAN, d.optJSONArray("std")?.let { floats(it) } ?: CLIP_STD,
+            options)
     }
     val contextLength: Int get() = generation.getInt("context_length")
     val stopIds: IntArray get() = ints(generation.getJSONArray("stop_ids"))

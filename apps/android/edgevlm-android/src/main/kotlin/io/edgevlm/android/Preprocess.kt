@@ -1,6 +1,7 @@
 // Image preprocessing, step for step as edgevlm/processor.py (ImageSpec, resize_crop, normalize, preprocess_image)
 // and Pillow's resampling (libImaging/Resample.c: precompute_coeffs, normalize_coeffs_8bpc, 8-bit horizontal and
-// vertical passes), which Image.resize runs for the Python runtime. Pure Kotlin (no Android): the app hands in
+// vertical passes; bilinear, bicubic, lanczos; Geometry.c for nearest), which Image.resize runs for the Python
+// runtime. SmolVLM's idefics3_tiles layout is in Crops.kt. Pure Kotlin (no Android): the app hands in
 // RGB bytes (VlmPipeline.kt reads them from a Bitmap); tests/test_apps_android.py compiles this file with kotlinc
 // where one is installed and compares its output with preprocess_image's.
 package io.edgevlm.android
@@ -16,15 +17,17 @@ const val MIN_SIDE = 8
 const val MAX_SIDE = 16_384
 const val MAX_PIXELS = 64_000_000L
 
-/** processor.ImageSpec: the manifest's generation.image block. Crop, squash and pad are ported (the Moondream
- *  crop layout is refused: see the README's limits). */
+/** processor.ImageSpec: the manifest's generation.image block. Crop, squash, pad and idefics3_tiles (SmolVLM,
+ *  Crops.kt) are ported (Moondream2's overlap_crops is refused: see the README's limits). ``options``: the block's
+ *  options (JSON values: Number, Boolean, String), read by the layout (idefics3Params). */
 class ImageSpec(val size: Int, val mode: String = "crop", val interpolation: String = "bicubic",
-                val mean: FloatArray = CLIP_MEAN, val std: FloatArray = CLIP_STD) {
+                val mean: FloatArray = CLIP_MEAN, val std: FloatArray = CLIP_STD,
+                val options: Map<String, Any> = emptyMap()) {
     init {
-        if (interpolation !in FILTERS) throw BundleError("unknown interpolation '$interpolation'",
+        if (interpolation !in INTERPOLATIONS) throw BundleError("unknown interpolation '$interpolation'",
             "use bilinear, bicubic or nearest")
-        if (mode != "crop" && mode != "squash" && mode != "pad") throw BundleError(
-            "image mode '$mode' is an image layout edgevlm-android does not port (it runs crop, squash and pad)",
+        if (mode !in IMAGE_MODES) throw BundleError(
+            "image mode '$mode' is an image layout edgevlm-android does not port (it runs ${IMAGE_MODES.joinToString()})",
             "use a bundle of a vision_encoder family")
         if (mean.size != 3 || std.size != 3) throw BundleError("image mean/std need 3 values", "re-export the bundle")
     }
@@ -46,8 +49,20 @@ fun checkSize(w: Int, h: Int, what: String) {
         "downscale the image before passing it")
 }
 
+/** The image modes this port runs (processor's crop/squash/pad and crops.py's idefics3_tiles). */
+val IMAGE_MODES = listOf("crop", "squash", "pad", "idefics3_tiles")
+/** processor._RESAMPLE: the interpolations an ImageSpec may name (layouts name theirs in options.resample). */
+val INTERPOLATIONS = listOf("bilinear", "bicubic", "nearest")
+
 // -- Pillow's resampling -------------------------------------------------------------------------------------
 private class Filter(val support: Double, val f: (Double) -> Double)
+
+/** Pillow's sinc_filter: sin(pi x) / (pi x), 1 at 0. */
+private fun sinc(x: Double): Double {
+    if (x == 0.0) return 1.0
+    val y = x * Math.PI
+    return Math.sin(y) / y
+}
 
 private val FILTERS = mapOf(
     "bilinear" to Filter(1.0) { x -> val a = abs(x); if (a < 1.0) 1.0 - a else 0.0 },
@@ -60,6 +75,7 @@ private val FILTERS = mapOf(
             else -> 0.0
         }
     },
+    "lanczos" to Filter(3.0) { x -> if (-3.0 <= x && x < 3.0) sinc(x) * sinc(x / 3) else 0.0 },   // truncated sinc
     "nearest" to Filter(0.0) { 0.0 })                     // resized by nearestResize, not by coefficients
 
 private const val PRECISION_BITS = 32 - 8 - 2
@@ -152,7 +168,7 @@ private fun nearestResize(img: RgbImage, w: Int, h: Int): RgbImage {
 fun resize(img: RgbImage, w: Int, h: Int, interpolation: String): RgbImage {
     if (w == img.width && h == img.height) return img
     val filter = FILTERS[interpolation] ?: throw BundleError("unknown interpolation '$interpolation'",
-        "use bilinear, bicubic or nearest")
+        "use bilinear, bicubic, lanczos or nearest")
     if (interpolation == "nearest") return nearestResize(img, w, h)
     var out = img
     if (w != img.width) out = horizontal(out, w, precomputeCoeffs(img.width, w, filter))
@@ -161,7 +177,7 @@ fun resize(img: RgbImage, w: Int, h: Int, interpolation: String): RgbImage {
 }
 
 /** Image.crop((left, top, left + size, top + size)) inside the image. */
-private fun crop(img: RgbImage, left: Int, top: Int, size: Int): RgbImage {
+internal fun crop(img: RgbImage, left: Int, top: Int, size: Int): RgbImage {
     val out = IntArray(size * size * 3)
     for (y in 0 until size) for (x in 0 until size) for (ch in 0 until 3)
         out[(y * size + x) * 3 + ch] = img.rgb[((y + top) * img.width + x + left) * 3 + ch]
@@ -204,11 +220,13 @@ fun normalize(img: RgbImage, spec: ImageSpec): FloatArray {
     return out
 }
 
-/** processor.preprocess_image for crop, squash and pad: (1, 3, size, size) float32, flattened. */
+/** processor.preprocess_image: (views, 3, size, size) float32, flattened (one view for crop, squash and pad; the
+ *  tiles and the global view for idefics3_tiles, whose grid idefics3TilesWithGrid also returns). */
 fun preprocessImage(img: RgbImage, spec: ImageSpec): FloatArray {
     checkSize(img.width, img.height, "the image")
     return when (spec.mode) {
         "crop" -> normalize(resizeCrop(img, spec.size, spec.interpolation), spec)
+        "idefics3_tiles" -> idefics3TilesWithGrid(img, spec).views
         "pad" -> normalize(resizeCrop(padSquare(img, spec.mean), spec.size, spec.interpolation), spec)
         else -> normalize(resize(img, spec.size, spec.size, spec.interpolation), spec)
     }

@@ -357,8 +357,10 @@ class VlmPipeline(val bundle: Bundle, providers: List<String>? = null,
             IMAGE_MARKER in template && withImage)
     }
 
-    /** VLMPipeline.prepare: [before | image | after] embeddings, image tokens, bidirectional prefix length. */
+    /** VLMPipeline.prepare: [before | image | after] embeddings, image tokens, bidirectional prefix length
+     *  (SmolVLM's idefics3_tiles: prepareTiles). */
     fun prepare(image: RgbImage?, prompt: String): Prepared {
+        if (bundle.imageSpec.mode == "idefics3_tiles") return prepareTiles(image, prompt)
         val pieces = promptPieces(prompt, image != null)
         val img = image?.let { encodeImage(it) }
         val before = embedIds(pieces.before)
@@ -369,6 +371,36 @@ class VlmPipeline(val bundle: Bundle, providers: List<String>? = null,
         val prefix = if (bundle.bidirectionalImagePrefix) nBefore + img.second else 0
         val all = before + img.first + after
         return Prepared(all, all.size / d, pieces, img.second, prefix)
+    }
+
+    /** The vision encoder once per view of idefics3TilesWithGrid: (1, 3, S, S) -> (1, T, D), flattened. (Python feeds
+     *  all V views in one call, (V, 3, S, S) -> (1, V*T, D), and cuts the result into V slots of T; the graph encodes
+     *  each view on its own, so one view at a time gives the same slots with one view's activations in memory.) */
+    fun encodeTiles(tiles: TilesWithGrid): List<FloatArray> {
+        val s = bundle.imageSpec.size
+        val per = 3 * s * s
+        return (0 until tiles.count).map { v ->
+            val px = tiles.views.copyOfRange(v * per, (v + 1) * per)
+            OnnxTensor.createTensor(env, FloatBuffer.wrap(px), longArrayOf(1, 3, s.toLong(), s.toLong())).use { t ->
+                vision.run(mapOf("pixel_values" to t)).use { r -> (r.get(0) as OnnxTensor).floats() }
+            }
+        }
+    }
+
+    /** VLMPipeline._prepare_tiles (SmolVLM / Idefics3, image.mode idefics3_tiles): each view's embeddings (tiles
+     *  row-major, then the global view) in its own slot between the processor's text runs (Crops.kt:
+     *  idefics3TextRuns with the row/col and global-image markers, each run tokenized on its own, BOS first). */
+    fun prepareTiles(image: RgbImage?, prompt: String): Prepared {
+        if (checkPrompt(prompt).isBlank()) throw ConfigError("the prompt is empty",
+            "pass a question or an instruction, e.g. 'Describe this image.'")
+        val p = bundle.generation.getJSONObject("prompt")
+        val tiles = image?.let { idefics3TilesWithGrid(it, bundle.imageSpec) }
+        val views = if (tiles == null) emptyList() else encodeTiles(tiles)
+        val bos = if (p.optBoolean("bos", false) && p.has("bos_id") && !p.isNull("bos_id")) p.getInt("bos_id") else null
+        val runs = idefics3RunIds(idefics3TextRuns(p.getString("template"), prompt, tiles?.grid), bos) { tokenizer.encode(it) }
+        val all = spliceViews(runs.map { embedIds(it) }, views)
+        val pieces = PromptPieces(runs[0], runs.drop(1).flatten(), tiles != null)
+        return Prepared(all, all.size / hiddenSize, pieces, views.sumBy { it.size } / hiddenSize, 0)
     }
 
     // -- generation -------------------------------------------------------------------------------------------------
