@@ -196,8 +196,9 @@ class _DataFile:
 def stream_tensors(model, data: _DataFile, base_dir: Path, min_bytes: int = 1024) -> None:
     """Place every weight of ``model`` not yet in ``data``: on-disk ones (external data relative to ``base_dir``)
     copied file to file in chunks, in-memory ones of ``min_bytes`` or more written out."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import _get_all_tensors, _get_initializer_tensors, uses_external_data
 
+    inits = {t.name for t in _get_initializer_tensors(model)}    # Constant nodes' tensors stay inline, as onnx saves
     for t in _get_all_tensors(model):
         if t.name in data.written:
             continue
@@ -206,7 +207,7 @@ def stream_tensors(model, data: _DataFile, base_dir: Path, min_bytes: int = 1024
             if src.resolve() == data.path.resolve():
                 raise ValueError(f"{data.path.name} would be overwritten while it is read; save elsewhere")
             data.copy_from(t, src)
-        elif t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+        elif t.name in inits and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
             data.put_bytes(t, t.raw_data)
 
 
