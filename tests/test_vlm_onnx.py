@@ -285,6 +285,31 @@ def test_phi_rope_and_biased_projections_move_into_the_attention_op(tmp_path):
     assert abs(a["mean_kl"] - b["mean_kl"]) <= 0.05 * a["mean_kl"] + 1e-6, (a, b)
 
 
+def test_qk_layernorm_keeps_rope_in_the_model(tmp_path):
+    """Phi with qk_layernorm (TinyGPT-V's Phi-2: q and k normalized per head before RoPE): the op's RoPE would
+    rotate them unnormalized, so RoPE stays the model's ops, said up front (at Phi-2's real size the logit check
+    caught it: 0.30 apart); the attention is still fused and gives eager's tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, partial_rotary_factor=0.5, max_position_embeddings=64,
+                                 qk_layernorm=True)
+    lm = transformers.PhiForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.mul_(SHARPEN)
+    f = vlm_onnx.export_decoder(lm, tmp_path / "decoder.onnx")
+    res = attention.fuse_attention(tmp_path / "decoder.onnx", 2, f["num_kv_heads"], f["head_dim"],
+                                   dst=tmp_path / "fused.onnx", rotary=attention.rotary_tables(lm, 64))
+    assert res["kv_cache"].startswith("shared buffer") and res["rope"] == "the model's own ops", res
+    assert "normalized per head before RoPE" in res["rope_why"], res
+    embeds = torch.randn(1, 6, 128)
+    par = vlm_onnx.decoder_parity(lm, tmp_path / "fused.onnx", embeds, 12,
+                                  reference=vlm_onnx.eager_reference(lm, embeds, 12))
+    assert par["first_divergence"] is None and par["max_logit_abs_diff"] <= 1e-4, par
+
+
 def test_decoder_with_external_weights_keeps_them_when_placed_in_a_bundle(tmp_path):
     """A decoder over 2 GiB is saved with its weights in ``<file>.data``, which the graph names: moving it into
     the bundle under another name (onnx_io.move_model, as build_vlm places it) saves it again, so the bundle's

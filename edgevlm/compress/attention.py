@@ -30,6 +30,8 @@ from .onnx_io import file_bytes, load_graph, op_counts, read_initializer, save_s
 
 # -- the eager trace's attention cores ----------------------------------------------------------------
 _KV_PASSTHROUGH = ("Unsqueeze", "Expand", "Reshape", "Identity")     # transformers' repeat_kv for GQA
+# normalizations between the head split and RoPE (Phi's qk_layernorm): the op's RoPE would skip them
+_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "ReduceMean"}
 
 
 def _const(graph, name: str, producers: dict, base_dir: Path | None = None):
@@ -74,7 +76,8 @@ def _attention_cores(graph, num_layers: int) -> list[dict] | str:
 
     def head_split(t: str, limit: int = 12) -> list[tuple[str, int]]:
         """(X, depth) for each head split Transpose[0,2,1,3](Reshape(X)) among ``t``'s near ancestors (not
-        crossing one, nor Shape ops): for q and k the tensor RoPE starts from, for v the projection."""
+        crossing one, nor Shape ops): for q and k the tensor RoPE starts from, for v the projection. A
+        normalization on the way (Phi's qk_layernorm) is noted in ``normed``."""
         found, stack, seen = [], [(t, 0)], set()
         while stack:
             x, d = stack.pop()
@@ -82,6 +85,8 @@ def _attention_cores(graph, num_layers: int) -> list[dict] | str:
             if n is None or id(n) in seen or d > limit or n.op_type == "Shape":
                 continue
             seen.add(id(n))
+            if n.op_type in _NORMS:
+                normed.add(t)
             r = prod.get(n.input[0]) if n.op_type == "Transpose" and perm(n) == [0, 2, 1, 3] else None
             if r is not None and r.op_type == "Reshape":
                 found.append((r.input[0], d))
@@ -89,7 +94,7 @@ def _attention_cores(graph, num_layers: int) -> list[dict] | str:
             stack.extend((i, d + 1) for i in n.input if i)
         return found
 
-    cores = []
+    cores, normed = [], set()
     for i in range(num_layers):
         ck, cv = prod.get(f"present.{i}.key"), prod.get(f"present.{i}.value")
         if not (ck is not None and cv is not None and ck.op_type == cv.op_type == "Concat"
@@ -122,6 +127,7 @@ def _attention_cores(graph, num_layers: int) -> list[dict] | str:
                       "mask": mask, "out": merge.output[0],
                       "nodes": [ck, cv, tk, qk, mul, add, sm, pv, tr, merge, *via_k, *via_v],
                       # (1, S, heads * hd) before the head split: q and k with ops (RoPE) between, v without
+                      "qk_normed": qk.input[0] in normed or ck.input[1] in normed,
                       "rope_in": {"q": q_in[0][0] if len(q_in) == 1 and q_in[0][1] > 0 else None,
                                   "k": k_in[0][0] if len(k_in) == 1 and k_in[0][1] > 0 else None,
                                   "v": v_in[0][0] if len(v_in) == 1 and v_in[0][1] == 0 else None}})
@@ -272,6 +278,10 @@ def _rotary_problem(cores: list[dict], rotary, head_dim: int) -> str | None:
     if cos.shape[1] % 8:
         return (f"ONNX Runtime's GroupQueryAttention rotates a multiple of 16 dimensions; this model rotates "
                 f"{2 * cos.shape[1]}")
+    normed = [i for i, c in enumerate(cores) if c["qk_normed"]]
+    if normed:
+        return (f"layer {normed[0]}: q and k are normalized per head before RoPE (qk_layernorm, as TinyGPT-V's Phi-2); "
+                "the op would rotate them unnormalized")
     return None
 
 
