@@ -6,16 +6,13 @@ import time
 
 
 def memory_line() -> str:
-    """'memory 6.7 GiB (anonymous 6.5), peak 16.1 GiB' from /proc/self/status; "" where there is none."""
+    """'memory 6.7 GiB, peak 16.1 GiB': this process now and at its peak (runtime.bench's readers)."""
+    from .runtime.bench import peak_rss_mib, rss_mib
+
     try:
-        with open("/proc/self/status") as f:
-            kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in f) if k in ("VmRSS", "RssAnon", "VmHWM")}
-    except (OSError, ValueError):
+        return f"memory {rss_mib() / 1024:.1f} GiB, peak {peak_rss_mib() / 1024:.1f} GiB"
+    except OSError:                     # no /proc (not Linux)
         return ""
-    if len(kb) < 3:
-        return ""
-    g = {k: v / 2**20 for k, v in kb.items()}
-    return f"memory {g['VmRSS']:.1f} GiB (anonymous {g['RssAnon']:.1f}), peak {g['VmHWM']:.1f} GiB"
 
 
 class Stages:
