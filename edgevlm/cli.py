@@ -641,7 +641,7 @@ def _add_generate(sub) -> None:
 
 def _add_kernels(sub) -> None:
     """`edgevlm kernels`: build or show edgevlm's CPU kernels."""
-    s = sub.add_parser("kernels", help="build edgevlm's CPU kernels on this machine (4-bit decode steps), or show "
+    s = sub.add_parser("kernels", help="build edgevlm's CPU kernels on this machine (4-bit decode steps and prompts), or show "
                                        "their state")
     s.add_argument("action", choices=["build", "status"])
     s.add_argument("--force", action="store_true", help="build again even if built")
@@ -815,7 +815,7 @@ def _cmd_kernels(args) -> int:
     if args.action == "build":
         kernels.build(force=args.force)
     path, why = kernels.status()
-    print(f"MatMulQ4 (4-bit decode steps): {f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
+    print(f"MatMulQ4 (4-bit decode steps and prompts): {f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """benchmarks/vlm_decode.py end to end at its tiny size: every engine timed, ratios and limits computed.
 
-One run of the script (about 30-40 s on 2 shared cores: a random 2-layer Phi exported to ONNX and GGUF,
-then each engine in its own process) shared by the tests below.
+One run of the script with ``--compression`` (a random 2-layer Phi exported to ONNX and GGUF, then each engine in
+its own process, and again at three prompt lengths) shared by the tests below.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ NO_LLAMA = "llama-cpp-python / gguf are not installed: the llama.cpp engines are
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vlm_decode")
     cmd = [sys.executable, str(SCRIPT), "--size", "tiny", "--runs", "1", "--new-tokens", str(NEW_TOKENS),
-           "--cache", str(tmp / "cache"), "--out", str(tmp / "out")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+           "--compression", "--cache", str(tmp / "cache"), "--out", str(tmp / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     path = tmp / "out" / "vlm_decode-tiny.json"
     assert path.is_file(), r.stdout[-2000:]
@@ -127,7 +127,29 @@ def test_ratios_and_targets(run):
         assert t["met"] in (True, False) or (t["met"] is None and not HAS_LLAMA), t
     # the table and every target's verdict are printed
     assert "decode_tok_s" in run["stdout"] and "pct_of_limit" in run["stdout"]
-    assert run["stdout"].count("target ") == len(res["targets"])
+    assert run["stdout"].count("target ") == len(res["targets"]) + len(res["compression"]["targets"])
+
+
+def test_time_to_first_token_at_every_prompt_length(run):
+    """--compression: every engine's time to first token at 1, 16 and 576 vision tokens (+32 text), the prefill's
+    tokens/s and its share of the int8 peak measured on this CPU, and the prompt targets judged."""
+    comp = run["json"]["compression"]
+    peak = comp["int8_peak"]
+    assert _positive(peak["int8_gops"]) and "MatMulInteger" in peak["how"]
+    want = {"eager", "ort-fp32", "ort-int8", "ort-int4", "ort-int4-ortkernel"} | (set(LLAMA_ENGINES) if HAS_LLAMA
+                                                                                 else set())
+    got = {(r["key"], r["vision_tokens"]) for r in comp["rows"]}
+    assert got == {(k, n) for k in want for n in (1, 16, 576)}
+    for r in comp["rows"]:
+        assert r["prompt_tokens"] == r["vision_tokens"] + 32
+        for field in ("ttft_ms", "prefill_tok_s", "pct_of_int8_peak", "speedup_vs_576"):
+            assert _positive(r[field]), (r["key"], field, r[field])
+        assert abs(r["prefill_tok_s"] * r["ttft_ms"] / 1000 - r["prompt_tokens"]) < 1e-6 * r["prompt_tokens"]
+    names = [t["target"] for t in comp["targets"]]
+    assert sum("INT4 TTFT <= ONNX INT8" in n for n in names) == 3
+    for t in comp["targets"]:
+        assert t["met"] in (True, False) or (t["met"] is None and not HAS_LLAMA and "llama.cpp" in t["target"]), t
+    assert "pct_of_int8_peak" in run["stdout"]
 
 
 def test_settings_recorded(run):

@@ -75,6 +75,31 @@ def test_gemv_equals_the_int8_reference(k, n, block, isa, monkeypatch):
     assert np.abs(y - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("m,k,n,block", [(4, 64, 5, 32), (7, 2048, 100, 32), (33, 1024, 64, 32), (9, 256, 7, 64),
+                                         (13, 2048, 40, 128), (5, 4096, 70, 256), (6, 128, 96, 64)])
+def test_many_rows_equal_the_int8_reference(m, k, n, block, isa, monkeypatch):
+    """The many-row path (prompts: unpacked 32-column panels, rows a register tile at a time, both code paths)
+    computes each row's exact int8 products: full panels and a partial last one, rows padded to the tile."""
+    _need_kernel()
+    if isa == "avx2":
+        monkeypatch.setenv("EDGEVLM_Q4_ISA", "avx2")
+    rng = np.random.default_rng(m * k + n)
+    b = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    s = rng.uniform(0.001, 0.02, (n, k // block)).astype(np.float32)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    a[0, :32] = 0.0
+    a[-1, -64:] *= 1000.0                         # rows of very different scales
+    y = kernels.gemm(a, b, s, k, n, block)
+    assert y.shape == (m, n)
+    for row, got in zip(a, y):
+        ref = _int8_reference(row, b, s)
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), np.abs(got - ref).max()
+        # and the one-row path (decode steps) gives the same products
+        one = kernels.gemv(row, b, s, k, n, block)
+        assert np.abs(got - one).max() <= 1e-5 * np.abs(one).max()
+
+
 @pytest.mark.parametrize("block", [32, 128])
 def test_the_op_gives_matmulnbits_results_for_any_leading_shape(block):
     """Block 32: MatMulNBits' results (both round activations to int8 per 32). Larger blocks: MatMulNBits rounds
@@ -96,7 +121,7 @@ def test_the_op_gives_matmulnbits_results_for_any_leading_shape(block):
     so.register_custom_ops_library(str(lib))
     sess = ort.InferenceSession(mine.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
-    for shape in [(1, 1, 512), (2, 3, 512), (1, 0, 512)]:
+    for shape in [(1, 1, 512), (2, 3, 512), (1, 0, 512), (1, 37, 512), (3, 16, 512)]:   # the last two: many rows
         x = rng.standard_normal(shape).astype(np.float32)
         want, got = ref.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
         assert got.shape == want.shape == shape[:2] + (96,)
@@ -192,11 +217,23 @@ def test_int4_decode_steps_run_the_kernel_and_keep_the_tokens(tmp_path, monkeypa
     assert stock.kernel == {"decode_kernel": "onnxruntime", "decode_kernel_why": "turned off"}
     rng = np.random.default_rng(0)
     table = rng.normal(0, 0.5, (96, 128)).astype(np.float32)
-    prompt = rng.normal(0, 0.5, (6, 128)).astype(np.float32)
-    a_tokens, a_logits = _greedy(mine, table, prompt, 16)
-    b_tokens, b_logits = _greedy(stock, table, prompt, 16)
-    assert a_tokens == b_tokens and len(set(a_tokens)) > 1
-    assert np.abs(a_logits - b_logits).max() <= 1e-3 * np.abs(b_logits).max()
+    assert k["prompt_kernel_min_positions"] == mine.prompt_rows == 16 and stock.prompt_rows is None
+    for n in (6, 24):                     # 6: ONNX Runtime's MatMulNBits reads the prompt; 24: the kernel's many-row path
+        prompt = rng.normal(0, 0.5, (n, 128)).astype(np.float32)
+        a_tokens, a_logits = _greedy(mine, table, prompt, 16)
+        b_tokens, b_logits = _greedy(stock, table, prompt, 16)
+        assert a_tokens == b_tokens and len(set(a_tokens)) > 1
+        # the two kernels agree to ~1e-6 of the logit scale; an activation that one of them rounds to the other
+        # int8 value (a tie: the kernel multiplies by 127/max, MatMulNBits divides by max/127) moves a position's
+        # logits by up to ~2e-3 of their scale (seen once, the 24-row prompt's)
+        assert np.abs(a_logits - b_logits).max() <= 5e-3 * np.abs(b_logits).max()
+        # which graph read the prompt: the default call gives exactly one of the two graphs' logits
+        first = []
+        for use_step in (None, False, True):
+            mine.reset()
+            first.append(mine._run(prompt[None], use_step=use_step))
+        assert np.array_equal(first[0], first[2 if n >= 16 else 1]), n
+        assert not np.array_equal(first[1], first[2])
     monkeypatch.setenv("EDGEVLM_KERNELS", "0")
     assert _open(path, f).kernel["decode_kernel_why"] == "turned off (EDGEVLM_KERNELS=0)"
 

@@ -1,6 +1,7 @@
 """edgevlm's own CPU kernels, loaded into ONNX Runtime as custom ops.
 
-``MatMulQ4`` (q4_matmul.c) runs a 4-bit decoder's matrix-vector products during decode steps: it reads the
+``MatMulQ4`` (q4_matmul.c) runs a 4-bit decoder's matrix products: one row at a time for decode steps, and a
+register-tiled int8 path over unpacked weight panels for prompts (many rows). It reads the
 weights of ONNX Runtime's ``MatMulNBits`` (bits 4, blocks of 32, 64, 128, ..., symmetric) as they are and streams them with
 AVX-512 VNNI (AVX2 on CPUs without it), where ONNX Runtime's kernel is compute-bound on small CPUs (see
 docs/vlm-bundles.md, "Decode kernels").
@@ -189,8 +190,8 @@ def isa() -> str | None:
     return {2: "avx512-vnni", 1: "avx2"}.get(ctypes.CDLL(str(path)).edgevlm_q4_isa())
 
 
-def gemv(a, b, scales, k: int, n: int, block: int = 32):
-    """The kernel on one activation row (for tests): a (K,) float32, b/scales as MatMulNBits holds them -> (N,)."""
+def _call(many: bool, a, b, scales, k: int, n: int, block: int):
+    """Run the library's test entry (``edgevlm_q4_gemm`` when ``many`` else ``edgevlm_q4_gemv``) on numpy arrays."""
     import numpy as np
 
     path, why = status()
@@ -200,11 +201,28 @@ def gemv(a, b, scales, k: int, n: int, block: int = 32):
     a = np.ascontiguousarray(a, np.float32)
     b = np.ascontiguousarray(b, np.uint8)
     scales = np.ascontiguousarray(scales, np.float32)
-    y = np.empty(n, np.float32)
-    p = ctypes.c_void_p
-    lib.edgevlm_q4_gemv.argtypes = [p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    lib.edgevlm_q4_gemv(a.ctypes.data, b.ctypes.data, scales.ctypes.data, y.ctypes.data, k, n, block)
+    y = np.empty((a.shape[0], n) if many else n, np.float32)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    ptrs = (a.ctypes.data, b.ctypes.data, scales.ctypes.data, y.ctypes.data)
+    if not many:
+        lib.edgevlm_q4_gemv.argtypes = [p, p, p, p, i64, i64, i64]
+        lib.edgevlm_q4_gemv(*ptrs, k, n, block)
+        return y
+    lib.edgevlm_q4_gemm.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.edgevlm_q4_gemm.restype = ctypes.c_int
+    if lib.edgevlm_q4_gemm(*ptrs, a.shape[0], k, n, block):
+        raise MemoryError("edgevlm_q4_gemm: out of memory")
     return y
+
+
+def gemv(a, b, scales, k: int, n: int, block: int = 32):
+    """The kernel on one activation row (for tests): a (K,) float32, b/scales as MatMulNBits holds them -> (N,)."""
+    return _call(False, a, b, scales, k, n, block)
+
+
+def gemm(a, b, scales, k: int, n: int, block: int = 32):
+    """The kernel's many-row path (prompts) on one thread, for tests: a (M, K) float32 -> (M, N)."""
+    return _call(True, a, b, scales, k, n, block)
 
 
 def eligible(node) -> str | None:

@@ -1,4 +1,4 @@
-/* edgevlm's 4-bit matrix-vector kernel as an ONNX Runtime custom op (domain "ai.edgevlm", op "MatMulQ4").
+/* edgevlm's 4-bit matrix kernel as an ONNX Runtime custom op (domain "ai.edgevlm", op "MatMulQ4").
  *
  * Y[..., N] = A[..., K] x dequant(B)^T, with B, scales in the layout of ONNX Runtime's com.microsoft.MatMulNBits
  * (bits 4, block BS = a power of two >= 32, symmetric: no zero points, so each weight is (q - 8) * scale):
@@ -6,8 +6,9 @@
  *   scales float [N * K/BS]
  * so a decoder's graph keeps its initializers and only the node's op changes (edgevlm.kernels.rewrite).
  *
- * Built for one token at a time (decode steps, M = 1): activations are quantized per 32-block to int8 once,
- * then every weight row is streamed once. Per pair of blocks: 32 bytes of nibbles widen to 64 unsigned bytes,
+ * Two paths. From GEMM_MIN_ROWS rows of activations on (prompts), a register-tiled product over unpacked panels
+ * of weights (see "Many rows" below). Below that (decode steps, M = 1), one row at a time: activations are
+ * quantized per 32-block to int8 once, then every weight row is streamed once. Per pair of blocks: 32 bytes of nibbles widen to 64 unsigned bytes,
  * one AVX-512 VNNI dot product against the int8 activations (laid out to match the nibble order), one float
  * multiply-add with the two blocks' scales; the (q - 8) offset is applied once per row from per-block
  * activation sums. Rows are prefetched ahead: streaming, not arithmetic, sets the pace on CPUs with few cores.
@@ -174,11 +175,332 @@ static void run_rows(void *data, size_t task) {
       j->y[m * j->N + n] = j->dot(j->B + n * j->nb * 16, j->S + n * j->ns, &j->x[m], j->nb, j->pairs_per_scale);
 }
 
+/* ---- Many rows (prompts): a register-tiled int8 product over 4-bit panels --------------------------------------
+ *
+ * From GEMM_MIN_ROWS activation rows on, the weights are not streamed once per row. Each task takes a panel of
+ * PANEL weight rows (output columns), unpacks its nibbles once into a buffer laid out for the dot products
+ * (for every 4 consecutive k, the 4 bytes of each of the PANEL columns side by side: one 64-byte load feeds 16
+ * columns), and then runs every activation row against it, MR rows at a time. Activations are rounded to int8
+ * per 32-block exactly as for one row, but kept in their natural order: 4 bytes are broadcast per dot product.
+ * Per 32-block and (row, 16 columns): 8 dot products into an int32 accumulator that starts at -8 * the block's
+ * activation sum (the (q - 8) offset), one conversion and one multiply-add with the weight scales times the
+ * activation scale. The unpacked panel (PANEL * K bytes) stays in the core's cache while the rows pass.
+ */
+#define PANEL 32
+#define GEMM_MIN_ROWS 4
+
+typedef struct {
+  int8_t *q;       /* [Mp][K] activations rounded to int8 per 32-block, natural order */
+  float *s;        /* [Mp][K/32] their scales */
+  int32_t *c8;     /* [Mp][K/32] 8 * each block's sum of int8 values */
+} Rows;
+
+/* Rows m >= M (padding up to the register tile) are zero with scale 0. Same rounding as quantize_row. */
+static void quantize_rows(const float *a, int64_t M, int64_t Mp, int64_t K, Rows *x) {
+  const int64_t nb = K / BLOCK;
+  for (int64_t m = 0; m < Mp; m++) {
+    int8_t *q = x->q + m * K;
+    float *s = x->s + m * nb;
+    int32_t *c = x->c8 + m * nb;
+    if (m >= M) {
+      memset(q, 0, (size_t)K);
+      memset(s, 0, sizeof(float) * (size_t)nb);
+      memset(c, 0, sizeof(int32_t) * (size_t)nb);
+      continue;
+    }
+    const float *v = a + m * K;
+    for (int64_t b = 0; b < nb; b++, v += BLOCK, q += BLOCK) {
+      const __m256 sign = _mm256_set1_ps(-0.f);
+      const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                   v3 = _mm256_loadu_ps(v + 24);
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float m_ = _mm_cvtss_f32(h);
+      const float inv = m_ > 0.f ? 127.f / m_ : 0.f;
+      const __m256 vi = _mm256_set1_ps(inv);
+      /* round to nearest even, as lrintf does under the default rounding mode */
+      const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vi)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vi)),
+                    i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vi)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vi));
+      /* int32 -> int16 -> int8 (values within +-127: no saturation), then undo the packs' lane interleave */
+      const __m256i w01 = _mm256_packs_epi32(i0, i1), w23 = _mm256_packs_epi32(i2, i3);
+      const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23),
+                                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256((__m256i *)q, b8);
+      __m256i t = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+      __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+      u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+      u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1));
+      s[b] = m_ / 127.f;
+      c[b] = 8 * _mm_cvtsi128_si32(u);
+    }
+  }
+}
+
+/* Weight rows n0 .. n0+PANEL-1 into P[K/4][PANEL] (4 consecutive unsigned nibble values of one column per
+ * uint32) and their scales into PS[ns][PANEL]; columns past N get zero weights and scales. */
+static void unpack_panel(const uint8_t *B, const float *S, int64_t n0, int64_t N, int64_t K, int64_t ns,
+                         uint32_t *P, float *PS) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int r = 0; r < PANEL; r++) {
+    const int64_t n = n0 + r;
+    if (n >= N) {
+      for (int64_t w = 0; w < K / 4; w++) P[w * PANEL + r] = 0;
+      for (int64_t b = 0; b < ns; b++) PS[b * PANEL + r] = 0.f;
+      continue;
+    }
+    const uint8_t *row = B + n * (K / 2);      /* byte i: element 2i (low nibble), 2i+1 (high) */
+    for (int64_t c = 0; c < K / 32; c++) {
+      const __m128i raw = _mm_loadu_si128((const __m128i *)(row + c * 16));
+      const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+      uint32_t w[8];
+      _mm_storeu_si128((__m128i *)w, _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128((__m128i *)(w + 4), _mm_unpackhi_epi8(lo, hi));
+      uint32_t *d = P + c * 8 * PANEL + r;
+      for (int j = 0; j < 8; j++) d[j * PANEL] = w[j];
+    }
+    for (int64_t b = 0; b < ns; b++) PS[b * PANEL + r] = S[n * ns + b];
+  }
+}
+
+/* unpack_panel with AVX-512: per 16 rows and 64 k, the nibbles widen to 16 registers of 16 words (one row each)
+ * and a 16 x 16 transpose of 32-bit words (four rounds of two-source permutes) turns them into 16 registers of
+ * one k-quad each, stored whole. A panel reaching past N takes the plain loop. */
+static AVX512 void unpack_panel_avx512(const uint8_t *B, const float *S, int64_t n0, int64_t N, int64_t K,
+                                       int64_t ns, uint32_t *P, float *PS) {
+  if (n0 + PANEL > N) {
+    unpack_panel(B, S, n0, N, K, ns, P, PS);
+    return;
+  }
+  __m512i lo_idx[4], hi_idx[4];
+  for (int st = 0; st < 4; st++) {
+    const int d = 8 >> st;
+    int32_t lo[16], hi[16];
+    for (int e = 0; e < 16; e++) {
+      lo[e] = (e & d) ? 16 + e - d : e;       /* rows i, i+d: keep i's elements where bit d is clear, ... */
+      hi[e] = (e & d) ? 16 + e : e + d;
+    }
+    lo_idx[st] = _mm512_loadu_si512(lo);
+    hi_idx[st] = _mm512_loadu_si512(hi);
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int g = 0; g < PANEL; g += 16) {
+    const uint8_t *rows = B + (n0 + g) * (K / 2);
+    for (int64_t c = 0; c < K / 64; c++) {
+      __m512i z[16];
+      for (int r = 0; r < 16; r++) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(rows + r * (K / 2) + c * 32));
+        const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  /* 0-15|32-47, 16-31|48-63 */
+        z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(a, b, 0x20)),
+                                  _mm256_permute2x128_si256(a, b, 0x31), 1);
+      }
+      for (int st = 0; st < 4; st++) {
+        const int d = 8 >> st;
+        for (int i = 0; i < 16; i++) {
+          if (i & d) continue;
+          const __m512i a = z[i], b = z[i + d];
+          z[i] = _mm512_permutex2var_epi32(a, lo_idx[st], b);
+          z[i + d] = _mm512_permutex2var_epi32(a, hi_idx[st], b);
+        }
+      }
+      for (int j = 0; j < 16; j++) _mm512_store_si512((void *)(P + (c * 16 + j) * PANEL + g), z[j]);
+    }
+  }
+  for (int r = 0; r < PANEL; r++)
+    for (int64_t b = 0; b < ns; b++) PS[b * PANEL + r] = S[(n0 + r) * ns + b];
+}
+
+static inline int32_t load4(const int8_t *p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+#ifndef MR512
+#define MR512 4
+#endif
+/* All Mp rows (a multiple of MR512) against one unpacked panel; writes y[m][n0 .. n0+cols) for m < M. */
+static AVX512 void panel_avx512(const uint32_t *P, const float *PS, const Rows *x, int64_t M, int64_t Mp, int64_t K,
+                                int shift, float *y, int64_t N, int64_t n0) {
+  const int64_t nb = K / BLOCK;
+  const int64_t cols = N - n0 < PANEL ? N - n0 : PANEL;
+  const __mmask16 k0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+  const __mmask16 k1 = cols >= 32 ? 0xFFFF : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
+  for (int64_t m0 = 0; m0 < Mp; m0 += MR512) {
+    __m512 f[MR512][2];
+    for (int r = 0; r < MR512; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
+    const int8_t *a = x->q + m0 * K;
+    for (int64_t b = 0; b < nb; b++) {
+      __m512i acc[MR512][2];
+      for (int r = 0; r < MR512; r++) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-x->c8[(m0 + r) * nb + b]);
+      const uint32_t *pw = P + b * 8 * PANEL;
+      for (int w = 0; w < 8; w++) {
+        const __m512i w0 = _mm512_load_si512((const void *)(pw + w * PANEL));
+        const __m512i w1 = _mm512_load_si512((const void *)(pw + w * PANEL + 16));
+        for (int r = 0; r < MR512; r++) {
+          const __m512i av = _mm512_set1_epi32(load4(a + r * K + b * BLOCK + w * 4));
+          acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, av);
+          acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, av);
+        }
+      }
+      const __m512 s0 = _mm512_load_ps(PS + (b >> shift) * PANEL), s1 = _mm512_load_ps(PS + (b >> shift) * PANEL + 16);
+      for (int r = 0; r < MR512; r++) {
+        const __m512 sa = _mm512_set1_ps(x->s[(m0 + r) * nb + b]);
+        f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), f[r][0]);
+        f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), f[r][1]);
+      }
+    }
+    for (int r = 0; r < MR512 && m0 + r < M; r++) {
+      _mm512_mask_storeu_ps(y + (m0 + r) * N + n0, k0, f[r][0]);
+      if (k1) _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16, k1, f[r][1]);
+    }
+  }
+}
+
+#define MR256 2
+/* The same in AVX2: 8 columns per register, maddubs + madd for the dot products, two rows x 16 columns a tile. */
+static void panel_avx2(const uint32_t *P, const float *PS, const Rows *x, int64_t M, int64_t Mp, int64_t K,
+                       int shift, float *y, int64_t N, int64_t n0) {
+  const int64_t nb = K / BLOCK;
+  const int64_t cols = N - n0 < PANEL ? N - n0 : PANEL;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int g = 0; g < PANEL; g += 16) {
+    if (g >= cols) break;
+    for (int64_t m0 = 0; m0 < Mp; m0 += MR256) {
+      __m256 f[MR256][2];
+      for (int r = 0; r < MR256; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+      const int8_t *a = x->q + m0 * K;
+      for (int64_t b = 0; b < nb; b++) {
+        __m256i acc[MR256][2];
+        for (int r = 0; r < MR256; r++) acc[r][0] = acc[r][1] = _mm256_set1_epi32(-x->c8[(m0 + r) * nb + b]);
+        const uint32_t *pw = P + b * 8 * PANEL + g;
+        for (int w = 0; w < 8; w += 2) {    /* two k-quads per madd: |2 * 2 * 15 * 127| fits int16 */
+          const __m256i w0 = _mm256_load_si256((const __m256i *)(pw + w * PANEL));
+          const __m256i w1 = _mm256_load_si256((const __m256i *)(pw + w * PANEL + 8));
+          const __m256i v0 = _mm256_load_si256((const __m256i *)(pw + (w + 1) * PANEL));
+          const __m256i v1 = _mm256_load_si256((const __m256i *)(pw + (w + 1) * PANEL + 8));
+          for (int r = 0; r < MR256; r++) {
+            const __m256i a0 = _mm256_set1_epi32(load4(a + r * K + b * BLOCK + w * 4));
+            const __m256i a1 = _mm256_set1_epi32(load4(a + r * K + b * BLOCK + w * 4 + 4));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(v0, a1)), ones));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(w1, a0), _mm256_maddubs_epi16(v1, a1)), ones));
+          }
+        }
+        const __m256 s0 = _mm256_load_ps(PS + (b >> shift) * PANEL + g);
+        const __m256 s1 = _mm256_load_ps(PS + (b >> shift) * PANEL + g + 8);
+        for (int r = 0; r < MR256; r++) {
+          const __m256 sa = _mm256_set1_ps(x->s[(m0 + r) * nb + b]);
+          f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(s0, sa), f[r][0]);
+          f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(s1, sa), f[r][1]);
+        }
+      }
+      for (int r = 0; r < MR256 && m0 + r < M; r++) {
+        float out[16];
+        _mm256_storeu_ps(out, f[r][0]);
+        _mm256_storeu_ps(out + 8, f[r][1]);
+        const int64_t take = cols - g < 16 ? cols - g : 16;
+        memcpy(y + (m0 + r) * N + n0 + g, out, sizeof(float) * (size_t)take);
+      }
+    }
+  }
+}
+
+typedef void (*PanelFn)(const uint32_t *, const float *, const Rows *, int64_t, int64_t, int64_t, int, float *,
+                        int64_t, int64_t);
+
+typedef struct {
+  PanelFn panel;
+  const uint8_t *B;
+  const float *S;
+  const Rows *x;
+  float *y;
+  int64_t M, Mp, K, N, ns;
+  int shift;            /* log2(block / 32): a 32-block's weight scale index is b >> shift */
+  int failed;           /* a task could not get its panel buffer */
+} GemmJob;
+
+/* Each thread keeps its panel buffer between tasks and calls (PANEL * K bytes + the scales: 256 KiB at K = 8192),
+ * so a task does not pay an allocation (for such sizes, an mmap and its page faults) per panel. */
+static __thread char *panel_buf;
+static __thread size_t panel_cap;
+
+static void run_panel(void *data, size_t task) {
+  GemmJob *j = (GemmJob *)data;
+  const int64_t n0 = (int64_t)task * PANEL;
+  const size_t wbytes = (size_t)j->K * PANEL, need = wbytes + (size_t)j->ns * PANEL * sizeof(float);
+  if (need > panel_cap) {
+    free(panel_buf);
+    panel_cap = 0;
+    panel_buf = (char *)aligned_alloc(64, (need + 63) / 64 * 64);
+    if (!panel_buf) {
+      __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+      return;
+    }
+    panel_cap = need;
+  }
+  uint32_t *P = (uint32_t *)panel_buf;
+  float *PS = (float *)(panel_buf + wbytes);        /* wbytes is a multiple of 64 (K is of 64) */
+  (j->panel == panel_avx512 ? unpack_panel_avx512 : unpack_panel)(j->B, j->S, n0, j->N, j->K, j->ns, P, PS);
+  j->panel(P, PS, j->x, j->M, j->Mp, j->K, j->shift, j->y, j->N, n0);
+}
+
+/* y[M][N] = a[M][K] x dequant(B)^T over panels; `parallel` runs the tasks (ORT's thread pool, or a plain loop). */
+static int gemm_rows(const float *a, const uint8_t *B, const float *S, float *y, int64_t M, int64_t K, int64_t N,
+                     int64_t block, void (*parallel)(void *, void (*)(void *, size_t), size_t, void *), void *ctx) {
+  const int isa = edgevlm_q4_isa();
+  const int mr = isa == 2 ? MR512 : MR256;
+  const int64_t Mp = (M + mr - 1) / mr * mr, nb = K / BLOCK;
+  Rows x;
+  x.q = (int8_t *)aligned_alloc(64, ((size_t)(Mp * K) + 63) / 64 * 64);
+  x.s = (float *)malloc(sizeof(float) * (size_t)(Mp * nb));
+  x.c8 = (int32_t *)malloc(sizeof(int32_t) * (size_t)(Mp * nb));
+  if (!x.q || !x.s || !x.c8) {
+    free(x.q);
+    free(x.s);
+    free(x.c8);
+    return -1;
+  }
+  quantize_rows(a, M, Mp, K, &x);
+  GemmJob job = {isa == 2 ? panel_avx512 : panel_avx2, B, S, &x, y, M, Mp, K, N, K / block,
+                 __builtin_ctzll((unsigned long long)(block / BLOCK)), 0};
+  parallel(ctx, run_panel, (size_t)((N + PANEL - 1) / PANEL), &job);
+  free(x.q);
+  free(x.s);
+  free(x.c8);
+  return job.failed ? -1 : 0;
+}
+
+static void serial_for(void *ctx, void (*fn)(void *, size_t), size_t n, void *data) {
+  (void)ctx;
+  for (size_t i = 0; i < n; i++) fn(data, i);
+}
+
+/* The many-row path on M rows, for tests (one thread): y[M][N]. Returns 0, or -1 out of memory. */
+int edgevlm_q4_gemm(const float *a, const uint8_t *B, const float *S, float *y, int64_t M, int64_t K, int64_t N,
+                    int64_t block) {
+  return gemm_rows(a, B, S, y, M, K, N, block, serial_for, NULL);
+}
+
 #define TRY(expr)                       \
   do {                                  \
     OrtStatus *st_ = (expr);            \
     if (st_) return st_;                \
   } while (0)
+
+typedef struct {
+  OrtKernelContext *ctx;
+  OrtStatus *status;
+} OrtFor;
+
+static void ort_for(void *c, void (*fn)(void *, size_t), size_t n, void *data) {
+  OrtFor *f = (OrtFor *)c;
+  f->status = api->KernelContext_ParallelFor(f->ctx, fn, n, 0, data);
+}
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Q4Kernel *k = (const Q4Kernel *)kernel;
@@ -210,6 +532,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(api->GetTensorMutableData((OrtValue *)s_v, (void **)&S));
   TRY(api->GetTensorMutableData(y_v, (void **)&y));
   if (M == 0) return NULL;
+  if (M >= GEMM_MIN_ROWS) {
+    OrtFor pf = {ctx, NULL};
+    if (gemm_rows(a, B, S, y, M, k->K, k->N, k->block, ort_for, &pf) != 0 && !pf.status)
+      return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory for the quantized activations");
+    return pf.status;
+  }
   const int64_t nb = k->K / BLOCK;
   /* per row: K int8 + 16 floats per block pair + one float per block */
   const size_t per_row = (size_t)k->K + (size_t)nb * 8 * sizeof(float) + (size_t)nb * sizeof(float) + 64;

@@ -485,7 +485,8 @@ def _kernel_lines(k: dict, lines: list) -> None:
         _line(lines, name, OFF, f"MatMulQ4 turned off ({KERNELS_ENV}=0){built}: 4-bit ONNX decoders run ONNX "
               "Runtime's MatMulNBits", f"unset {KERNELS_ENV} to use them")
     elif k["state"] == "ready":
-        _line(lines, name, OK, f"MatMulQ4 ready ({k['isa']}): 4-bit ONNX decoders' decode steps; {k['library']}")
+        _line(lines, name, OK, f"MatMulQ4 ready ({k['isa']}): 4-bit ONNX decoders' decode steps and prompts of "
+                               f"16+ positions; {k['library']}")
     elif not k["x86"]:
         _line(lines, name, MISSING, "MatMulQ4 is x86-64 only (AVX2): ONNX Runtime's MatMulNBits runs 4-bit "
               "decoders here")

@@ -85,7 +85,8 @@ class OrtDecoder:
     doubles when a sequence outgrows it.
 
     ``step``: the same decoder with edgevlm's 4-bit kernel (``edgevlm.kernels``), sharing the weights and KV
-    buffers, for one-position calls (decode steps); prompts run ``graph`` (see :func:`open_ort_decoder`).
+    buffers, for one-position calls (decode steps) and for prompts of at least ``prompt_rows`` positions (the
+    kernel's many-row path); shorter prompts run ``graph`` (see :func:`open_ort_decoder`).
 
     A decoder exported with the ``hidden`` output (a family that declares it, as Moondream2 for detect/point) also
     keeps the last position's pre-final-norm hidden state of each call in ``last_hidden`` (D,); ``gives_hidden``
@@ -96,8 +97,9 @@ class OrtDecoder:
     FIRST_BUFFER = 256                   # positions of the shared KV buffer before it first grows
 
     def __init__(self, graph: _Graph, embed: _Graph | None, layers: int, kv_heads: int, head_dim: int,
-                 step: _Graph | None = None, kernel: dict | None = None):
+                 step: _Graph | None = None, kernel: dict | None = None, prompt_rows: int | None = None):
         self.graph, self.embed, self.step_graph = graph, embed, step
+        self.prompt_rows = prompt_rows if step is not None else None
         self.kernel = kernel or {"decode_kernel": "onnxruntime", "decode_kernel_why": "not asked for"}
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.providers = graph.ort.providers
@@ -158,7 +160,7 @@ class OrtDecoder:
             if total > self.capacity:
                 self._grow(total)
             if use_step is None:
-                use_step = s == 1
+                use_step = s == 1 or (self.prompt_rows is not None and s >= self.prompt_rows)
             g, b = self._bindings["step" if use_step and "step" in self._bindings else "prompt"]
             b.bind_cpu_input("inputs_embeds", x)
             b.bind_cpu_input("attention_mask", mask)
@@ -204,20 +206,38 @@ class OrtDecoder:
 
     def check_step_kernel(self) -> float:
         """Relative max difference of the last logits, step graph vs prompt graph, over a short sequence of
-        random embeddings (each position one call); leaves the decoder empty."""
+        random embeddings (each position one call) and, when prompts run the kernel too (``prompt_rows``), a
+        prompt of ``KERNEL_CHECK_PROMPT`` positions in one call; the larger of the two. Leaves the decoder empty."""
         d = int(self.graph.session.get_inputs()[0].shape[-1])
-        x = np.random.default_rng(0).normal(0.0, 0.02, (KERNEL_CHECK_POSITIONS, d)).astype(np.float32)
+        rng = np.random.default_rng(0)
+        x = rng.normal(0.0, 0.02, (KERNEL_CHECK_POSITIONS, d)).astype(np.float32)
         outs = []
         for use_step in (False, True):
             self.reset()
             for row in x:
                 logits = self._run(row.reshape(1, 1, -1), use_step=use_step)
             outs.append(logits)
+        diffs = [_rel_diff(*outs)]
+        if self.prompt_rows is not None:
+            p = rng.normal(0.0, 0.02, (1, max(KERNEL_CHECK_PROMPT, self.prompt_rows), d)).astype(np.float32)
+            outs = []
+            for use_step in (False, True):
+                self.reset()
+                outs.append(self._run(p, use_step=use_step))
+            diffs.append(_rel_diff(*outs))
         self.reset()
-        return float(np.abs(outs[0] - outs[1]).max() / max(float(np.abs(outs[0]).max()), 1e-12))
+        return max(diffs)
+
+
+def _rel_diff(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(np.abs(ref - got).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
 KERNEL_CHECK_POSITIONS = 4
+KERNEL_CHECK_PROMPT = 32
+# Prompts of at least this many positions run the kernel's many-row path; shorter ones (2 to 15 positions) run
+# ONNX Runtime's MatMulNBits, faster there (the kernel unpacks each 32-column panel of weights once per call).
+KERNEL_PROMPT_ROWS = 16
 # The load check guards against a kernel gone wrong (a layout or a build that does not match: logits then differ
 # by their whole scale), not against rounding: edgevlm's kernel and MatMulNBits (accuracy level 4) both round
 # activations to int8 per 32-block and agree to 1e-6 on one product (at larger blocks MatMulNBits rounds per
@@ -230,8 +250,8 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
                      layers: int, kv_heads: int, head_dim: int, kernels: bool | None = None,
                      cache_dir: Path | None = None) -> OrtDecoder:
     """An :class:`OrtDecoder` for ``path``; for 4-bit decoders on the CPU with edgevlm's kernel built here
-    (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps run
-    the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
+    (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps and
+    prompts of at least ``KERNEL_PROMPT_ROWS`` positions run the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
     graphs' logits (above ``KERNEL_REL_TOL`` the kernel is not used). ``decoder.kernel`` says what was decided."""
     why = None
     if kernels is False or os.environ.get("EDGEVLM_KERNELS", "").strip() == "0":
@@ -273,13 +293,15 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
         return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime",
                                   "decode_kernel_why": f"the kernel's graphs did not load: {e.problem}"})
-    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step)
+    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=KERNEL_PROMPT_ROWS)
     diff = dec.check_step_kernel()
     info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
+            "prompt_kernel_min_positions": KERNEL_PROMPT_ROWS,
             "decode_kernel_check_rel_diff": round(diff, 6), "decode_kernel_setup_s": round(time.perf_counter() - t, 2)}
     if not diff <= KERNEL_REL_TOL:
-        dec.step_graph = None
+        dec.step_graph, dec.prompt_rows = None, None
         dec.reset()
+        info.pop("prompt_kernel_min_positions")
         info.update(decode_kernel="onnxruntime", decode_kernel_why=f"its logits differed from ONNX Runtime's by "
                     f"{diff:.3g} of their scale (> {KERNEL_REL_TOL})")
     dec.kernel = info
