@@ -312,6 +312,21 @@ def test_shipped_sample_scenes_are_test_split_renders():
         assert np.array_equal(shipped, np.asarray(S.render(S.make_scene("test", i)).convert("RGB"))), f.name
 
 
+def test_shipped_drawn_samples_are_drawn_split_renders():
+    """models/samples/drawn_i.png (the demo's pictures as a person draws them) are exactly drawn scene i."""
+    from PIL import Image
+
+    from edgevlm.data import drawn
+    from edgevlm.resources import zoo_dir
+
+    files = sorted((zoo_dir() / "samples").glob("drawn_*.png"))
+    assert len(files) >= 4
+    for f in files:
+        i = int(f.stem.split("_")[1])
+        shipped = np.asarray(Image.open(f).convert("RGB"))
+        assert np.array_equal(shipped, np.asarray(drawn.draw(drawn.make(i)).convert("RGB"))), f.name
+
+
 # --- the default path is pinned; varied looks (SceneConfig(varied=True)) --------------------------
 
 VARIED = S.SceneConfig(varied=True)

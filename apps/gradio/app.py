@@ -49,7 +49,7 @@ MAX_QUESTION_CHARS = 500
 MAX_NEW_TOKENS = 256
 IMAGE_FORMATS = "PNG, JPEG, WebP, BMP or GIF"
 EXAMPLE_QUESTIONS = ["describe the image.", "how many circles are there?", "what color is the square?",
-                     "detect circle", "point to the star"]
+                     "What colour is the circle?", "Is there a blue star", "detect circle", "point to the star"]
 COMPARE_COLUMNS = ["bundle", "backend", "answer", "TTFT / latency (ms)", "tok/s", "peak RSS (MiB)", "precision",
                    "size (MB)"]
 
@@ -365,13 +365,19 @@ def draw_grounding(image, answer: str, min_side: int = 384) -> Image.Image | Non
     return img
 
 
+MAX_EXAMPLES = 20      # the zoo ships 18: 4 scenes, 4 drawn pictures, 10 digits (one gallery page)
+
+
 def sample_images() -> list[Path]:
-    """The zoo's sample images (scenes first, then digits), as examples."""
+    """The zoo's sample images as examples: the generator's scenes, then pictures as a person draws them (the
+    drawn split's first scenes: plain backgrounds, other sizes), then digits."""
     from edgevlm.resources import zoo_dir
 
     folder = zoo_dir() / "samples"
     files = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    return sorted(files, key=lambda p: (not p.name.startswith("scene"), p.name))[:12]
+    order = ("scene", "drawn")
+    return sorted(files, key=lambda p: (next((i for i, o in enumerate(order) if p.name.startswith(o)), len(order)),
+                                        p.name))[:MAX_EXAMPLES]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,7 +445,7 @@ def _sidebar(infos: list[BundleInfo], examples, max_upload_mb: float) -> SimpleN
                    max_bytes)
     if examples:
         gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example images",
-                    examples_per_page=12)
+                    examples_per_page=MAX_EXAMPLES)
     bundle = gr.Dropdown(labels, value=first.label, label="Bundle", elem_id="bundle")
     # every backend of every bundle, so API callers may name any; the page narrows it per bundle
     backend = gr.Dropdown(all_backends, value=AUTO, label="Backend", elem_id="backend",
