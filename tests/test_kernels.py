@@ -208,7 +208,12 @@ def _greedy(dec, table: np.ndarray, prompt: np.ndarray, steps: int):
 
 
 def test_int4_decode_steps_run_the_kernel_and_keep_the_tokens(tmp_path, monkeypatch):
+    from edgevlm.runtime import vlm
+
     _need_kernel()
+    assert vlm.KERNEL_PROMPT_ROWS == {"avx512-vnni": 16, "avx2": 64}
+    # prompts from 16 positions on run the kernel here, on either code path (this decoder holds 64 positions)
+    monkeypatch.setattr(vlm, "KERNEL_PROMPT_ROWS", {"avx512-vnni": 16, "avx2": 16})
     path, f = _int4_phi(tmp_path, 0)
     mine, stock = _open(path, f), _open(path, f, kernels=False)
     k = mine.kernel

@@ -486,7 +486,7 @@ def _kernel_lines(k: dict, lines: list) -> None:
               "Runtime's MatMulNBits", f"unset {KERNELS_ENV} to use them")
     elif k["state"] == "ready":
         _line(lines, name, OK, f"MatMulQ4 ready ({k['isa']}): 4-bit ONNX decoders' decode steps and prompts of "
-                               f"16+ positions; {k['library']}")
+                               f"{16 if k['isa'] == 'avx512-vnni' else 64}+ positions; {k['library']}")
     elif not k["x86"]:
         _line(lines, name, MISSING, "MatMulQ4 is x86-64 only (AVX2): ONNX Runtime's MatMulNBits runs 4-bit "
               "decoders here")

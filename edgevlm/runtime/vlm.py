@@ -235,9 +235,11 @@ def _rel_diff(ref: np.ndarray, got: np.ndarray) -> float:
 
 KERNEL_CHECK_POSITIONS = 4
 KERNEL_CHECK_PROMPT = 32
-# Prompts of at least this many positions run the kernel's many-row path; shorter ones (2 to 15 positions) run
-# ONNX Runtime's MatMulNBits, faster there (the kernel unpacks each 32-column panel of weights once per call).
-KERNEL_PROMPT_ROWS = 16
+# Prompts of at least this many positions run the kernel's many-row path, by the kernel's code path; shorter ones
+# run ONNX Runtime's MatMulNBits, faster there (the kernel unpacks each 32-column panel of weights once per call).
+# AVX-512 VNNI: measured (from 16 rows 1.4-2.4x MatMulNBits on one thread). AVX2: not measured on an AVX2-only
+# CPU; on an AVX-512 one it matched MatMulNBits' AVX-512 kernel from 64 rows, so it starts there.
+KERNEL_PROMPT_ROWS = {"avx512-vnni": 16, "avx2": 64}
 # The load check guards against a kernel gone wrong (a layout or a build that does not match: logits then differ
 # by their whole scale), not against rounding: edgevlm's kernel and MatMulNBits (accuracy level 4) both round
 # activations to int8 per 32-block and agree to 1e-6 on one product (at larger blocks MatMulNBits rounds per
@@ -251,7 +253,7 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
                      cache_dir: Path | None = None) -> OrtDecoder:
     """An :class:`OrtDecoder` for ``path``; for 4-bit decoders on the CPU with edgevlm's kernel built here
     (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps and
-    prompts of at least ``KERNEL_PROMPT_ROWS`` positions run the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
+    prompts of at least ``KERNEL_PROMPT_ROWS[isa]`` positions run the kernel: the graph's weights move into arrays both sessions share, and a check at load compares the two
     graphs' logits (above ``KERNEL_REL_TOL`` the kernel is not used). ``decoder.kernel`` says what was decided."""
     why = None
     if kernels is False or os.environ.get("EDGEVLM_KERNELS", "").strip() == "0":
@@ -293,10 +295,11 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
         return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime",
                                   "decode_kernel_why": f"the kernel's graphs did not load: {e.problem}"})
-    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=KERNEL_PROMPT_ROWS)
+    rows = KERNEL_PROMPT_ROWS.get(_kernels.isa() or "")
+    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=rows)
     diff = dec.check_step_kernel()
     info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
-            "prompt_kernel_min_positions": KERNEL_PROMPT_ROWS,
+            "prompt_kernel_min_positions": rows,
             "decode_kernel_check_rel_diff": round(diff, 6), "decode_kernel_setup_s": round(time.perf_counter() - t, 2)}
     if not diff <= KERNEL_REL_TOL:
         dec.step_graph, dec.prompt_rows = None, None
@@ -304,6 +307,8 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
         info.pop("prompt_kernel_min_positions")
         info.update(decode_kernel="onnxruntime", decode_kernel_why=f"its logits differed from ONNX Runtime's by "
                     f"{diff:.3g} of their scale (> {KERNEL_REL_TOL})")
+    elif rows is None:
+        info.pop("prompt_kernel_min_positions")
     dec.kernel = info
     return dec
 
