@@ -420,6 +420,17 @@ def bandwidth_array_mib() -> int:
     return int(min(4096, max(256, 4 * llc)))
 
 
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed call."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
 def measure_bandwidth(mib: int | None = None, repeats: int = 7) -> dict:
     """GB/s (1e9 bytes/s): copy (read + write counted), and read (a sum over uint64) on 1 and 2 threads."""
     from concurrent.futures import ThreadPoolExecutor
@@ -430,19 +441,10 @@ def measure_bandwidth(mib: int | None = None, repeats: int = 7) -> dict:
     b = np.empty_like(a)
     halves = np.array_split(a, 2)
 
-    def best(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return min(ts)
-
     with ThreadPoolExecutor(2) as ex:
-        res = {"copy_gbs": 2 * n / best(lambda: np.copyto(b, a)) / 1e9,
-               "read_1thread_gbs": n / best(lambda: a.sum()) / 1e9,
-               "read_2threads_gbs": n / best(lambda: list(ex.map(np.sum, halves))) / 1e9}
+        res = {"copy_gbs": 2 * n / best_time(lambda: np.copyto(b, a), repeats) / 1e9,
+               "read_1thread_gbs": n / best_time(lambda: a.sum(), repeats) / 1e9,
+               "read_2threads_gbs": n / best_time(lambda: list(ex.map(np.sum, halves)), repeats) / 1e9}
     res = {k: round(v, 2) for k, v in res.items()}
     res["bandwidth_gbs"] = max(res.values())
     res["array_mib"], res["repeats"] = mib, repeats
@@ -469,13 +471,8 @@ def measure_int8_peak(threads: int, repeats: int = 7) -> dict:
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     a = rng.integers(0, 256, (m, k), dtype=np.uint8)
-    sess.run(None, {"a": a})
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {"a": a})
-        ts.append(time.perf_counter() - t)
-    return {"int8_gops": round(2 * m * k * n / min(ts) / 1e9, 1), "shape_mkn": [m, k, n], "threads": threads,
+    best = best_time(lambda: sess.run(None, {"a": a}), repeats)
+    return {"int8_gops": round(2 * m * k * n / best / 1e9, 1), "shape_mkn": [m, k, n], "threads": threads,
             "how": "ONNX Runtime MatMulInteger (uint8 x int8 -> int32), best of "
                    f"{repeats}: the speed a tuned int8 GEMM reaches on this CPU"}
 

@@ -485,8 +485,10 @@ def _kernel_lines(k: dict, lines: list) -> None:
         _line(lines, name, OFF, f"MatMulQ4 turned off ({KERNELS_ENV}=0){built}: 4-bit ONNX decoders run ONNX "
               "Runtime's MatMulNBits", f"unset {KERNELS_ENV} to use them")
     elif k["state"] == "ready":
+        from .vlm import KERNEL_PROMPT_ROWS
+
         _line(lines, name, OK, f"MatMulQ4 ready ({k['isa']}): 4-bit ONNX decoders' decode steps and prompts of "
-                               f"{16 if k['isa'] == 'avx512-vnni' else 64}+ positions; {k['library']}")
+                               f"{KERNEL_PROMPT_ROWS[k['isa']]}+ positions; {k['library']}")
     elif not k["x86"]:
         _line(lines, name, MISSING, "MatMulQ4 is x86-64 only (AVX2): ONNX Runtime's MatMulNBits runs 4-bit "
               "decoders here")

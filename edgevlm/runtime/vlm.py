@@ -299,16 +299,14 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
     dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=rows)
     diff = dec.check_step_kernel()
     info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
-            "prompt_kernel_min_positions": rows,
             "decode_kernel_check_rel_diff": round(diff, 6), "decode_kernel_setup_s": round(time.perf_counter() - t, 2)}
     if not diff <= KERNEL_REL_TOL:
         dec.step_graph, dec.prompt_rows = None, None
         dec.reset()
-        info.pop("prompt_kernel_min_positions")
         info.update(decode_kernel="onnxruntime", decode_kernel_why=f"its logits differed from ONNX Runtime's by "
                     f"{diff:.3g} of their scale (> {KERNEL_REL_TOL})")
-    elif rows is None:
-        info.pop("prompt_kernel_min_positions")
+    elif rows is not None:
+        info["prompt_kernel_min_positions"] = rows
     dec.kernel = info
     return dec
 
