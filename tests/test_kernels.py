@@ -80,7 +80,8 @@ def test_gemv_equals_the_int8_reference(k, n, block, isa, monkeypatch):
                                          (13, 2048, 40, 128), (5, 4096, 70, 256), (6, 128, 96, 64)])
 def test_many_rows_equal_the_int8_reference(m, k, n, block, isa, monkeypatch):
     """The many-row path (prompts: unpacked 32-column panels, rows a register tile at a time, both code paths)
-    computes each row's exact int8 products: full panels and a partial last one, rows padded to the tile."""
+    computes each row's exact int8 products: full panels and a partial last one, every remainder of rows past
+    the last full tile (AVX-512: a narrower tile of 1-3 rows; AVX2: padded to its tile of 2)."""
     _need_kernel()
     if isa == "avx2":
         monkeypatch.setenv("EDGEVLM_Q4_ISA", "avx2")

@@ -195,10 +195,11 @@ typedef struct {
   int32_t *c8;     /* [Mp][K/32] 8 * each block's sum of int8 values */
 } Rows;
 
-/* Rows m >= M (padding up to the register tile) are zero with scale 0. Same rounding as quantize_row. */
-static void quantize_rows(const float *a, int64_t M, int64_t Mp, int64_t K, Rows *x) {
+/* Rows m_begin .. m_end-1; rows m >= M (padding up to the register tile) are zero with scale 0. Same rounding as
+ * quantize_row. */
+static void quantize_rows(const float *a, int64_t M, int64_t m_begin, int64_t m_end, int64_t K, Rows *x) {
   const int64_t nb = K / BLOCK;
-  for (int64_t m = 0; m < Mp; m++) {
+  for (int64_t m = m_begin; m < m_end; m++) {
     int8_t *q = x->q + m * K;
     float *s = x->s + m * nb;
     int32_t *c = x->c8 + m * nb;
@@ -320,41 +321,56 @@ static inline int32_t load4(const int8_t *p) {
 }
 
 #define MR512 4          /* 6 rows measured the same, 8 slower (registers spill) */
-/* All Mp rows (a multiple of MR512) against one unpacked panel; writes y[m][n0 .. n0+cols) for m < M. */
+/* Rows m0 .. m0+mr-1 against one unpacked panel (mr <= MR512, a constant where it is inlined, so the loops over
+ * r unroll); writes y[m][n0 .. n0+cols) through the column masks. */
+static inline __attribute__((always_inline)) AVX512 void tile_avx512(
+    const uint32_t *P, const float *PS, const Rows *x, int64_t m0, const int mr, int64_t K, int shift, float *y,
+    int64_t N, int64_t n0, __mmask16 k0, __mmask16 k1) {
+  const int64_t nb = K / BLOCK;
+  __m512 f[MR512][2];
+  for (int r = 0; r < mr; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  const int8_t *a = x->q + m0 * K;
+  for (int64_t b = 0; b < nb; b++) {
+    __m512i acc[MR512][2];
+    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-x->c8[(m0 + r) * nb + b]);
+    const uint32_t *pw = P + b * 8 * PANEL;
+    for (int w = 0; w < 8; w++) {
+      const __m512i w0 = _mm512_load_si512((const void *)(pw + w * PANEL));
+      const __m512i w1 = _mm512_load_si512((const void *)(pw + w * PANEL + 16));
+      for (int r = 0; r < mr; r++) {
+        const __m512i av = _mm512_set1_epi32(load4(a + r * K + b * BLOCK + w * 4));
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, av);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, av);
+      }
+    }
+    const __m512 s0 = _mm512_load_ps(PS + (b >> shift) * PANEL), s1 = _mm512_load_ps(PS + (b >> shift) * PANEL + 16);
+    for (int r = 0; r < mr; r++) {
+      const __m512 sa = _mm512_set1_ps(x->s[(m0 + r) * nb + b]);
+      f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), f[r][1]);
+    }
+  }
+  for (int r = 0; r < mr; r++) {
+    _mm512_mask_storeu_ps(y + (m0 + r) * N + n0, k0, f[r][0]);
+    if (k1) _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16, k1, f[r][1]);
+  }
+}
+
+/* All M rows against one unpacked panel, MR512 at a time and the last M % MR512 in one narrower tile (no padding
+ * rows: a 33-row prompt is 8 tiles of 4 and one of 1, not 9 of 4). */
 static AVX512 void panel_avx512(const uint32_t *P, const float *PS, const Rows *x, int64_t M, int64_t Mp, int64_t K,
                                 int shift, float *y, int64_t N, int64_t n0) {
-  const int64_t nb = K / BLOCK;
+  (void)Mp;
   const int64_t cols = N - n0 < PANEL ? N - n0 : PANEL;
   const __mmask16 k0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
   const __mmask16 k1 = cols >= 32 ? 0xFFFF : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
-  for (int64_t m0 = 0; m0 < Mp; m0 += MR512) {
-    __m512 f[MR512][2];
-    for (int r = 0; r < MR512; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
-    const int8_t *a = x->q + m0 * K;
-    for (int64_t b = 0; b < nb; b++) {
-      __m512i acc[MR512][2];
-      for (int r = 0; r < MR512; r++) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-x->c8[(m0 + r) * nb + b]);
-      const uint32_t *pw = P + b * 8 * PANEL;
-      for (int w = 0; w < 8; w++) {
-        const __m512i w0 = _mm512_load_si512((const void *)(pw + w * PANEL));
-        const __m512i w1 = _mm512_load_si512((const void *)(pw + w * PANEL + 16));
-        for (int r = 0; r < MR512; r++) {
-          const __m512i av = _mm512_set1_epi32(load4(a + r * K + b * BLOCK + w * 4));
-          acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, av);
-          acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, av);
-        }
-      }
-      const __m512 s0 = _mm512_load_ps(PS + (b >> shift) * PANEL), s1 = _mm512_load_ps(PS + (b >> shift) * PANEL + 16);
-      for (int r = 0; r < MR512; r++) {
-        const __m512 sa = _mm512_set1_ps(x->s[(m0 + r) * nb + b]);
-        f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(s0, sa), f[r][0]);
-        f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(s1, sa), f[r][1]);
-      }
-    }
-    for (int r = 0; r < MR512 && m0 + r < M; r++) {
-      _mm512_mask_storeu_ps(y + (m0 + r) * N + n0, k0, f[r][0]);
-      if (k1) _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16, k1, f[r][1]);
-    }
+  int64_t m0 = 0;
+  for (; m0 + MR512 <= M; m0 += MR512) tile_avx512(P, PS, x, m0, MR512, K, shift, y, N, n0, k0, k1);
+  switch (M - m0) {
+    case 3: tile_avx512(P, PS, x, m0, 3, K, shift, y, N, n0, k0, k1); break;
+    case 2: tile_avx512(P, PS, x, m0, 2, K, shift, y, N, n0, k0, k1); break;
+    case 1: tile_avx512(P, PS, x, m0, 1, K, shift, y, N, n0, k0, k1); break;
+    default: break;
   }
 }
 
@@ -448,11 +464,26 @@ static void run_panel(void *data, size_t task) {
   j->panel(P, PS, j->x, j->M, j->Mp, j->K, j->shift, j->y, j->N, n0);
 }
 
-/* y[M][N] = a[M][K] x dequant(B)^T over panels; `parallel` runs the tasks (ORT's thread pool, or a plain loop). */
+#define QUANT_ROWS 16     /* activation rows a quantizing task takes */
+
+typedef struct {
+  const float *a;
+  Rows *x;
+  int64_t M, Mp, K;
+} QuantJob;
+
+static void run_quant(void *data, size_t task) {
+  QuantJob *j = (QuantJob *)data;
+  const int64_t m0 = (int64_t)task * QUANT_ROWS, m1 = m0 + QUANT_ROWS < j->Mp ? m0 + QUANT_ROWS : j->Mp;
+  quantize_rows(j->a, j->M, m0, m1, j->K, j->x);
+}
+
+/* y[M][N] = a[M][K] x dequant(B)^T over panels; `parallel` runs the tasks (ORT's thread pool, or a plain loop):
+ * first the activations' rounding, QUANT_ROWS rows a task, then the panels. */
 static int gemm_rows(const float *a, const uint8_t *B, const float *S, float *y, int64_t M, int64_t K, int64_t N,
                      int64_t block, void (*parallel)(void *, void (*)(void *, size_t), size_t, void *), void *ctx) {
   const int isa = edgevlm_q4_isa();
-  const int mr = isa == 2 ? MR512 : MR256;
+  const int mr = isa == 2 ? 1 : MR256;         /* the AVX-512 path takes any row count; AVX2 pads to its tile */
   const int64_t Mp = (M + mr - 1) / mr * mr, nb = K / BLOCK;
   Rows x;
   x.q = (int8_t *)aligned_alloc(64, ((size_t)(Mp * K) + 63) / 64 * 64);
@@ -464,7 +495,8 @@ static int gemm_rows(const float *a, const uint8_t *B, const float *S, float *y,
     free(x.c8);
     return -1;
   }
-  quantize_rows(a, M, Mp, K, &x);
+  QuantJob quant = {a, &x, M, Mp, K};
+  parallel(ctx, run_quant, (size_t)((Mp + QUANT_ROWS - 1) / QUANT_ROWS), &quant);
   GemmJob job = {isa == 2 ? panel_avx512 : panel_avx2, B, S, &x, y, M, Mp, K, N, K / block,
                  __builtin_ctzll((unsigned long long)(block / BLOCK)), 0};
   parallel(ctx, run_panel, (size_t)((N + PANEL - 1) / PANEL), &job);
@@ -498,7 +530,7 @@ typedef struct {
 
 static void ort_for(void *c, void (*fn)(void *, size_t), size_t n, void *data) {
   OrtFor *f = (OrtFor *)c;
-  f->status = api->KernelContext_ParallelFor(f->ctx, fn, n, 0, data);
+  if (!f->status) f->status = api->KernelContext_ParallelFor(f->ctx, fn, n, 0, data);   /* the first failure stays */
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
