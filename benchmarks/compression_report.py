@@ -70,6 +70,27 @@ def variant_label(recipe: str, weights: str | None) -> str:
     return f"{recipe}-{n}tok" if n else recipe
 
 
+def weights_fingerprint(recipe: str, weights: str | None) -> str:
+    """sha256 of the weights a variant exports (its file, or the recipe's shipped file; "none" for a recipe without
+    shipped weights): a cached bundle is reused only when it was exported from the same bytes."""
+    import hashlib
+
+    from edgevlm.zoo import get_vlm_recipe
+
+    if weights:
+        path = Path(weights)
+    else:
+        r = get_vlm_recipe(recipe)
+        path = r.shipped_weights(r.default_weights) if r.default_weights else None
+    if path is None or not path.is_file():
+        return "none"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", action="append", default=[],
@@ -106,6 +127,7 @@ def main(argv=None) -> int:
     rows = []
     for (recipe, weights), name in zip(variants, labels):
         tokens, base = None, None
+        fingerprint = weights_fingerprint(recipe, weights)
         if not args.no_eager:
             log(f"{name}: eager FP32 on {args.limit} {args.split} scenes")
             res = evaluate_vlm(recipe, args.split, args.limit, weights, json_out=args.out / f"eval-{name}-eager.json",
@@ -116,10 +138,12 @@ def main(argv=None) -> int:
             backends = TARGET_BACKENDS[target] + ([("gguf", "llama.cpp")] if target == "cpu" and have_llama() else [])
             decoder = "both" if len(backends) > 1 else backends[0][0]
             out = args.cache / f"{name}-{target}-{prec}-{decoder}"
-            if not (out / "manifest.json").is_file():
+            stamp = out.with_name(out.name + ".weights-sha256")     # beside the bundle, not in it
+            if not ((out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == fingerprint):
                 log(f"{name}: exporting the {target} {prec} bundle ({decoder} decoder)")
                 export_vlm_bundle(VLMExportConfig(model=recipe, weights=weights, target=target, precision=prec,
                                                   decoder=decoder, out=str(out), overwrite=True), quiet=True)
+                stamp.write_text(fingerprint)
             for _, backend in backends:
                 vlm = runtime.load(out, decoder=backend)
                 m = vlm.manifest

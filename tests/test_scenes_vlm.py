@@ -314,18 +314,60 @@ def test_look_cells_are_the_centre_cells_of_the_objects_a_question_names():
     assert {"shape", "color", "count", "exists", "position"} <= kinds_seen
 
 
+def test_look_position_finds_the_reference_or_the_extreme_object():
+    """With ``positions`` (recipe key ``look_position``), "which shape is left of the red star?" looks at the red
+    star (the only object of that name) and names " left", " red", " star"; "which shape is leftmost?" looks at
+    the object that answers it. Without it, position questions look at nothing (the shipped recipe)."""
+    from edgevlm.data import scenes
+    from edgevlm.train.scenes_vlm import look_cells, named, qa_pairs
+
+    def cell(o):
+        return min(int(o.center[1] * 6), 5) * 6 + min(int(o.center[0] * 6), 5)
+
+    assert named("position", "Which shape is left of the Red star", True) == ("red", "star", ["left", "red", "star"])
+    assert named("position", "which shape is above the circle?", True) == (None, "circle", ["above", "circle"])
+    assert named("position", "which shape is bottommost?", True) == (None, None, ["bottommost"])
+    assert named("position", "which shape is left of the red star?") is None
+    seen = {"relation": 0, "extreme": 0}
+    for i in range(120):
+        config = scenes.SceneConfig(varied=bool(i % 2))
+        scene, qa = qa_pairs("train", i, draws=2, config=config)
+        for kind, q, a in qa:
+            if kind != "position":
+                continue
+            assert look_cells(scene, kind, q, 6) == []
+            got = look_cells(scene, kind, q, 6, positions=True)
+            color, shape, words = named(kind, q, True)
+            objs = scene.objects
+            if shape is None:                                    # an extreme: the answer's object
+                axis, sign = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1),
+                              "bottommost": (1, 1)}[words[0]]
+                far = max(objs, key=lambda o: sign * o.center[axis])
+                assert got == [cell(far)] and far.shape == a
+                seen["extreme"] += 1
+            else:                                                # a relation: its one reference object
+                ref = [o for o in objs if o.shape == shape and color in (None, o.color)]
+                assert len(ref) == 1 and got == [cell(ref[0])] and words[0] in q.lower()
+                axis, sign = {"left": (0, -1), "right": (0, 1), "above": (1, -1), "below": (1, 1)}[words[0]]
+                side = [o for o in objs if sign * (o.center[axis] - ref[0].center[axis]) > 0]
+                assert [o.shape for o in side] == [a]            # the answer is the one object on that side
+                seen["relation"] += 1
+    assert min(seen.values()) >= 5, seen
+
+
 def test_word_tokens_find_the_words_a_question_looks_up_by():
     from edgevlm.processor import TextTokenizer
     from edgevlm.train.scenes_vlm import named, train_tokenizer, word_tokens
 
-    hf = train_tokenizer(["what shape is red? how many stars are there? is there a red star? how many shapes"] * 5,
-                         300)
+    hf = train_tokenizer(["what shape is red? how many stars are there? is there a red star? how many shapes"
+                          " which shape is left of the red star?"] * 5, 300)
     tok = TextTokenizer(hf, hf.token_to_id("<s>"), (hf.token_to_id("</s>"),), "t")
     for kind, q, want in (("shape", "what shape is red?", {" red"}), ("count", "how many stars are there?", {" stars"}),
                           ("exists", "is there a red star?", {" red", " star"}),
-                          ("count", "how many shapes are there?", {" shapes"})):
+                          ("count", "how many shapes are there?", {" shapes"}),
+                          ("position", "which shape is left of the red star?", {" left", " red", " star"})):
         ids = tok.encode(q + "\n")
-        got = word_tokens(tok, ids, named(kind, q)[2])
+        got = word_tokens(tok, ids, named(kind, q, positions=True)[2])
         assert got and "".join(tok.decode([ids[j]]) for j in got).split() == [w.strip() for w in
                                                                               sorted(want, key=q.index)]
     assert named("position", "which shape is left of the red star?") is None
@@ -374,8 +416,9 @@ def test_look_weight_trains_and_is_recorded(tmp_path):
     out = tmp_path / "look.safetensors"
     facts = train_scenes_vlm("edgevlm_scenes_tiny", out, epochs=1, images_per_step=4, train_images=200,
                              val_images=2, log=lines.append, tower_steps=0, look_weight=1.0, look_words=0.5,
-                             questions_per_image=8)
+                             questions_per_image=8, look_position=True)
     assert facts["trained_with"]["look_weight"] == 1.0 and facts["trained_with"]["look_words"] == 0.5
+    assert facts["trained_with"]["look_position"] is True
     for part in (" look ", " words "):
         got = [float(line.split(part)[1].split()[0]) for line in lines if part in line]
         assert got and all(math.isfinite(v) and v > 0 for v in got)       # each loss was computed and logged
@@ -387,6 +430,7 @@ def test_look_weight_trains_and_is_recorded(tmp_path):
 
 
 def test_compression_report_runs_every_precision_and_backend(tiny_trained, tmp_path):
+    import hashlib
     import json
     import subprocess
     import sys
@@ -409,6 +453,18 @@ def test_compression_report_runs_every_precision_and_backend(tiny_trained, tmp_p
     assert len({row["qa_exact_match"] for row in fp32}) == 1
     assert {t["precision"] for t in data["targets"]} == {"int8"}
     assert (tmp_path / "out" / "compression_report.png").is_file()
+    # a cached bundle is reused only when it was exported from the same weights (its sha256 stamp beside it)
+    stamp = tmp_path / "cache" / "edgevlm_scenes_tiny-cpu-fp32-both.weights-sha256"
+    assert stamp.read_text() == hashlib.sha256(out.read_bytes()).hexdigest()
+    again = [sys.executable, "benchmarks/compression_report.py", "--variant", f"edgevlm_scenes_tiny={out}", "--limit",
+             "1", "--precisions", "fp32", "--no-eager", "--bench-runs", "1", "--cache", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "out2")]
+    r = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "exporting" not in r.stdout + r.stderr, r.stderr[-2000:]
+    stamp.write_text("0" * 64)                  # as if the weights had changed since the bundle was exported
+    r = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "exporting the cpu fp32 bundle" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert stamp.read_text() == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
 

@@ -92,13 +92,46 @@ def cell_targets(scene: scenes.Scene, grid: int) -> np.ndarray:
 
 
 LOOK_KINDS = ("color", "shape", "count", "exists", "detect", "point")
+# "which shape is left of the red star?" / "which shape is leftmost?" (scenes._position), as typed.
+_RELATION_Q = re.compile(r"which shape is (left|right) of the ([a-z]+(?: [a-z]+)?)|which shape is (above|below) "
+                         r"the ([a-z]+(?: [a-z]+)?)")
+_EXTREME_Q = re.compile(r"which shape is (leftmost|rightmost|topmost|bottommost)")
+_EXTREME_AXES = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}
 
 
-def named(kind: str, question: str) -> tuple[str | None, str | None, list[str]] | None:
+def _position_named(question: str):
+    """A position question's lookup: ("relation", colour, shape, words) for "which shape is left of the red
+    star?" (the reference object, and the words " left", " red", " star"), ("extreme", axis, sign, words) for
+    "which shape is leftmost?"; None for anything else."""
+    q = " ".join(re.findall(r"[a-z]+", question.lower()))
+    m = _RELATION_Q.search(q)
+    if m:
+        rel = m[1] or m[3]
+        words = (m[2] or m[4]).split()
+        singular = {v: k for k, v in scenes.PLURALS.items()}
+        shape = singular.get(words[-1], words[-1])
+        color = words[0] if len(words) == 2 and words[0] in scenes.COLORS else None
+        if shape not in scenes.SHAPES:
+            return None
+        return "relation", color, shape, [rel] + words
+    m = _EXTREME_Q.search(q)
+    if m:
+        return ("extreme", *_EXTREME_AXES[m[1]], [m[1]])
+    return None
+
+
+def named(kind: str, question: str, positions: bool = False) -> tuple[str | None, str | None, list[str]] | None:
     """What a question looks objects up by: (colour, shape, the words that say so), e.g. "how many red shapes
     are there?" -> ("red", None, ["red"]), "how many stars are there?" -> (None, "star", ["stars"]); "how many
     shapes are there?" -> (None, None, ["shapes"]). None for kinds that do not look an object up by name
-    (position questions name the reference, not the object to look at; captions name nothing)."""
+    (captions name nothing; position questions name a reference, not the object to answer with, and are
+    looked up only with ``positions``: "which shape is left of the red star?" -> ("red", "star", ["left", "red",
+    "star"]), the reference and the relation; "which shape is leftmost?" -> (None, None, ["leftmost"]))."""
+    if kind == "position" and positions:
+        what = _position_named(question)
+        if what is None:
+            return None
+        return (what[1], what[2], what[3]) if what[0] == "relation" else (None, None, what[3])
     if kind not in LOOK_KINDS:
         return None
     words = re.findall(r"[a-z]+", question.lower())           # "What colour is the Star" as typed
@@ -111,17 +144,28 @@ def named(kind: str, question: str) -> tuple[str | None, str | None, list[str]] 
     return color, singular.get(shape_word, shape_word), said
 
 
-def look_cells(scene: scenes.Scene, kind: str, question: str, grid: int) -> list[int]:
+def look_cells(scene: scenes.Scene, kind: str, question: str, grid: int, positions: bool = False) -> list[int]:
     """The feature-grid cells (object centres, as :func:`cell_targets` places them) of the objects a question
     names (:func:`named`): "what shape is red?" -> the red object's cell, "how many stars are there?" -> every
     star's, "how many shapes are there?" -> every object's. Empty when none is present ("is there a red star?"
-    with none) and for kinds that name no object to look at."""
-    what = named(kind, question)
+    with none) and for kinds that name no object to look at. With ``positions``, position questions look at
+    their reference ("which shape is left of the red star?" -> the red star's cell) or, for an extreme ("which
+    shape is leftmost?"), at the object that answers it."""
+    def cell(o):
+        return min(int(o.center[1] * grid), grid - 1) * grid + min(int(o.center[0] * grid), grid - 1)
+
+    if kind == "position" and positions:
+        what = _position_named(question)
+        if what is None or not scene.objects:
+            return []
+        if what[0] == "extreme":
+            _, axis, sign, _ = what
+            return [cell(max(scene.objects, key=lambda o: sign * o.center[axis]))]
+    what = named(kind, question, positions)
     if what is None:
         return []
     color, shape, _ = what
-    return [min(int(o.center[1] * grid), grid - 1) * grid + min(int(o.center[0] * grid), grid - 1)
-            for o in scene.objects if color in (None, o.color) and shape in (None, o.shape)]
+    return [cell(o) for o in scene.objects if color in (None, o.color) and shape in (None, o.shape)]
 
 
 def word_tokens(tokenizer, ids: list[int], words: list[str]) -> list[int]:
@@ -394,6 +438,7 @@ class _Plan:
     look_layer: int
     look_words: float
     varied: float = 0.0
+    look_position: bool = False
 
     def trained_with(self) -> dict:
         """The settings as the saved weights' ``trained_with`` facts record them (before the best epoch's)."""
@@ -404,7 +449,8 @@ class _Plan:
                 "lr": self.lr, "tower_steps": self.tower_steps, "dense_weight": self.dense_weight,
                 "kind_weights": self.weights, "freeze_tower": self.freeze_tower, "tower_batch": self.tower_batch,
                 "color_lookups": self.color_lookups, "look_weight": self.look_weight, "look_layer": self.look_layer,
-                "look_words": self.look_words, "varied": self.varied}
+                "look_words": self.look_words, "varied": self.varied,
+                **({"look_position": True} if self.look_position else {})}
 
 
 @dataclass
@@ -438,7 +484,7 @@ def _render(plan: _Plan, recipe, ispec, log) -> _Data:
             raise ValueError("look_weight needs the cell grid (tower_steps or dense_weight above 0)")
         tr_look = []
         for i, scene in enumerate(train_scenes):
-            tr_look.append({q: look_cells(scene, kind, q, grid) for kind, q, _ in tr_qa[i]})
+            tr_look.append({q: look_cells(scene, kind, q, grid, plan.look_position) for kind, q, _ in tr_qa[i]})
     return _Data(grid, tr_imgs, tr_qa, tr_cells, va_imgs, va_qa, va_cells, tr_look)
 
 
@@ -467,6 +513,7 @@ class _Learner:
                           lambda mod, args, kw, d=seen[part]: d.update(kw) and None, with_kwargs=True)
                       for part, (i, w) in self.looked.items() if w]   # what the looked-at layers' attention gets
         self.said: dict[tuple[str, str], list[int]] = {}     # (kind, question) -> its naming words' token indices
+        self.positions = plan.look_position
         n_params = sum(p.numel() for p in model.parameters())
         log(f"tokenizer: {tokenizer.vocab_size} tokens; model: {n_params / 1e6:.2f}M parameters, "
             f"{model.connector.n_tokens} vision tokens")
@@ -508,7 +555,7 @@ class _Learner:
             per_row.setdefault(row, []).append((after, self.tokenizer.encode(" " + a) + [self.eos]))
             if looks is not None:
                 if (kind, q) not in self.said:
-                    what = named(kind, q)
+                    what = named(kind, q, self.positions)
                     self.said[kind, q] = word_tokens(self.tokenizer, after, what[2]) if what else []
                 look_row.setdefault(row, []).append((looks[row].get(q, []), self.said[kind, q], len(after)))
         return sorted(per_row), before, per_row, look_row
@@ -659,7 +706,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                      tower_steps: int = 600, dense_weight: float = 1.0, question_draws: int = 1,
                      kind_weights: dict | None = None, freeze_tower: bool = False,
                      tower_batch: int = 64, color_lookups: bool = False, look_weight: float = 0.0,
-                     look_layer: int = 1, look_words: float = 0.0, varied: float = 0.0) -> dict:
+                     look_layer: int = 1, look_words: float = 0.0, varied: float = 0.0,
+                     look_position: bool = False) -> dict:
     """Two stages: ``tower_steps`` steps of the tower alone on the per-cell dense loss (``tower_batch`` images
     a step; a step's time is proportional to its images, and the shapes are learned per update, not per image),
     then the whole VLM on (image, question, answer) with the dense loss kept alongside (``dense_weight``).
@@ -677,6 +725,9 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
     (:func:`named`: " red" in "what shape is red?"), so the answer position holds what it must look for.
     ``varied``: the share (0..1; ``true`` = all) of training scenes drawn with varied looks and typed question forms
     (``scenes.SceneConfig(varied=True)``, :func:`is_varied`); validation stays on the original scenes.
+    ``look_position``: the look losses cover position questions too (:func:`look_cells`: the reference of "which
+    shape is left of the red star?" and the words " left", " red", " star"; the answer of "which shape is
+    leftmost?" and " leftmost").
     The best validation epoch so far is written to ``out`` after every epoch."""
     import torch
 
@@ -694,7 +745,8 @@ def train_scenes_vlm(model_name: str = "edgevlm_scenes", out: Path | None = None
                  n_train=train_images or scenes.SPLIT_SIZES["train"], n_val=min(val_images, scenes.SPLIT_SIZES["val"]),
                  seed=seed, tower_steps=tower_steps, dense_weight=dense_weight, question_draws=question_draws,
                  weights=weights, freeze_tower=freeze_tower, tower_batch=tower_batch, color_lookups=color_lookups,
-                 look_weight=look_weight, look_layer=look_layer, look_words=look_words, varied=float(varied))
+                 look_weight=look_weight, look_layer=look_layer, look_words=look_words, varied=float(varied),
+                 look_position=bool(look_position))
     ispec = ImageSpec(**recipe.image)
     if not (1 if look_words else 0) <= look_layer < recipe.config["text"]["num_hidden_layers"]:
         raise ValueError(f"look_layer {look_layer} is not a layer of the decoder"
