@@ -96,7 +96,6 @@ LOOK_KINDS = ("color", "shape", "count", "exists", "detect", "point")
 _RELATION_Q = re.compile(r"which shape is (left|right) of the ([a-z]+(?: [a-z]+)?)|which shape is (above|below) "
                          r"the ([a-z]+(?: [a-z]+)?)")
 _EXTREME_Q = re.compile(r"which shape is (leftmost|rightmost|topmost|bottommost)")
-_EXTREME_AXES = {"leftmost": (0, -1), "rightmost": (0, 1), "topmost": (1, -1), "bottommost": (1, 1)}
 
 
 def _position_named(question: str):
@@ -116,7 +115,7 @@ def _position_named(question: str):
         return "relation", color, shape, [rel] + words
     m = _EXTREME_Q.search(q)
     if m:
-        return ("extreme", *_EXTREME_AXES[m[1]], [m[1]])
+        return ("extreme", *scenes._EXTREMES[m[1]], [m[1]])      # the generator's own (axis, sign) table
     return None
 
 
