@@ -303,7 +303,8 @@ def write_golden(references: list[dict], work: Path, manifest: dict, log) -> dic
             f"{c['id']} prefix {f['prefix_tokens']}/{f['new_tokens']}, top-1 {f['teacher_forced_top1_agreement']:.3f}, "
             f"KL {f['kl_mean']:.2e}" for c, f in zip(cases, figs)))
     for i, case in enumerate(cases):
-        case["criteria"] = g.vlm_criteria(precision, [figs[i] for figs in measured.values()])
+        case["criteria"] = g.vlm_criteria(precision, [figs[i] for figs in measured.values()],
+                                          g.first_near_tie(case["eager"]["top5"]))
         for backend, figs in measured.items():          # the bundle meets its own criteria here, or is not written
             bad = [r for r in g.judge(case["id"], backend, figs[i], case["criteria"]) if not r.passed]
             if bad:

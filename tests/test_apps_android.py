@@ -315,7 +315,7 @@ def test_golden_constants_equal_the_python_reference():
 
     got = kt_consts(kotlin("Golden.kt"))
     for name in ("GOLDEN_DIR", "GOLDEN_JSON", "VERSION", "TOP_K", "NEW_TOKENS", "TOP1_MARGIN", "PREFIX_FRACTION",
-                 "KL_FACTOR", "KL_SLACK"):
+                 "TIE_GAP", "KL_FACTOR", "KL_SLACK", "KL_SLACK_INT4"):
         assert got[name] == getattr(golden, name), name
     assert got["VLM_CRITERIA"] == list(golden.VLM_CRITERIA)
     gen = kt_consts(kotlin("Generation.kt"))
@@ -652,8 +652,10 @@ def test_kotlin_golden_figures_judging_and_criteria_match_python(harness, cpu_bu
     measured = [[], [{"teacher_forced_top1_agreement": 0.84375, "prefix_tokens": 31, "kl_mean": 0.00123456789}],
                 [{"teacher_forced_top1_agreement": 0.96875, "prefix_tokens": 30, "kl_mean": 0.0125},
                  {"teacher_forced_top1_agreement": 1.0, "prefix_tokens": 32, "kl_mean": 1e-4}]]
-    lines += ["crit fp32 0"] + [f"crit int4 {len(m)} " + " ".join(
-        f"{x['teacher_forced_top1_agreement']!r} {x['prefix_tokens']} {x['kl_mean']!r}" for x in m) for m in measured]
+    ties = [3, 4, 40]        # eager's first near-tie (ignored without figures; before half the prefix; past it)
+    lines += ["crit fp32 -1 0"] + [f"crit int4 {t} {len(m)} " + " ".join(
+        f"{x['teacher_forced_top1_agreement']!r} {x['prefix_tokens']} {x['kl_mean']!r}" for x in m)
+        for t, m in zip(ties, measured)]
     out = harness(lines)
     for (case, ids, forced, crit), got in zip(runs, out):
         fig = vlm_figures(case, ids, forced)
@@ -665,8 +667,8 @@ def test_kotlin_golden_figures_judging_and_criteria_match_python(harness, cpu_bu
         assert float(kv["kl_mean"]) == pytest.approx(fig["kl_mean"], rel=1e-9, abs=1e-15)
         assert rows.split() == [str(r.passed).lower() for r in judge("c", "onnxruntime", fig, crit)]
     assert len({o.split(" | ")[1] for o in out[:len(runs)]}) > 1          # some pass, some fail
-    for m, got in zip([None] + measured, out[len(runs):]):
-        want = vlm_criteria("fp32" if m is None else "int4", m or [])
+    for m, t, got in zip([None] + measured, [-1] + ties, out[len(runs):]):
+        want = vlm_criteria("fp32" if m is None else "int4", m or [], None if t < 0 else t)
         kv = dict(x.split("=", 1) for x in got.split(";"))
         assert set(kv) == set(want)
         for key, v in want.items():
@@ -776,9 +778,10 @@ fun main(args: Array<String>) {
             }
             "crit" -> {
                 val precision = str()
+                val tie = int()
                 val m = List(int()) { mapOf<String, Any>("teacher_forced_top1_agreement" to dbl(), "prefix_tokens" to int(),
                     "kl_mean" to dbl()) }
-                out.append(vlmCriteria(precision, m).entries.joinToString(";") { "${it.key}=${it.value}" }).append('\n')
+                out.append(vlmCriteria(precision, m, if (tie < 0) null else tie).entries.joinToString(";") { "${it.key}=${it.value}" }).append('\n')
             }
             "stream" -> {
                 val pieces = List(int()) { str().replace("_", " ") }

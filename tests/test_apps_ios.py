@@ -186,7 +186,7 @@ def test_golden_constants_equal_the_python_reference():
 
     got = swift_consts(swift("Golden.swift"))
     for name in ("GOLDEN_DIR", "GOLDEN_JSON", "VERSION", "TOP_K", "NEW_TOKENS", "TOP1_MARGIN", "PREFIX_FRACTION",
-                 "KL_FACTOR", "KL_SLACK"):
+                 "TIE_GAP", "KL_FACTOR", "KL_SLACK", "KL_SLACK_INT4"):
         assert got[name] == getattr(golden, name), name
     assert got["VLM_CRITERIA"] == list(golden.VLM_CRITERIA)
     text = swift("Golden.swift")

@@ -190,7 +190,7 @@ def test_int4_criteria_bite_and_cover_another_backend(tmp_path):
         assert case["criteria"]["teacher_forced_top1_agreement_min"] > 0.5      # a real bound, not 0
     # not too tight: criteria derived from the ONNX INT4 decoder alone hold for llama.cpp's decoder
     for i, case in enumerate(doc["cases"]):
-        crit = g.vlm_criteria("int4", [figs["onnxruntime"][i]])
+        crit = g.vlm_criteria("int4", [figs["onnxruntime"][i]], g.first_near_tie(case["eager"]["top5"]))
         rows = g.judge(case["id"], "llama.cpp", figs["llama.cpp"][i], crit)
         assert all(r.passed for r in rows), [r.to_dict() for r in rows]
     # not vacuous: a random-weight decoder in the same bundle fails
@@ -233,6 +233,24 @@ def test_ios_classifier_golden_cases_are_measured_and_verified_by_the_reference_
                        timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "reference" in p.stdout + p.stderr and "Traceback" not in p.stderr
+
+
+def test_prefix_bound_stops_at_eagers_first_near_tie_and_int4_kl_has_its_own_slack():
+    top = {"logits": [[5.0, 1.0], [3.0, 2.9], [4.0, 0.0]]}      # step 1: eager's top-2 within 0.1 nats
+    assert g.first_near_tie(top) == 1 and g.first_near_tie({"logits": [[5.0, 1.0], [3.0, 2.0]]}) is None
+    assert g.first_near_tie({"logits": [[2.0, 2.0 - g.TIE_GAP]]}) is None          # exactly TIE_GAP is not a tie
+    figs = [{"teacher_forced_top1_agreement": 1.0, "prefix_tokens": 32, "kl_mean": 0.004}]
+    free, tied = g.vlm_criteria("int4", figs), g.vlm_criteria("int4", figs, near_tie=4)
+    assert free["prefix_tokens_min"] == 16 and tied["prefix_tokens_min"] == 4
+    assert g.vlm_criteria("int4", figs, near_tie=30)["prefix_tokens_min"] == 16       # a late tie changes nothing
+    # a backend that forks at the near-tie and is otherwise as close as the measured one passes only with the cap
+    fork = {"same_greedy_tokens": False, "prefix_tokens": 4, "teacher_forced_top1_agreement": 0.96875,
+            "kl_mean": 0.03, "new_tokens": 32}
+    assert not all(r.passed for r in g.judge("c", "other", fork, free))
+    assert all(r.passed for r in g.judge("c", "other", fork, tied))
+    assert free["kl_mean_max"] == pytest.approx(2 * 0.004 + g.KL_SLACK_INT4)
+    assert g.vlm_criteria("int8", figs)["kl_mean_max"] == pytest.approx(2 * 0.004 + g.KL_SLACK)
+    assert g.KL_SLACK < g.KL_SLACK_INT4
 
 
 def test_coarse_kl_is_a_lower_bound_of_the_full_kl():

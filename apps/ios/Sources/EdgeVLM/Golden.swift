@@ -12,7 +12,9 @@ public let NEW_TOKENS = 32
 public let TOP1_MARGIN = 0.10
 public let PREFIX_FRACTION = 0.5
 public let KL_FACTOR = 2.0
+public let TIE_GAP = 0.25
 public let KL_SLACK = 0.02
+public let KL_SLACK_INT4 = 0.05
 public let VLM_CRITERIA = ["same_greedy_tokens", "teacher_forced_top1_agreement_min", "prefix_tokens_min", "kl_mean_max"]
 
 /// A criterion's bound or a figure: a Bool (must be equal) or a number.
@@ -93,16 +95,26 @@ public func pyRound(_ x: Double, _ digits: Int) -> Double {
     return (x * f).rounded(.toNearestOrEven) / f
 }
 
-/// golden.vlm_criteria: one case's criteria from its figures on every decoder (the loosest of them).
-public func vlmCriteria(_ precision: String, _ measured: [[String: Double]]) -> [(String, GoldenValue)] {
+/// golden.first_near_tie: the first step at which eager's two best logits lie within TIE_GAP nats, or nil.
+public func firstNearTie(_ logits: [[Double]]) -> Int? {
+    for (i, row) in logits.enumerated() where row.count > 1 && row[0] - row[1] < TIE_GAP { return i }
+    return nil
+}
+
+/// golden.vlm_criteria: one case's criteria from its figures on every decoder (the loosest of them); `nearTie`
+/// (firstNearTie of the case's eager top-k logits) caps the prefix bound.
+public func vlmCriteria(_ precision: String, _ measured: [[String: Double]], nearTie: Int? = nil) -> [(String, GoldenValue)] {
     if precision == "fp32" { return [("same_greedy_tokens", .bool(true)), ("teacher_forced_top1_agreement_min", .number(1.0))] }
     if measured.isEmpty { return [("teacher_forced_top1_agreement_min", .number(0.5)), ("kl_mean_max", .number(0.5))] }
     let top1 = measured.map { $0["teacher_forced_top1_agreement"] ?? 0 }.min()!
     let prefix = measured.map { $0["prefix_tokens"] ?? 0 }.min()!
     let kl = measured.map { $0["kl_mean"] ?? 0 }.max()!
+    var prefixMin = floor(PREFIX_FRACTION * prefix)
+    if let tie = nearTie { prefixMin = min(prefixMin, Double(tie)) }
+    let slack = precision == "int4" ? KL_SLACK_INT4 : KL_SLACK
     return [("teacher_forced_top1_agreement_min", .number(pyRound(max(0, top1 - TOP1_MARGIN), 4))),
-            ("prefix_tokens_min", .number(floor(PREFIX_FRACTION * prefix))),
-            ("kl_mean_max", .number(pyRound(KL_FACTOR * kl + KL_SLACK, 6)))]
+            ("prefix_tokens_min", .number(prefixMin)),
+            ("kl_mean_max", .number(pyRound(KL_FACTOR * kl + slack, 6)))]
 }
 
 /// golden.Row

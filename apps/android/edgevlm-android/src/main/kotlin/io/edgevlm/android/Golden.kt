@@ -19,7 +19,9 @@ const val NEW_TOKENS = 32
 const val TOP1_MARGIN = 0.10
 const val PREFIX_FRACTION = 0.5
 const val KL_FACTOR = 2.0
+const val TIE_GAP = 0.25
 const val KL_SLACK = 0.02
+const val KL_SLACK_INT4 = 0.05
 val VLM_CRITERIA = listOf("same_greedy_tokens", "teacher_forced_top1_agreement_min", "prefix_tokens_min", "kl_mean_max")
 
 /** eager.top5 of a case: per step the top-k ids, their logits and the row's logsumexp. */
@@ -94,17 +96,29 @@ fun vlmFigures(case: GoldenCase, ids: List<Int>, forcedLogits: Array<FloatArray>
 /** Python's round(x, digits): half-even on the exact binary value. */
 fun pyRound(x: Double, digits: Int): Double = BigDecimal(x).setScale(digits, RoundingMode.HALF_EVEN).toDouble()
 
-/** golden.vlm_criteria: one case's criteria from its figures on every decoder (the loosest of them). */
-fun vlmCriteria(precision: String, measured: List<Map<String, Any>>): Map<String, Any> {
+/** golden.first_near_tie: the first step at which eager's two best logits lie within TIE_GAP nats, or null. */
+fun firstNearTie(top5: TopK): Int? {
+    for (i in top5.logits.indices) {
+        val row = top5.logits[i]
+        if (row.size > 1 && row[0] - row[1] < TIE_GAP) return i
+    }
+    return null
+}
+
+/** golden.vlm_criteria: one case's criteria from its figures on every decoder (the loosest of them); ``nearTie``
+ *  (firstNearTie of the case) caps the prefix bound. */
+fun vlmCriteria(precision: String, measured: List<Map<String, Any>>, nearTie: Int? = null): Map<String, Any> {
     if (precision == "fp32") return mapOf("same_greedy_tokens" to true, "teacher_forced_top1_agreement_min" to 1.0)
     if (measured.isEmpty()) return mapOf("teacher_forced_top1_agreement_min" to 0.5, "kl_mean_max" to 0.5,
         "basis" to "defaults (not measured)")
     val top1 = measured.map { (it["teacher_forced_top1_agreement"] as Number).toDouble() }.reduce { a, b -> minOf(a, b) }
     val prefix = measured.map { (it["prefix_tokens"] as Number).toInt() }.reduce { a, b -> minOf(a, b) }
     val kl = measured.map { (it["kl_mean"] as Number).toDouble() }.reduce { a, b -> maxOf(a, b) }
+    var prefixMin = floor(PREFIX_FRACTION * prefix).toInt()
+    if (nearTie != null) prefixMin = minOf(prefixMin, nearTie)
+    val slack = if (precision == "int4") KL_SLACK_INT4 else KL_SLACK
     return mapOf("teacher_forced_top1_agreement_min" to pyRound(maxOf(0.0, top1 - TOP1_MARGIN), 4),
-        "prefix_tokens_min" to floor(PREFIX_FRACTION * prefix).toInt(),
-        "kl_mean_max" to pyRound(KL_FACTOR * kl + KL_SLACK, 6))
+        "prefix_tokens_min" to prefixMin, "kl_mean_max" to pyRound(KL_FACTOR * kl + slack, 6))
 }
 
 /** golden.Row */
