@@ -102,6 +102,7 @@ def test_engines_run_as_bundles_do(run):
         assert k["decode_kernel"] == "onnxruntime" and k["decode_kernel_why"] == why
     else:
         assert k["decode_kernel"] == "edgevlm MatMulQ4" and k["decode_kernel_layers"] == 2 * 4 + 1, k
+        assert k["decode_attention"] == "edgevlm DecodeAttention", k
         assert _positive(run["json"]["ratios"]["ort_int4_kernel_vs_ort_kernel_decode"])
     assert rows["ort-int4-ortkernel"]["decode_kernel"]["decode_kernel_why"] == "turned off"
     assert rows["ort-int4-b128"]["decode_kernel"]["decode_kernel"] == k["decode_kernel"]

@@ -137,6 +137,152 @@ def test_the_op_gives_matmulnbits_results_for_any_leading_shape(block):
         assert err_mine <= 1e-2 * np.abs(exact).max()
 
 
+def _with_bias(m: onnx.ModelProto, n: int, bias_const: bool = True, reuse: bool = False) -> onnx.ModelProto:
+    """``m`` (x -> MatMulNBits -> y) with ``y = product + bias`` after it: a constant [n] bias, or a second graph
+    input; ``reuse``: the product also feeds a second output, so the Add cannot go into the op."""
+    g = m.graph
+    node = g.node[0]
+    node.output[0] = "prod"
+    bias = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    if bias_const:
+        g.initializer.append(numpy_helper.from_array(bias, "bias"))
+    else:
+        g.input.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [n]))
+    g.node.append(helper.make_node("Add", ["prod", "bias"], ["y"]))
+    if reuse:
+        g.node.append(helper.make_node("Identity", ["prod"], ["raw"]))
+        g.output.append(helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["B", "S", n]))
+    return m
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_a_bias_add_after_the_product_goes_into_the_op(isa, monkeypatch):
+    """A linear layer's bias (a constant [N] Add right after the product) is folded into MatMulQ4 (one node less
+    per layer and step) and added by both paths; an Add of a non-constant, or after a product something else
+    reads too, stays."""
+    import onnxruntime as ort
+
+    lib = _need_kernel()
+    if isa == "avx2":
+        monkeypatch.setenv("EDGEVLM_Q4_ISA", "avx2")
+    m = _with_bias(_quantized_matmul(512, 96), 96)
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    mine = onnx.ModelProto()
+    mine.CopyFrom(m)
+    assert kernels.rewrite(mine) == 1
+    assert [n.op_type for n in mine.graph.node] == ["MatMulQ4"]
+    assert list(mine.graph.node[0].input)[3] == "bias" and list(mine.graph.node[0].output) == ["y"]
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    sess = ort.InferenceSession(mine.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1, 512), (1, 37, 512), (2, 2, 512), (1, 70, 512)]:    # one row, many rows, a few rows
+        x = rng.standard_normal(shape).astype(np.float32)
+        want, got = ref.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
+    for model in (_with_bias(_quantized_matmul(512, 96), 96, bias_const=False),
+                  _with_bias(_quantized_matmul(512, 96), 96, reuse=True)):
+        assert kernels.rewrite(model) == 1
+        assert [n.op_type for n in model.graph.node][:2] == ["MatMulQ4", "Add"]
+        assert len(model.graph.node[0].input) == 3
+    # the library's test entries add it too, on both paths
+    node = m.graph.node[0]
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    b, s, bias = inits[node.input[1]], inits[node.input[2]].reshape(96, -1), inits["bias"]
+    a = rng.standard_normal((9, 512)).astype(np.float32)
+    plain = kernels.gemm(a, b, s, 512, 96)
+    assert np.allclose(kernels.gemm(a, b, s, 512, 96, bias=bias), plain + bias, rtol=0, atol=1e-5)
+    assert np.allclose(kernels.gemv(a[0], b, s, 512, 96, bias=bias), kernels.gemv(a[0], b, s, 512, 96) + bias,
+                       rtol=0, atol=1e-5)
+
+
+def _gqa_graph(op: str, heads: int, kv: int, d: int, packed: bool, rotary: bool, cap: int, table: int = 64):
+    """One attention node (ONNX Runtime's GroupQueryAttention, or edgevlm's DecodeAttention) with every input a
+    graph input, as edgevlm's fused decoders call it."""
+    f = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", f, [1, "S", (heads + 2 * kv) * d if packed else heads * d])]
+    names = ["q", "", ""]
+    if not packed:
+        ins += [helper.make_tensor_value_info(n, f, [1, "S", kv * d]) for n in ("k", "v")]
+        names = ["q", "k", "v"]
+    ins += [helper.make_tensor_value_info(n, f, [1, kv, cap, d]) for n in ("pk", "pv")]
+    ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    rope = ["", "", ""]
+    if rotary:
+        ins += [helper.make_tensor_value_info(n, f, [table, d // 4]) for n in ("cos", "sin")]
+        ins += [helper.make_tensor_value_info("pos", TensorProto.INT64, [1, "S"])]
+        rope = ["cos", "sin", "pos"]
+    ins.append(helper.make_tensor_value_info("bias", f, [1, 1, "S", "T"]))
+    outs = [helper.make_tensor_value_info("out", f, None), helper.make_tensor_value_info("present_k", f, None),
+            helper.make_tensor_value_info("present_v", f, None)]
+    node = helper.make_node(op, [*names, "pk", "pv", "seqlens_k", "total", *rope, "bias"],
+                            ["out", "present_k", "present_v"], domain="com.microsoft" if op != kernels.ATTN_OP
+                            else kernels.DOMAIN, num_heads=heads, kv_num_heads=kv, scale=0.3, do_rotary=int(rotary),
+                            rotary_interleaved=0)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(node.domain, 1)]
+    return helper.make_model(helper.make_graph([node], "g", ins, outs), opset_imports=opsets)
+
+
+@pytest.mark.parametrize("heads,kv,packed,rotary,past", [(4, 2, True, True, 9), (2, 2, False, False, 0),
+                                                         (4, 1, False, True, 300)])
+def test_decode_attention_gives_group_query_attentions_step(heads, kv, packed, rotary, past):
+    """DecodeAttention (one decode step) against ONNX Runtime's GroupQueryAttention on the same inputs: grouped
+    heads, packed or separate q/k/v, RoPE on half the head or none, an additive bias that masks a position, a
+    past of 0, 9 or 300 positions (the last: its heads run on the thread pool) in a buffer larger than needed;
+    the output and the present key/value (the past copied, the new position appended) agree."""
+    import onnxruntime as ort
+
+    lib = _need_kernel()
+    d, cap = 32, 512                                  # RoPE on 16 of 32 dims (ORT wants a multiple of 8)
+    rng = np.random.default_rng(heads + past)
+    total = past + 1
+    feeds = {"q": rng.standard_normal((1, 1, (heads + 2 * kv) * d if packed else heads * d)).astype(np.float32),
+             "pk": np.zeros((1, kv, cap, d), np.float32), "pv": np.zeros((1, kv, cap, d), np.float32),
+             "seqlens_k": np.array([past], np.int32), "total": np.array(total, np.int32)}
+    feeds["pk"][:, :, :past] = rng.standard_normal((1, kv, past, d))
+    feeds["pv"][:, :, :past] = rng.standard_normal((1, kv, past, d))
+    if not packed:
+        feeds["k"], feeds["v"] = (rng.standard_normal((1, 1, kv * d)).astype(np.float32) for _ in range(2))
+    if rotary:
+        ang = np.outer(np.arange(cap), 1.0 / 10000 ** (np.arange(d // 4) / (d // 4)))
+        feeds["cos"], feeds["sin"] = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        feeds["pos"] = np.array([[past]], np.int64)
+    bias = np.zeros((1, 1, 1, total), np.float32)
+    if past:
+        bias[..., past // 2] = -1e9                       # one masked position
+    feeds["bias"] = bias
+    ref = ort.InferenceSession(_gqa_graph("GroupQueryAttention", heads, kv, d, packed, rotary, cap,
+                                          cap).SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib))
+    mine = ort.InferenceSession(_gqa_graph(kernels.ATTN_OP, heads, kv, d, packed, rotary, cap, cap)
+                                .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    want, got = ref.run(None, feeds), mine.run(None, feeds)
+    assert got[0].shape == want[0].shape == (1, 1, heads * d)
+    assert np.abs(got[0] - want[0]).max() <= 1e-5 * max(1.0, np.abs(want[0]).max())
+    for w, g in zip(want[1:], got[1:]):
+        assert g.shape == w.shape
+        assert np.abs(g[:, :, :total] - w[:, :, :total]).max() <= 1e-5
+    with pytest.raises(Exception, match="one position"):                # a prompt is not its job
+        two = dict(feeds, q=np.concatenate([feeds["q"]] * 2, 1), bias=np.zeros((1, 1, 2, total + 1), np.float32),
+                   seqlens_k=np.array([past + 1], np.int32), total=np.array(total + 1, np.int32))
+        if not packed:
+            two.update(k=np.concatenate([feeds["k"]] * 2, 1), v=np.concatenate([feeds["v"]] * 2, 1))
+        if rotary:
+            two["pos"] = np.array([[past, past + 1]], np.int64)
+        mine.run(None, two)
+
+
+def test_decode_attention_rewrite_takes_every_node_or_none():
+    m = _gqa_graph("GroupQueryAttention", 4, 2, 16, True, True, 64)
+    assert kernels.rewrite_decode_attention(m) == 1 and m.graph.node[0].op_type == kernels.ATTN_OP
+    odd = _gqa_graph("GroupQueryAttention", 4, 2, 16, True, True, 64)
+    odd.graph.node[0].attribute.append(helper.make_attribute("local_window_size", 8))
+    assert "local window" in kernels.attention_misfit(odd.graph.node[0])
+    assert kernels.rewrite_decode_attention(odd) == 0 and odd.graph.node[0].op_type == "GroupQueryAttention"
+
+
 def test_rewrite_leaves_what_the_kernel_does_not_do():
     for model, reason in [(_quantized_matmul(256, 64, block=16), "block 16"),
                           (_quantized_matmul(256, 64, symmetric=False), "zero points"),
@@ -219,6 +365,7 @@ def test_int4_decode_steps_run_the_kernel_and_keep_the_tokens(tmp_path, monkeypa
     mine, stock = _open(path, f), _open(path, f, kernels=False)
     k = mine.kernel
     assert k["decode_kernel"] == "edgevlm MatMulQ4" and k["decode_kernel_layers"] == 9, k   # 2 x 4 + lm_head
+    assert k["decode_attention"] == "edgevlm DecodeAttention" and mine.decode_graph is not None, k
     assert k["decode_kernel_check_rel_diff"] <= 1e-3, k
     assert stock.kernel == {"decode_kernel": "onnxruntime", "decode_kernel_why": "turned off"}
     rng = np.random.default_rng(0)

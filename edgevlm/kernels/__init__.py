@@ -27,6 +27,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("q4_matmul.c")
 DOMAIN, OP = "ai.edgevlm", "MatMulQ4"
+ATTN_OP = "DecodeAttention"          # one decode step's GroupQueryAttention (q4_matmul.c)
 LIBRARY = "libedgevlm_kernels.so"
 # AVX2 + FMA as the baseline; the AVX-512 VNNI path is compiled for its own target inside q4_matmul.c
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu11", "-Wall", "-mavx2", "-mfma", "-mf16c"]
@@ -190,7 +191,7 @@ def isa() -> str | None:
     return {2: "avx512-vnni", 1: "avx2"}.get(ctypes.CDLL(str(path)).edgevlm_q4_isa())
 
 
-def _call(many: bool, a, b, scales, k: int, n: int, block: int):
+def _call(many: bool, a, b, scales, k: int, n: int, block: int, bias=None):
     """Run the library's test entry (``edgevlm_q4_gemm`` when ``many`` else ``edgevlm_q4_gemv``) on numpy arrays."""
     import numpy as np
 
@@ -201,28 +202,31 @@ def _call(many: bool, a, b, scales, k: int, n: int, block: int):
     a = np.ascontiguousarray(a, np.float32)
     b = np.ascontiguousarray(b, np.uint8)
     scales = np.ascontiguousarray(scales, np.float32)
+    bias = None if bias is None else np.ascontiguousarray(bias, np.float32).reshape(n)
     y = np.empty((a.shape[0], n) if many else n, np.float32)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    ptrs = (a.ctypes.data, b.ctypes.data, scales.ctypes.data, y.ctypes.data)
+    ptrs = (a.ctypes.data, b.ctypes.data, scales.ctypes.data, None if bias is None else bias.ctypes.data,
+            y.ctypes.data)
     if not many:
-        lib.edgevlm_q4_gemv.argtypes = [p, p, p, p, i64, i64, i64]
+        lib.edgevlm_q4_gemv.argtypes = [p, p, p, p, p, i64, i64, i64]
         lib.edgevlm_q4_gemv(*ptrs, k, n, block)
         return y
-    lib.edgevlm_q4_gemm.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.edgevlm_q4_gemm.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
     lib.edgevlm_q4_gemm.restype = ctypes.c_int
     if lib.edgevlm_q4_gemm(*ptrs, a.shape[0], k, n, block):
         raise MemoryError("edgevlm_q4_gemm: out of memory")
     return y
 
 
-def gemv(a, b, scales, k: int, n: int, block: int = 32):
-    """The kernel on one activation row (for tests): a (K,) float32, b/scales as MatMulNBits holds them -> (N,)."""
-    return _call(False, a, b, scales, k, n, block)
+def gemv(a, b, scales, k: int, n: int, block: int = 32, bias=None):
+    """The kernel on one activation row (for tests): a (K,) float32, b/scales as MatMulNBits holds them, an
+    optional bias (N,) -> (N,)."""
+    return _call(False, a, b, scales, k, n, block, bias)
 
 
-def gemm(a, b, scales, k: int, n: int, block: int = 32):
+def gemm(a, b, scales, k: int, n: int, block: int = 32, bias=None):
     """The kernel's many-row path (prompts) on one thread, for tests: a (M, K) float32 -> (M, N)."""
-    return _call(True, a, b, scales, k, n, block)
+    return _call(True, a, b, scales, k, n, block, bias)
 
 
 def eligible(node) -> str | None:
@@ -240,19 +244,92 @@ def eligible(node) -> str | None:
     return None
 
 
+def _bias_add(node, n: int, consumers: dict, outputs: set, vectors: dict):
+    """The Add node that adds a constant vector of length ``n`` to ``node``'s output, when that output feeds
+    nothing else and is not a graph output (so the Add can go into the product), and the vector's name."""
+    out = node.output[0]
+    users = consumers.get(out, [])
+    if out in outputs or len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+        return None
+    add = users[0]
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    if other == out or vectors.get(other) != n:
+        return None
+    return add, other
+
+
 def rewrite(model) -> int:
     """Turn eligible MatMulNBits nodes of ``model`` (an onnx.ModelProto, changed in place) into MatMulQ4 nodes
-    reading the same initializers; returns how many."""
-    from onnx import helper
+    reading the same initializers; an Add of a constant [N] vector right after one (a linear layer's bias) goes
+    into the node as its bias input. Returns how many nodes became MatMulQ4."""
+    from onnx import TensorProto, helper
 
-    n = 0
-    for node in model.graph.node:
+    g = model.graph
+    consumers: dict = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    outputs = {o.name for o in g.output}
+    vectors = {t.name: t.dims[0] for t in g.initializer if len(t.dims) == 1 and t.data_type == TensorProto.FLOAT}
+    n, folded = 0, set()        # the outputs of the Adds that went into a product
+    for node in g.node:
         if node.op_type == "MatMulNBits" and eligible(node) is None:
             attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
-            new = helper.make_node(OP, list(node.input[:3]), list(node.output), name=node.name, domain=DOMAIN,
+            inputs, output = list(node.input[:3]), list(node.output)
+            fold = _bias_add(node, attrs["N"], consumers, outputs, vectors)
+            if fold is not None:
+                add, bias = fold
+                inputs.append(bias)
+                output = list(add.output)
+                folded.add(add.output[0])
+            new = helper.make_node(OP, inputs, output, name=node.name, domain=DOMAIN,
                                    K=attrs["K"], N=attrs["N"], block_size=attrs["block_size"])
             node.CopyFrom(new)
             n += 1
+    if folded:
+        keep = [node for node in g.node if not (node.op_type == "Add" and node.output[0] in folded)]
+        del g.node[:]
+        g.node.extend(keep)
     if n and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return n
+
+
+def attention_misfit(node) -> str | None:
+    """None when a GroupQueryAttention node can run a decode step as DecodeAttention, else why not."""
+    if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+        return "not a GroupQueryAttention node"
+    attrs = {a.name: a for a in node.attribute}
+    ints = {k: a.i for k, a in attrs.items() if a.type == a.INT}
+    extra = set(attrs) - {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved", "causal",
+                          "local_window_size", "softcap", "smooth_softmax"}
+    if extra:
+        return f"attributes {sorted(extra)}"
+    if ints.get("rotary_interleaved", 0) or ints.get("local_window_size", -1) != -1 or ints.get("smooth_softmax", 0):
+        return "interleaved RoPE, a local window or smooth softmax"
+    if "softcap" in attrs and attrs["softcap"].f != 0.0:
+        return "softcap"
+    if len(node.input) > 11 or len(node.output) != 3:
+        return "inputs past attention_bias, or outputs besides out and present key/value"
+    return None
+
+
+def rewrite_decode_attention(model) -> int:
+    """Turn every GroupQueryAttention node of ``model`` (changed in place) into DecodeAttention, which runs one
+    position per call (the graph serves decode steps only); returns how many, 0 (and nothing changed) when any
+    node does not fit."""
+    from onnx import helper
+
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if not nodes or any(attention_misfit(n) for n in nodes):
+        return 0
+    for node in nodes:
+        a = {x.name: x for x in node.attribute}
+        new = helper.make_node(ATTN_OP, list(node.input) + [""] * (11 - len(node.input)), list(node.output),
+                               name=node.name, domain=DOMAIN, num_heads=a["num_heads"].i,
+                               kv_num_heads=a["kv_num_heads"].i, scale=a["scale"].f if "scale" in a else 0.0,
+                               do_rotary=a["do_rotary"].i if "do_rotary" in a else 0, rotary_interleaved=0)
+        node.CopyFrom(new)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return len(nodes)

@@ -4,6 +4,8 @@
  * (bits 4, block BS = a power of two >= 32, symmetric: no zero points, so each weight is (q - 8) * scale):
  *   B      uint8 [N, K/BS, BS/2]  byte j of a block holds element 2j (low nibble) and 2j+1 (high nibble)
  *   scales float [N * K/BS]
+ *   bias   float [N], optional (a fourth input): added to every row, so the Add that follows a biased linear layer
+ *          goes into the op (edgevlm.kernels.rewrite folds it: one node less per biased product and step)
  * so a decoder's graph keeps its initializers and only the node's op changes (edgevlm.kernels.rewrite).
  *
  * Two paths. From GEMM_MIN_ROWS rows of activations on (prompts), a register-tiled product over unpacked panels
@@ -162,6 +164,7 @@ typedef struct {
   const uint8_t *B;
   const float *S;
   const Act *x;
+  const float *bias;                       /* [N] or NULL */
   float *y;
   int64_t M, N, nb, ns, pairs_per_scale;   /* ns: scales per row; pairs_per_scale: 0 for block 32 */
 } Job;
@@ -172,7 +175,8 @@ static void run_rows(void *data, size_t task) {
   const int64_t n1 = n0 + ROWS_PER_TASK < j->N ? n0 + ROWS_PER_TASK : j->N;
   for (int64_t m = 0; m < j->M; m++)
     for (int64_t n = n0; n < n1; n++)
-      j->y[m * j->N + n] = j->dot(j->B + n * j->nb * 16, j->S + n * j->ns, &j->x[m], j->nb, j->pairs_per_scale);
+      j->y[m * j->N + n] = j->dot(j->B + n * j->nb * 16, j->S + n * j->ns, &j->x[m], j->nb, j->pairs_per_scale) +
+                           (j->bias ? j->bias[n] : 0.f);
 }
 
 /* ---- Many rows (prompts): a register-tiled int8 product over 4-bit panels --------------------------------------
@@ -325,10 +329,15 @@ static inline int32_t load4(const int8_t *p) {
  * r unroll); writes y[m][n0 .. n0+cols) through the column masks. */
 static inline __attribute__((always_inline)) AVX512 void tile_avx512(
     const uint32_t *P, const float *PS, const Rows *x, int64_t m0, const int mr, int64_t K, int shift, float *y,
-    int64_t N, int64_t n0, __mmask16 k0, __mmask16 k1) {
+    int64_t N, int64_t n0, __mmask16 k0, __mmask16 k1, const float *bias) {
   const int64_t nb = K / BLOCK;
   __m512 f[MR512][2];
-  for (int r = 0; r < mr; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(k0, bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias && k1 ? _mm512_maskz_loadu_ps(k1, bias + n0 + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < mr; r++) {
+    f[r][0] = b0;
+    f[r][1] = b1;
+  }
   const int8_t *a = x->q + m0 * K;
   for (int64_t b = 0; b < nb; b++) {
     __m512i acc[MR512][2];
@@ -359,17 +368,17 @@ static inline __attribute__((always_inline)) AVX512 void tile_avx512(
 /* All M rows against one unpacked panel, MR512 at a time and the last M % MR512 in one narrower tile (no padding
  * rows: a 33-row prompt is 8 tiles of 4 and one of 1, not 9 of 4). */
 static AVX512 void panel_avx512(const uint32_t *P, const float *PS, const Rows *x, int64_t M, int64_t Mp, int64_t K,
-                                int shift, float *y, int64_t N, int64_t n0) {
+                                int shift, float *y, int64_t N, int64_t n0, const float *bias) {
   (void)Mp;
   const int64_t cols = N - n0 < PANEL ? N - n0 : PANEL;
   const __mmask16 k0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
   const __mmask16 k1 = cols >= 32 ? 0xFFFF : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1) : 0;
   int64_t m0 = 0;
-  for (; m0 + MR512 <= M; m0 += MR512) tile_avx512(P, PS, x, m0, MR512, K, shift, y, N, n0, k0, k1);
+  for (; m0 + MR512 <= M; m0 += MR512) tile_avx512(P, PS, x, m0, MR512, K, shift, y, N, n0, k0, k1, bias);
   switch (M - m0) {
-    case 3: tile_avx512(P, PS, x, m0, 3, K, shift, y, N, n0, k0, k1); break;
-    case 2: tile_avx512(P, PS, x, m0, 2, K, shift, y, N, n0, k0, k1); break;
-    case 1: tile_avx512(P, PS, x, m0, 1, K, shift, y, N, n0, k0, k1); break;
+    case 3: tile_avx512(P, PS, x, m0, 3, K, shift, y, N, n0, k0, k1, bias); break;
+    case 2: tile_avx512(P, PS, x, m0, 2, K, shift, y, N, n0, k0, k1, bias); break;
+    case 1: tile_avx512(P, PS, x, m0, 1, K, shift, y, N, n0, k0, k1, bias); break;
     default: break;
   }
 }
@@ -377,7 +386,7 @@ static AVX512 void panel_avx512(const uint32_t *P, const float *PS, const Rows *
 #define MR256 2
 /* The same in AVX2: 8 columns per register, maddubs + madd for the dot products, two rows x 16 columns a tile. */
 static void panel_avx2(const uint32_t *P, const float *PS, const Rows *x, int64_t M, int64_t Mp, int64_t K,
-                       int shift, float *y, int64_t N, int64_t n0) {
+                       int shift, float *y, int64_t N, int64_t n0, const float *bias) {
   const int64_t nb = K / BLOCK;
   const int64_t cols = N - n0 < PANEL ? N - n0 : PANEL;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -418,6 +427,8 @@ static void panel_avx2(const uint32_t *P, const float *PS, const Rows *x, int64_
         _mm256_storeu_ps(out, f[r][0]);
         _mm256_storeu_ps(out + 8, f[r][1]);
         const int64_t take = cols - g < 16 ? cols - g : 16;
+        if (bias)
+          for (int64_t c = 0; c < take; c++) out[c] += bias[n0 + g + c];
         memcpy(y + (m0 + r) * N + n0 + g, out, sizeof(float) * (size_t)take);
       }
     }
@@ -425,13 +436,14 @@ static void panel_avx2(const uint32_t *P, const float *PS, const Rows *x, int64_
 }
 
 typedef void (*PanelFn)(const uint32_t *, const float *, const Rows *, int64_t, int64_t, int64_t, int, float *,
-                        int64_t, int64_t);
+                        int64_t, int64_t, const float *);
 
 typedef struct {
   PanelFn panel;
   const uint8_t *B;
   const float *S;
   const Rows *x;
+  const float *bias;    /* [N] or NULL */
   float *y;
   int64_t M, Mp, K, N, ns;
   int shift;            /* log2(block / 32): a 32-block's weight scale index is b >> shift */
@@ -461,7 +473,7 @@ static void run_panel(void *data, size_t task) {
   uint32_t *P = (uint32_t *)panel_buf;
   float *PS = (float *)(panel_buf + wbytes);        /* wbytes is a multiple of 64 (K is of 64) */
   (j->panel == panel_avx512 ? unpack_panel_avx512 : unpack_panel)(j->B, j->S, n0, j->N, j->K, j->ns, P, PS);
-  j->panel(P, PS, j->x, j->M, j->Mp, j->K, j->shift, j->y, j->N, n0);
+  j->panel(P, PS, j->x, j->M, j->Mp, j->K, j->shift, j->y, j->N, n0, j->bias);
 }
 
 #define QUANT_ROWS 16     /* activation rows a quantizing task takes */
@@ -480,8 +492,8 @@ static void run_quant(void *data, size_t task) {
 
 /* y[M][N] = a[M][K] x dequant(B)^T over panels; `parallel` runs the tasks (ORT's thread pool, or a plain loop):
  * first the activations' rounding, QUANT_ROWS rows a task, then the panels. */
-static int gemm_rows(const float *a, const uint8_t *B, const float *S, float *y, int64_t M, int64_t K, int64_t N,
-                     int64_t block, void (*parallel)(void *, void (*)(void *, size_t), size_t, void *), void *ctx) {
+static int gemm_rows(const float *a, const uint8_t *B, const float *S, const float *bias, float *y, int64_t M,
+                     int64_t K, int64_t N, int64_t block, void (*parallel)(void *, void (*)(void *, size_t), size_t, void *), void *ctx) {
   const int isa = edgevlm_q4_isa();
   const int mr = isa == 2 ? 1 : MR256;         /* the AVX-512 path takes any row count; AVX2 pads to its tile */
   const int64_t Mp = (M + mr - 1) / mr * mr, nb = K / BLOCK;
@@ -497,7 +509,7 @@ static int gemm_rows(const float *a, const uint8_t *B, const float *S, float *y,
   }
   QuantJob quant = {a, &x, M, Mp, K};
   parallel(ctx, run_quant, (size_t)((Mp + QUANT_ROWS - 1) / QUANT_ROWS), &quant);
-  GemmJob job = {isa == 2 ? panel_avx512 : panel_avx2, B, S, &x, y, M, Mp, K, N, K / block,
+  GemmJob job = {isa == 2 ? panel_avx512 : panel_avx2, B, S, &x, bias, y, M, Mp, K, N, K / block,
                  __builtin_ctzll((unsigned long long)(block / BLOCK)), 0};
   parallel(ctx, run_panel, (size_t)((N + PANEL - 1) / PANEL), &job);
   free(x.q);
@@ -511,10 +523,11 @@ static void serial_for(void *ctx, void (*fn)(void *, size_t), size_t n, void *da
   for (size_t i = 0; i < n; i++) fn(data, i);
 }
 
-/* The many-row path on M rows, for tests (one thread): y[M][N]. Returns 0, or -1 out of memory. */
-int edgevlm_q4_gemm(const float *a, const uint8_t *B, const float *S, float *y, int64_t M, int64_t K, int64_t N,
-                    int64_t block) {
-  return gemm_rows(a, B, S, y, M, K, N, block, serial_for, NULL);
+/* The many-row path on M rows, for tests (one thread): y[M][N] (+ bias[N] unless NULL). Returns 0, or -1 out of
+ * memory. */
+int edgevlm_q4_gemm(const float *a, const uint8_t *B, const float *S, const float *bias, float *y, int64_t M,
+                    int64_t K, int64_t N, int64_t block) {
+  return gemm_rows(a, B, S, bias, y, M, K, N, block, serial_for, NULL);
 }
 
 #define TRY(expr)                       \
@@ -539,6 +552,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(api->KernelContext_GetInput(ctx, 0, &a_v));
   TRY(api->KernelContext_GetInput(ctx, 1, &b_v));
   TRY(api->KernelContext_GetInput(ctx, 2, &s_v));
+  size_t n_in = 0;
+  const OrtValue *bias_v = NULL;
+  TRY(api->KernelContext_GetInputCount(ctx, &n_in));
+  if (n_in > 3) TRY(api->KernelContext_GetInput(ctx, 3, &bias_v));      /* NULL where the optional input is empty */
   OrtTensorTypeAndShapeInfo *info;
   TRY(api->GetTensorTypeAndShape(a_v, &info));
   size_t rank = 0;
@@ -562,10 +579,20 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(api->GetTensorMutableData((OrtValue *)b_v, (void **)&B));
   TRY(api->GetTensorMutableData((OrtValue *)s_v, (void **)&S));
   TRY(api->GetTensorMutableData(y_v, (void **)&y));
+  const float *bias = NULL;
+  if (bias_v) {
+    size_t count = 0;
+    TRY(api->GetTensorTypeAndShape(bias_v, &info));
+    st = api->GetTensorShapeElementCount(info, &count);
+    api->ReleaseTensorTypeAndShapeInfo(info);
+    if (st) return st;
+    if ((int64_t)count != k->N) return api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulQ4: bias must have N elements");
+    TRY(api->GetTensorMutableData((OrtValue *)bias_v, (void **)&bias));
+  }
   if (M == 0) return NULL;
   if (M >= GEMM_MIN_ROWS) {
     OrtFor pf = {ctx, NULL};
-    if (gemm_rows(a, B, S, y, M, k->K, k->N, k->block, ort_for, &pf) != 0 && !pf.status)
+    if (gemm_rows(a, B, S, bias, y, M, k->K, k->N, k->block, ort_for, &pf) != 0 && !pf.status)
       return api->CreateStatus(ORT_FAIL, "MatMulQ4: out of memory for the quantized activations");
     return pf.status;
   }
@@ -588,7 +615,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     quantize_row(a + m * k->K, k->K, &acts[m]);
   }
   const int64_t pps = k->block == BLOCK ? 0 : k->block / (2 * BLOCK);
-  Job job = {k->dot, B, S, acts, y, M, k->N, nb, k->K / k->block, pps};
+  Job job = {k->dot, B, S, acts, bias, y, M, k->N, nb, k->K / k->block, pps};
   const size_t tasks = (size_t)((k->N + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
   st = api->KernelContext_ParallelFor(ctx, run_rows, tasks, 0, &job);
   free(scratch);
@@ -620,7 +647,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *a, const Or
 static void destroy_kernel(void *k) { free(k); }
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "MatMulQ4"; }
 static const char *op_ep(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static size_t n_inputs(const OrtCustomOp *op) { (void)op; return 3; }
+static size_t n_inputs(const OrtCustomOp *op) { (void)op; return 4; }
 static size_t n_outputs(const OrtCustomOp *op) { (void)op; return 1; }
 static ONNXTensorElementDataType input_type(const OrtCustomOp *op, size_t i) {
   (void)op;
@@ -636,6 +663,10 @@ static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *op, size
   (void)i;
   return INPUT_OUTPUT_REQUIRED;
 }
+static OrtCustomOpInputOutputCharacteristic input_kind(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;      /* the bias */
+}
 static OrtMemType input_memory(const OrtCustomOp *op, size_t i) {
   (void)op;
   (void)i;
@@ -649,16 +680,238 @@ static OrtCustomOp q4_op;
 static OrtCustomOpDomain *domain;
 
 
+/* ---- One decode step's attention (ai.edgevlm DecodeAttention) ---------------------------------------------------
+ *
+ * com.microsoft.GroupQueryAttention for one new position (batch 1, S = 1), as edgevlm's fused decoders call it:
+ * the same inputs (query, or q|k|v packed in it; past key/value [1, kv_heads, buffer, D]; seqlens_k; the total
+ * length; optional cos/sin caches with position_ids for non-interleaved RoPE on the first 2 x cache-width dims;
+ * an additive attention_bias [.., total]) and outputs (out [1, 1, heads * D]; present key/value, the past buffer
+ * itself when the caller binds both to one buffer, else a copy of it). A step reads the layer's whole FP32 cache
+ * once (at 96 positions of the 0.5B benchmark decoder, 0.8 MB a layer, from memory: the weights streamed since
+ * evicted it), so the time goes to that read: per head, the scores in AVX2 dot products, a softmax, the weighted
+ * sum of V; heads split over the thread pool from 1024 head-positions on (below that one thread is quicker than
+ * waking another). Measured there: about 0.1 ms a layer for ONNX Runtime's kernel, 0.067 ms for this one.
+ * Prompts keep GroupQueryAttention (edgevlm.kernels.rewrite_decode_attention makes the decode graph). */
+typedef struct {
+  int64_t heads, kv_heads;
+  float scale;
+  int64_t rotary;
+} AttnKernel;
+
+typedef struct {
+  const float *q;        /* [heads][D], rotated */
+  const float *K, *V;    /* [kv_heads][cap][D] */
+  const float *bias;     /* [T] or NULL */
+  float *out;            /* [heads][D] */
+  int64_t heads, group, cap, D, T;
+  float scale;
+} AttnJob;
+
+static void attn_head(void *data, size_t h) {
+  const AttnJob *j = (const AttnJob *)data;
+  const int64_t D = j->D, T = j->T, g = (int64_t)h / j->group;
+  const float *q = j->q + h * D, *K = j->K + g * j->cap * D, *V = j->V + g * j->cap * D;
+  float stack[1024];
+  float *p = T <= 1024 ? stack : (float *)malloc(sizeof(float) * (size_t)T);
+  float *o = j->out + h * D;
+  if (!p) {                                     /* no memory for the scores: a NaN row, never a silent zero */
+    for (int64_t d = 0; d < D; d++) o[d] = NAN;
+    return;
+  }
+  float mx = -INFINITY;
+  const int64_t D8 = D & ~(int64_t)7;
+  for (int64_t t = 0; t < T; t++) {
+    const float *k = K + t * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 16 <= D8; e += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e + 8), _mm256_loadu_ps(k + e + 8), a1);
+    }
+    if (e < D8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), a0);
+    a0 = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float acc = _mm_cvtss_f32(h);
+    for (int64_t r = D8; r < D; r++) acc += q[r] * k[r];
+    p[t] = acc * j->scale + (j->bias ? j->bias[t] : 0.f);
+    mx = p[t] > mx ? p[t] : mx;
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < T; t++) {
+    p[t] = expf(p[t] - mx);
+    sum += p[t];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+  for (int64_t t = 0; t < T; t++) {
+    const float w = p[t] * inv, *v = V + t * D;
+    for (int64_t d = 0; d < D; d++) o[d] += w * v[d];
+  }
+  if (p != stack) free(p);
+}
+
+static void rope(float *x, int64_t r2, const float *c, const float *s) {
+  for (int64_t i = 0; i < r2; i++) {
+    const float a = x[i], b = x[i + r2];
+    x[i] = a * c[i] - b * s[i];
+    x[i + r2] = b * c[i] + a * s[i];
+  }
+}
+
+static OrtStatus *tensor(OrtKernelContext *ctx, size_t i, const OrtValue **v, int64_t *dims, size_t *rank,
+                         const float **data) {
+  *v = NULL;
+  *rank = 0;
+  size_t n = 0;
+  TRY(api->KernelContext_GetInputCount(ctx, &n));
+  if (i >= n) return NULL;
+  TRY(api->KernelContext_GetInput(ctx, i, v));
+  if (!*v) return NULL;
+  OrtTensorTypeAndShapeInfo *info;
+  TRY(api->GetTensorTypeAndShape(*v, &info));
+  OrtStatus *st = api->GetDimensionsCount(info, rank);
+  if (!st && *rank > 4) st = api->CreateStatus(ORT_INVALID_ARGUMENT, "DecodeAttention: an input of rank > 4");
+  if (!st) st = api->GetDimensions(info, dims, *rank);
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  if (st) return st;
+  if (data) TRY(api->GetTensorMutableData((OrtValue *)*v, (void **)data));
+  return NULL;
+}
+
+#define ATTN_FAIL(msg) api->CreateStatus(ORT_INVALID_ARGUMENT, "DecodeAttention: " msg)
+
+static OrtStatus *attn_compute(void *kernel, OrtKernelContext *ctx) {
+  const AttnKernel *k = (const AttnKernel *)kernel;
+  const OrtValue *v[11];
+  int64_t dims[11][4];
+  size_t rank[11];
+  const float *d[11] = {0};
+  for (size_t i = 0; i < 11; i++) {
+    if (i == 5 || i == 6 || i == 9) TRY(tensor(ctx, i, &v[i], dims[i], &rank[i], NULL));
+    else TRY(tensor(ctx, i, &v[i], dims[i], &rank[i], &d[i]));
+  }
+  if (!v[0] || !v[3] || !v[4] || !v[5] || !v[6]) return ATTN_FAIL("query, past key/value, seqlens_k and the total length are required");
+  if (rank[0] != 3 || dims[0][0] != 1 || dims[0][1] != 1) return ATTN_FAIL("one position of one sequence only (prompts run GroupQueryAttention)");
+  const int64_t H = k->heads, Hk = k->kv_heads;
+  const int64_t width = dims[0][2], packed = !v[1];
+  const int64_t D = packed ? width / (H + 2 * Hk) : width / H;
+  if (D <= 0 || (packed ? D * (H + 2 * Hk) : D * H) != width) return ATTN_FAIL("the query's width does not fit the heads");
+  if (!packed && (!v[2] || dims[1][2] != Hk * D || dims[2][2] != Hk * D)) return ATTN_FAIL("key and value must be [1, 1, kv_heads * D]");
+  if (rank[3] != 4 || dims[3][0] != 1 || dims[3][1] != Hk || dims[3][3] != D || rank[4] != 4 ||
+      dims[4][2] != dims[3][2] || dims[4][1] != Hk || dims[4][3] != D)
+    return ATTN_FAIL("past key/value must be [1, kv_heads, buffer, D]");
+  const int32_t *seqlens, *total_p;
+  TRY(api->GetTensorMutableData((OrtValue *)v[5], (void **)&seqlens));
+  TRY(api->GetTensorMutableData((OrtValue *)v[6], (void **)&total_p));
+  const int64_t T = (int64_t)seqlens[0] + 1, cap_past = dims[3][2];
+  if (T != (int64_t)total_p[0] || T < 1) return ATTN_FAIL("seqlens_k + 1 must equal total_sequence_length");
+  const int64_t cap = cap_past > T ? cap_past : T;
+  int64_t pos = T - 1;
+  if (v[9]) {
+    const int64_t *pid;
+    TRY(api->GetTensorMutableData((OrtValue *)v[9], (void **)&pid));
+    pos = pid[0];
+  }
+  int64_t r2 = 0;
+  if (k->rotary) {
+    if (!v[7] || !v[8] || rank[7] != 2 || dims[7][1] != dims[8][1] || 2 * dims[7][1] > D)
+      return ATTN_FAIL("do_rotary needs cos/sin caches [positions, rotary_dim / 2]");
+    if (pos < 0 || pos >= dims[7][0]) return ATTN_FAIL("a position past the rotary caches");
+    r2 = dims[7][1];
+  }
+  const float *bias = NULL;
+  if (v[10]) {
+    if (dims[10][rank[10] - 1] < T) return ATTN_FAIL("attention_bias is shorter than the total length");
+    int64_t n = 1;
+    for (size_t i = 0; i < rank[10]; i++) n *= dims[10][i];
+    if (n != dims[10][rank[10] - 1]) return ATTN_FAIL("attention_bias must hold one row");
+    bias = d[10];
+  }
+  int64_t odims[3] = {1, 1, H * D}, pdims[4] = {1, Hk, cap, D};
+  OrtValue *ov, *pk, *pv;
+  float *out, *K, *V;
+  TRY(api->KernelContext_GetOutput(ctx, 0, odims, 3, &ov));
+  TRY(api->KernelContext_GetOutput(ctx, 1, pdims, 4, &pk));
+  TRY(api->KernelContext_GetOutput(ctx, 2, pdims, 4, &pv));
+  TRY(api->GetTensorMutableData(ov, (void **)&out));
+  TRY(api->GetTensorMutableData(pk, (void **)&K));
+  TRY(api->GetTensorMutableData(pv, (void **)&V));
+  for (int pass = 0; pass < 2; pass++) {           /* the past into present when they are not one buffer */
+    const float *src = pass ? d[4] : d[3];
+    float *dst = pass ? V : K;
+    if (src != dst)
+      for (int64_t g = 0; g < Hk; g++) memcpy(dst + g * cap * D, src + g * cap_past * D, sizeof(float) * (size_t)((T - 1) * D));
+  }
+  const float *qin = d[0], *kin = packed ? d[0] + H * D : d[1], *vin = packed ? d[0] + (H + Hk) * D : d[2];
+  float qbuf[4096];
+  float *q = H * D <= 4096 ? qbuf : (float *)malloc(sizeof(float) * (size_t)(H * D));
+  if (!q) return api->CreateStatus(ORT_FAIL, "DecodeAttention: out of memory");
+  memcpy(q, qin, sizeof(float) * (size_t)(H * D));
+  const float *cs = r2 ? d[7] + pos * r2 : NULL, *sn = r2 ? d[8] + pos * r2 : NULL;
+  for (int64_t g = 0; g < Hk; g++) {
+    float *kd = K + (g * cap + T - 1) * D, *vd = V + (g * cap + T - 1) * D;
+    memcpy(kd, kin + g * D, sizeof(float) * (size_t)D);
+    memcpy(vd, vin + g * D, sizeof(float) * (size_t)D);
+    if (r2) rope(kd, r2, cs, sn);
+  }
+  if (r2)
+    for (int64_t h = 0; h < H; h++) rope(q + h * D, r2, cs, sn);
+  AttnJob job = {q, K, V, bias, out, H, H / Hk, cap, D, T, k->scale ? k->scale : 1.f / sqrtf((float)D)};
+  OrtStatus *st = NULL;
+  if (T * H >= 1024) st = api->KernelContext_ParallelFor(ctx, attn_head, (size_t)H, 0, &job);
+  else
+    for (int64_t h = 0; h < H; h++) attn_head(&job, (size_t)h);
+  if (q != qbuf) free(q);
+  return st;
+}
+
+static OrtStatus *attn_create(const OrtCustomOp *op, const OrtApi *a, const OrtKernelInfo *info, void **out) {
+  (void)op;
+  AttnKernel *k = (AttnKernel *)calloc(1, sizeof(AttnKernel));
+  if (!k) return a->CreateStatus(ORT_FAIL, "DecodeAttention: out of memory");
+  int64_t interleaved = 0;
+  OrtStatus *st = a->KernelInfoGetAttribute_int64(info, "num_heads", &k->heads);
+  if (!st) st = a->KernelInfoGetAttribute_int64(info, "kv_num_heads", &k->kv_heads);
+  if (!st) st = a->KernelInfoGetAttribute_float(info, "scale", &k->scale);
+  if (!st) st = a->KernelInfoGetAttribute_int64(info, "do_rotary", &k->rotary);
+  if (!st) st = a->KernelInfoGetAttribute_int64(info, "rotary_interleaved", &interleaved);
+  if (!st && (k->heads <= 0 || k->kv_heads <= 0 || k->heads % k->kv_heads || interleaved))
+    st = a->CreateStatus(ORT_INVALID_ARGUMENT, "DecodeAttention: heads a multiple of kv_heads, non-interleaved RoPE");
+  if (st) {
+    free(k);
+    return st;
+  }
+  *out = k;
+  return NULL;
+}
+
+static const char *attn_name(const OrtCustomOp *op) { (void)op; return "DecodeAttention"; }
+static size_t attn_n_inputs(const OrtCustomOp *op) { (void)op; return 11; }
+static size_t attn_n_outputs(const OrtCustomOp *op) { (void)op; return 3; }
+static ONNXTensorElementDataType attn_input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 5 || i == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
+         : i == 9         ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                          : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static OrtCustomOpInputOutputCharacteristic attn_input_kind(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 1 || i == 2 || i >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+static OrtCustomOp attn_op;
+
 /* The kernel on one row, for tests: y[n] for n < N from a[K], weights in blocks of `block`. */
-void edgevlm_q4_gemv(const float *a, const uint8_t *B, const float *S, float *y, int64_t K, int64_t N,
-                     int64_t block) {
+void edgevlm_q4_gemv(const float *a, const uint8_t *B, const float *S, const float *bias, float *y, int64_t K,
+                     int64_t N, int64_t block) {
   const int64_t nb = K / BLOCK, ns = K / block, pps = block == BLOCK ? 0 : block / (2 * BLOCK);
   char *scratch = (char *)aligned_alloc(64, ((size_t)K + (size_t)nb * 36 + 64 + 63) / 64 * 64);
   Act x = {(int8_t *)scratch, (float *)(scratch + K), NULL, block};
   x.corr = x.lane_scale + nb * 8;
   quantize_row(a, K, &x);
   const RowDot dot = pick_row_dot();
-  for (int64_t n = 0; n < N; n++) y[n] = dot(B + n * nb * 16, S + n * ns, &x, nb, pps);
+  for (int64_t n = 0; n < N; n++) y[n] = dot(B + n * nb * 16, S + n * ns, &x, nb, pps) + (bias ? bias[n] : 0.f);
   free(scratch);
 }
 
@@ -675,7 +928,7 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   q4_op.GetInputTypeCount = n_inputs;
   q4_op.GetOutputType = output_type;
   q4_op.GetOutputTypeCount = n_outputs;
-  q4_op.GetInputCharacteristic = required;
+  q4_op.GetInputCharacteristic = input_kind;
   q4_op.GetOutputCharacteristic = required;
   q4_op.GetInputMemoryType = input_memory;
   q4_op.GetVariadicInputMinArity = one;
@@ -687,7 +940,16 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   q4_op.KernelDestroy = destroy_kernel;
   q4_op.GetStartVersion = one;
   q4_op.GetEndVersion = end_version;
+  attn_op = q4_op;
+  attn_op.GetName = attn_name;
+  attn_op.GetInputType = attn_input_type;
+  attn_op.GetInputTypeCount = attn_n_inputs;
+  attn_op.GetOutputTypeCount = attn_n_outputs;
+  attn_op.GetInputCharacteristic = attn_input_kind;
+  attn_op.CreateKernelV2 = attn_create;
+  attn_op.KernelComputeV2 = attn_compute;
   TRY(api->CreateCustomOpDomain("ai.edgevlm", &domain));
   TRY(api->CustomOpDomain_Add(domain, &q4_op));
+  TRY(api->CustomOpDomain_Add(domain, &attn_op));
   return api->AddCustomOpDomain(options, domain);
 }

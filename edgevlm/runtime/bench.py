@@ -175,7 +175,8 @@ def bench_vlm_bundle(bundle, runs: int = 5, new_tokens: int = 64, json_out=None,
         if "decode_kernel" in res:
             why = res.get("decode_kernel_why")
             print(f"decode steps: {res['decode_kernel']}" + (f" ({why})" if why else
-                  f", {res['decode_kernel_layers']} matrices, checked at load against ONNX Runtime's kernel: "
-                  f"max logit difference {res['decode_kernel_check_rel_diff']:.1e} of their scale"))
+                  f", {res['decode_kernel_layers']} matrices, attention by {res.get('decode_attention', '?')}, "
+                  f"checked at load against ONNX Runtime's kernels: max logit difference "
+                  f"{res['decode_kernel_check_rel_diff']:.1e} of their scale"))
         print(f"wrote {out}")
     return res

@@ -593,7 +593,8 @@ def _decode_kernel(rec: dict, backend: dict, facts: dict) -> str | None:
     if accel:
         return f"{accel[0]} (edgevlm's kernel is for the CPU provider)"
     if k["state"] == "ready":
-        return f"edgevlm MatMulQ4 ({k['isa']}), if the graph's MatMulNBits fit it (checked at load)"
+        return (f"edgevlm MatMulQ4 ({k['isa']}) and DecodeAttention, if the graph's MatMulNBits and "
+                "GroupQueryAttention fit them (checked at load)")
     return f"ONNX Runtime's MatMulNBits (edgevlm's kernel: {k['why']})"
 
 

@@ -86,7 +86,9 @@ class OrtDecoder:
 
     ``step``: the same decoder with edgevlm's 4-bit kernel (``edgevlm.kernels``), sharing the weights and KV
     buffers, for one-position calls (decode steps) and for prompts of at least ``prompt_rows`` positions (the
-    kernel's many-row path); shorter prompts run ``graph`` (see :func:`open_ort_decoder`).
+    kernel's many-row path); shorter prompts run ``graph`` (see :func:`open_ort_decoder`). ``decode``: the step
+    graph with edgevlm's one-position attention (``DecodeAttention``) in place of GroupQueryAttention, for decode
+    steps only, when the kernel library has it.
 
     A decoder exported with the ``hidden`` output (a family that declares it, as Moondream2 for detect/point) also
     keeps the last position's pre-final-norm hidden state of each call in ``last_hidden`` (D,); ``gives_hidden``
@@ -97,8 +99,10 @@ class OrtDecoder:
     FIRST_BUFFER = 256                   # positions of the shared KV buffer before it first grows
 
     def __init__(self, graph: _Graph, embed: _Graph | None, layers: int, kv_heads: int, head_dim: int,
-                 step: _Graph | None = None, kernel: dict | None = None, prompt_rows: int | None = None):
+                 step: _Graph | None = None, kernel: dict | None = None, prompt_rows: int | None = None,
+                 decode: _Graph | None = None):
         self.graph, self.embed, self.step_graph = graph, embed, step
+        self.decode_graph = decode if step is not None else None
         self.prompt_rows = prompt_rows if step is not None else None
         self.kernel = kernel or {"decode_kernel": "onnxruntime", "decode_kernel_why": "not asked for"}
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
@@ -137,7 +141,7 @@ class OrtDecoder:
                 self._buffers[n][:, :, :self.n_past] = buf[:, :, :self.n_past]
         values = {n: ort.OrtValue.ortvalue_from_numpy(buf) for n, buf in self._buffers.items()}
         self._bindings = {}
-        for which, g in (("prompt", self.graph), ("step", self.step_graph)):
+        for which, g in (("prompt", self.graph), ("step", self.step_graph), ("decode", self.decode_graph)):
             if g is None:
                 continue
             b = g.session.io_binding()
@@ -161,7 +165,10 @@ class OrtDecoder:
                 self._grow(total)
             if use_step is None:
                 use_step = s == 1 or (self.prompt_rows is not None and s >= self.prompt_rows)
-            g, b = self._bindings["step" if use_step and "step" in self._bindings else "prompt"]
+            which = "prompt"
+            if use_step and "step" in self._bindings:
+                which = "decode" if s == 1 and "decode" in self._bindings else "step"
+            g, b = self._bindings[which]
             b.bind_cpu_input("inputs_embeds", x)
             b.bind_cpu_input("attention_mask", mask)
             b.bind_cpu_input("position_ids", pos)
@@ -290,18 +297,20 @@ def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: 
     handed = [model]
     del model                            # _kernel_graphs drops the last reference before the sessions load
     try:
-        prompt, step, n = _kernel_graphs(handed, path, providers, precision, threads, lib)
+        prompt, step, decode, n, n_attn = _kernel_graphs(handed, path, providers, precision, threads, lib)
     except BundleError as e:             # ONNX Runtime refused a rewritten graph: run the bundle as it is
         return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime",
                                   "decode_kernel_why": f"the kernel's graphs did not load: {e.problem}"})
     rows = KERNEL_PROMPT_ROWS.get(_kernels.isa() or "")
-    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=rows)
+    dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=rows, decode=decode)
     diff = dec.check_step_kernel()
     info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
+            "decode_attention": f"edgevlm {_kernels.ATTN_OP}" if n_attn else "onnxruntime GroupQueryAttention",
             "decode_kernel_check_rel_diff": round(diff, 6), "decode_kernel_setup_s": round(time.perf_counter() - t, 2)}
     if not diff <= KERNEL_REL_TOL:
-        dec.step_graph, dec.prompt_rows = None, None
+        dec.step_graph, dec.decode_graph, dec.prompt_rows = None, None, None
+        info["decode_attention"] = "onnxruntime GroupQueryAttention"
         dec.reset()
         info.update(decode_kernel="onnxruntime", decode_kernel_why=f"its logits differed from ONNX Runtime's by "
                     f"{diff:.3g} of their scale (> {KERNEL_REL_TOL})")
@@ -337,8 +346,9 @@ def _kernel_misfit(model) -> str | None:
 
 
 def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: str, threads: int | None, lib: Path):
-    """(graph for prompts, graph for steps with MatMulQ4, nodes rewritten) over one copy of the weights of the
-    onnx.ModelProto in ``handed`` (taken out, so the parsed model is freed before the sessions load).
+    """(graph for prompts, graph for steps with MatMulQ4, graph for decode steps with MatMulQ4 and DecodeAttention
+    or None, nodes rewritten to MatMulQ4, to DecodeAttention) over one copy of the weights of the onnx.ModelProto
+    in ``handed`` (taken out, so the parsed model is freed before the sessions load).
 
     The weights move into numpy arrays handed to both sessions (``SessionOptions.add_initializer``, which uses
     the caller's memory as it is); the graphs keep each initializer's name, type and shape as external data in
@@ -375,11 +385,16 @@ def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: st
         onnx.save(model, d / path.name)
         n = _kernels.rewrite(model)
         onnx.save(model, d / f"step-{path.name}")
+        n_attn = _kernels.rewrite_decode_attention(model)
+        if n_attn:
+            onnx.save(model, d / f"decode-{path.name}")
         del model
         prompt = _Graph(d / path.name, providers, precision, threads, initializers=shared)
         step = _Graph(d / f"step-{path.name}", providers, precision, threads, custom_ops=(lib,),
                       initializers=shared)
-    return prompt, step, n
+        decode = _Graph(d / f"decode-{path.name}", providers, precision, threads, custom_ops=(lib,),
+                        initializers=shared) if n_attn else None
+    return prompt, step, decode, n, n_attn
 
 
 class VLMPipeline:
