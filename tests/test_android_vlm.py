@@ -212,7 +212,7 @@ def test_android_quantized_bundles(tmp_path, precision):
 @pytest.mark.slow
 def test_android_smolvlm_bundle(tmp_path):
     """SmolVLM's tiled bundle in ORT format: parts, ops config, parity and golden cases through the .ort files (the
-    Kotlin library does not port the tile layout and refuses it; the bundle itself is complete)."""
+    Kotlin library's tile layout, Crops.kt, is compared with Python in tests/test_apps_android.py)."""
     out, m = _export(tmp_path / "smolvlm-fp32", "smolvlm_tiny", "fp32")
     _check_bundle(out, m, "fp32")
     assert m["generation"]["image"]["mode"] == "idefics3_tiles"
