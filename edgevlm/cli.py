@@ -815,7 +815,8 @@ def _cmd_kernels(args) -> int:
     if args.action == "build":
         kernels.build(force=args.force)
     path, why = kernels.status()
-    print(f"MatMulQ4 (4-bit decode steps and prompts): {f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
+    print(f"MatMulQ4 (4-bit decode steps and prompts) and DecodeAttention (their decode steps' attention): "
+          f"{f'ready ({kernels.isa()}), {path}' if path else 'not used: ' + why}")
     return 0
 
 
