@@ -810,19 +810,24 @@ static OrtStatus *attn_compute(void *kernel, OrtKernelContext *ctx) {
   const int64_t cap = cap_past > T ? cap_past : T;
   int64_t pos = T - 1;
   if (v[9]) {
+    int64_t n = 1;
+    for (size_t i = 0; i < rank[9]; i++) n *= dims[9][i];
+    if (n != 1) return ATTN_FAIL("position_ids must hold the one new position");
     const int64_t *pid;
     TRY(api->GetTensorMutableData((OrtValue *)v[9], (void **)&pid));
     pos = pid[0];
   }
   int64_t r2 = 0;
   if (k->rotary) {
-    if (!v[7] || !v[8] || rank[7] != 2 || dims[7][1] != dims[8][1] || 2 * dims[7][1] > D)
+    if (!v[7] || !v[8] || rank[7] != 2 || rank[8] != 2 || dims[7][1] != dims[8][1] || dims[8][0] != dims[7][0] ||
+        2 * dims[7][1] > D)
       return ATTN_FAIL("do_rotary needs cos/sin caches [positions, rotary_dim / 2]");
     if (pos < 0 || pos >= dims[7][0]) return ATTN_FAIL("a position past the rotary caches");
     r2 = dims[7][1];
   }
   const float *bias = NULL;
   if (v[10]) {
+    if (rank[10] < 1) return ATTN_FAIL("attention_bias must be a tensor of rank 1-4");
     if (dims[10][rank[10] - 1] < T) return ATTN_FAIL("attention_bias is shorter than the total length");
     int64_t n = 1;
     for (size_t i = 0; i < rank[10]; i++) n *= dims[10][i];
