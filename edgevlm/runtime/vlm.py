@@ -101,7 +101,8 @@ class OrtDecoder:
     def __init__(self, graph: _Graph, embed: _Graph | None, layers: int, kv_heads: int, head_dim: int,
                  step: _Graph | None = None, kernel: dict | None = None, prompt_rows: int | None = None,
                  decode: _Graph | None = None):
-        self.graph, self.embed, self.step_graph, self.decode_graph = graph, embed, step, decode
+        self.graph, self.embed, self.step_graph = graph, embed, step
+        self.decode_graph = decode if step is not None else None
         self.prompt_rows = prompt_rows if step is not None else None
         self.kernel = kernel or {"decode_kernel": "onnxruntime", "decode_kernel_why": "not asked for"}
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
@@ -115,8 +116,8 @@ class OrtDecoder:
         if missing:
             raise BundleError(f"{graph.path.name} is not a decoder with {layers} layers: it lacks the input(s) "
                               f"{', '.join(missing[:4])}", "re-export the bundle with `edgevlm export`")
-        if (step is not None or decode is not None) and not self.shared_kv:
-            raise ValueError("a step or decode graph needs the shared-KV decoder (fuse_attention)")
+        if step is not None and not self.shared_kv:
+            raise ValueError("a step graph needs the shared-KV decoder (fuse_attention)")
         self.reset()
 
     def reset(self) -> None:
@@ -165,11 +166,8 @@ class OrtDecoder:
             if use_step is None:
                 use_step = s == 1 or (self.prompt_rows is not None and s >= self.prompt_rows)
             which = "prompt"
-            if use_step:
-                if s == 1 and "decode" in self._bindings:
-                    which = "decode"
-                elif "step" in self._bindings:
-                    which = "step"
+            if use_step and "step" in self._bindings:
+                which = "decode" if s == 1 and "decode" in self._bindings else "step"
             g, b = self._bindings[which]
             b.bind_cpu_input("inputs_embeds", x)
             b.bind_cpu_input("attention_mask", mask)
@@ -260,78 +258,70 @@ KERNEL_REL_TOL = 0.1
 def open_ort_decoder(path: Path, providers: list[str], precision: str, threads: int | None, embed: _Graph | None,
                      layers: int, kv_heads: int, head_dim: int, kernels: bool | None = None,
                      cache_dir: Path | None = None) -> OrtDecoder:
-    """An :class:`OrtDecoder` for ``path``; with edgevlm's kernel library built here (``kernels``: None = when
-    available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off) and the CPU provider: 4-bit decoders run
-    decode steps and prompts of at least ``KERNEL_PROMPT_ROWS[isa]`` positions on ``MatMulQ4``, and decode steps'
-    attention in ``DecodeAttention`` where the attention is fused (GroupQueryAttention). The graph's weights
-    move into arrays the sessions share, and a check at load compares the rewritten graphs' logits with the
-    bundle's (above ``KERNEL_REL_TOL`` neither is used). ``decoder.kernel`` says what was decided."""
-    why = attn_why = None                # why not MatMulQ4 / why not DecodeAttention
+    """An :class:`OrtDecoder` for ``path``; for 4-bit decoders on the CPU with edgevlm's kernel built here
+    (``kernels``: None = when available, False = never; ``EDGEVLM_KERNELS=0`` also turns it off), decode steps and
+    prompts of at least ``KERNEL_PROMPT_ROWS[isa]`` positions run ``MatMulQ4``, and decode steps' attention runs
+    ``DecodeAttention`` where its GroupQueryAttention fits. The graph's weights move into arrays the sessions
+    share, and a check at load compares the rewritten graphs' logits with the bundle's (above ``KERNEL_REL_TOL``
+    neither is used). ``decoder.kernel`` says what was decided."""
+    why = None
     if kernels is False or os.environ.get("EDGEVLM_KERNELS", "").strip() == "0":
-        why = attn_why = "turned off" + (" (EDGEVLM_KERNELS=0)" if kernels is not False else "")
+        why = "turned off" + (" (EDGEVLM_KERNELS=0)" if kernels is not False else "")
+    elif precision != "int4":
+        # DecodeAttention comes with MatMulQ4's graphs only: a decode graph beside an FP32 or INT8 decoder would
+        # hold a second copy of the weights ONNX Runtime prepacks for its products (+780 MiB peak at 0.5B INT8,
+        # measured); MatMulQ4 reads them as they are
+        why = f"a {precision} decoder (the kernel runs 4-bit weights)"
     elif Path(path).suffix == ".ort":
-        why = attn_why = ("an ORT-format decoder (the kernel rewrites ONNX graphs; ONNX Runtime Mobile's "
-                          "MatMulNBits runs it)")
+        why = "an ORT-format decoder (the kernel rewrites ONNX graphs; ONNX Runtime Mobile's MatMulNBits runs it)"
     elif _accelerators(providers):
-        why = attn_why = f"{_accelerators(providers)[0]} runs this decoder (the kernel is for the CPU provider)"
-    else:
-        if precision != "int4":
-            why = f"a {precision} decoder (the kernel runs 4-bit weights)"
-            # a decode graph beside the bundle's would hold a second copy of the weights ONNX Runtime prepacks for
-            # its FP32 and INT8 products (+780 MiB peak at 0.5B INT8, measured); MatMulQ4 reads them as they are
-            attn_why = f"a {precision} decoder (DecodeAttention comes with the 4-bit kernel's graphs)"
+        why = f"{_accelerators(providers)[0]} runs this decoder (the kernel is for the CPU provider)"
     lib = None
-    if why is None or attn_why is None:
+    if why is None:
         from .. import kernels as _kernels
 
-        lib, no_lib = _kernels.status()
-        if no_lib is None:
-            try:
-                import onnx
-            except ImportError:
-                no_lib = "needs the onnx package (pip install onnx)"
-        why, attn_why = why or no_lib, attn_why or no_lib
+        lib, why = _kernels.status()
+    if why is None:
+        try:
+            import onnx
+        except ImportError:
+            why = "needs the onnx package (pip install onnx)"
     model = None
-    if why is None or attn_why is None:
+    if why is None:
         try:
             model = onnx.load(str(path))
         except Exception as e:           # onnx raises DecodeError, ValidationError, OSError ... for a bad file
             raise BundleError(f"{path} is not an ONNX graph onnx can read: {first_line(e, 120)}",
                               "re-export the bundle with `edgevlm export`") from None
-        why = why or _kernel_misfit(model)
-        attn_why = attn_why or _attention_misfit(model)
-    if why is not None and attn_why is not None:
+        why = _kernel_misfit(model)
+    if why is not None:
         model = None
         return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime", "decode_kernel_why": why})
+    attn_why = _attention_misfit(model)
     t = time.perf_counter()
     handed = [model]
     del model                            # _kernel_graphs drops the last reference before the sessions load
     try:
         prompt, step, decode, n, n_attn = _kernel_graphs(handed, path, providers, precision, threads, lib,
-                                                         matmul=why is None, attention=attn_why is None)
+                                                         attention=attn_why is None)
     except BundleError as e:             # ONNX Runtime refused a rewritten graph: run the bundle as it is
         return OrtDecoder(_Graph(path, providers, precision, threads, cache_dir=cache_dir), embed, layers, kv_heads, head_dim,
                           kernel={"decode_kernel": "onnxruntime",
                                   "decode_kernel_why": f"the kernel's graphs did not load: {e.problem}"})
-    rows = KERNEL_PROMPT_ROWS.get(_kernels.isa() or "") if step is not None else None
+    rows = KERNEL_PROMPT_ROWS.get(_kernels.isa() or "")
     dec = OrtDecoder(prompt, embed, layers, kv_heads, head_dim, step=step, prompt_rows=rows, decode=decode)
     diff = dec.check_step_kernel()
-    info = {"decode_kernel": f"edgevlm {_kernels.OP}" if step is not None else "onnxruntime"}
-    if step is not None:
-        info["decode_kernel_layers"] = n
-    else:
-        info["decode_kernel_why"] = why
-    info.update({"decode_attention": f"edgevlm {_kernels.ATTN_OP}" if n_attn else "onnxruntime GroupQueryAttention",
-                 "decode_kernel_check_rel_diff": round(diff, 6),
-                 "decode_kernel_setup_s": round(time.perf_counter() - t, 2)})
+    info = {"decode_kernel": f"edgevlm {_kernels.OP}", "decode_kernel_layers": n,
+            "decode_attention": f"edgevlm {_kernels.ATTN_OP}" if n_attn else "onnxruntime GroupQueryAttention",
+            "decode_kernel_check_rel_diff": round(diff, 6), "decode_kernel_setup_s": round(time.perf_counter() - t, 2)}
     if not n_attn:
-        info["decode_attention_why"] = attn_why or "the rewritten graph has no GroupQueryAttention it can take"
+        info["decode_attention_why"] = attn_why
     if not diff <= KERNEL_REL_TOL:
         dec.step_graph, dec.decode_graph, dec.prompt_rows = None, None, None
         dec.reset()
         bad = f"its logits differed from ONNX Runtime's by {diff:.3g} of their scale (> {KERNEL_REL_TOL})"
-        info.pop("decode_kernel_layers", None)
+        del info["decode_kernel_layers"]
         info.update(decode_kernel="onnxruntime", decode_kernel_why=bad, decode_attention="onnxruntime GroupQueryAttention",
                     decode_attention_why=bad)
     elif rows is not None:
@@ -377,10 +367,10 @@ def _kernel_misfit(model) -> str | None:
 
 
 def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: str, threads: int | None, lib: Path,
-                   matmul: bool = True, attention: bool = True):
-    """(graph for prompts, graph with MatMulQ4 for steps or None, graph for decode steps with DecodeAttention (and
-    MatMulQ4 where ``matmul``) or None, nodes rewritten to MatMulQ4, to DecodeAttention) over one copy of the
-    weights of the onnx.ModelProto in ``handed`` (taken out, so the parsed model is freed before the sessions load).
+                   attention: bool = True):
+    """(graph for prompts, graph for steps with MatMulQ4, the step graph with DecodeAttention for decode steps or
+    None, nodes rewritten to MatMulQ4, to DecodeAttention) over one copy of the weights of the onnx.ModelProto in
+    ``handed`` (taken out, so the parsed model is freed before the sessions load).
 
     The weights move into numpy arrays handed to both sessions (``SessionOptions.add_initializer``, which uses
     the caller's memory as it is); the graphs keep each initializer's name, type and shape as external data in
@@ -415,16 +405,15 @@ def _kernel_graphs(handed: list, path: Path, providers: list[str], precision: st
         with open(d / PLACEHOLDER, "wb") as f:
             f.truncate(biggest)
         onnx.save(model, d / path.name)
-        n = _kernels.rewrite(model) if matmul else 0
-        if n:
-            onnx.save(model, d / f"step-{path.name}")
+        n = _kernels.rewrite(model)
+        onnx.save(model, d / f"step-{path.name}")
         n_attn = _kernels.rewrite_decode_attention(model) if attention else 0
         if n_attn:
             onnx.save(model, d / f"decode-{path.name}")
         del model
         prompt = _Graph(d / path.name, providers, precision, threads, initializers=shared)
         step = _Graph(d / f"step-{path.name}", providers, precision, threads, custom_ops=(lib,),
-                      initializers=shared) if n else None
+                      initializers=shared)
         decode = _Graph(d / f"decode-{path.name}", providers, precision, threads, custom_ops=(lib,),
                         initializers=shared) if n_attn else None
     return prompt, step, decode, n, n_attn
